@@ -1,0 +1,362 @@
+"""EK-FAC factors: covariances, their eigenbases, corrected eigenvalues, and the preconditioner they define.
+
+Per tracked layer l (weight d_out x d_in, bias folded into d_in):
+    A   = mean over tokens of a_t a_t^T          (d_in, d_in)     inputs
+    S   = mean over tokens of s_t s_t^T          (d_out, d_out)   output gradients
+    A = Q_A diag(l_A) Q_A^T,  S = Q_S diag(l_S) Q_S^T             (eigh in float64)
+    Lambda = mean over sequences n of (Q_S^T dW_n Q_A)^2          (d_out, d_in), the eigenvalue correction
+    P(V) = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T        approximates (G + damping I)^-1 vec(V)
+
+Strategies share that form: "kfac" uses Lambda = T_mean * l_S l_A^T (the Kronecker eigenvalues, scaled by the
+mean tokens per sequence so K-FAC and EK-FAC approximate the same G); "diagonal" uses identity bases, so Lambda
+is the diagonal of G; "identity" is P(V) = V (the gradient dot product).
+
+Very large layers: A and S may be split block-diagonally into `num_blocks` blocks (paper, Appendix A); each
+block has its own eigenbasis, and the basis of the layer is their direct sum.
+
+Sums are kept unnormalised (float64) with their counts, so partial sums from workers add up exactly to a single
+pass over all data; normalisation happens once, at eigendecomposition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from whence.errors import FactorsMismatchError
+from whence.tracking import LayerCapture
+
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+DEFAULT_DAMPING_FACTOR = 0.1  # damping_l = 0.1 x mean(Lambda_l) (DESIGN.md)
+
+# Names of stored factors (safetensors keys are f"{layer}/{NAME}" or f"{layer}/{NAME}/{block}").
+ACTIVATION_COVARIANCE = "activation_covariance"
+GRADIENT_COVARIANCE = "gradient_covariance"
+ACTIVATION_EIGENVECTORS = "activation_eigenvectors"
+ACTIVATION_EIGENVALUES = "activation_eigenvalues"
+GRADIENT_EIGENVECTORS = "gradient_eigenvectors"
+GRADIENT_EIGENVALUES = "gradient_eigenvalues"
+CORRECTED_EIGENVALUES = "corrected_eigenvalues"
+
+FACTORS_FILE = "factors.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def block_slices(dim: int, num_blocks: int) -> list[slice]:
+    """Split range(dim) into min(num_blocks, dim) contiguous, nearly equal slices."""
+    count = max(1, min(num_blocks, dim))
+    bounds = [round(i * dim / count) for i in range(count + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Matmuls for statistics run in float32 at least (float64 for float64 models); sums are float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Covariance pass
+
+
+@dataclass
+class CovarianceSums:
+    """Unnormalised sums of a a^T and s s^T per layer, as lists of diagonal blocks (float64)."""
+
+    activation: dict[str, list[torch.Tensor]]
+    gradient: dict[str, list[torch.Tensor]]
+    tokens: int = 0
+    sequences: int = 0
+
+    @classmethod
+    def zeros(cls, layer_shapes: dict[str, tuple[int, int]], num_blocks: int = 1, device="cpu") -> CovarianceSums:
+        """layer_shapes: name -> (d_out, d_in)."""
+
+        def blocks(dim):
+            return [torch.zeros(s.stop - s.start, s.stop - s.start, dtype=torch.float64, device=device)
+                    for s in block_slices(dim, num_blocks)]
+
+        return cls({n: blocks(d_in) for n, (_, d_in) in layer_shapes.items()},
+                   {n: blocks(d_out) for n, (d_out, _) in layer_shapes.items()})
+
+    def accumulate(self, captures: dict[str, LayerCapture], tokens: int, sequences: int) -> None:
+        for name, capture in captures.items():
+            _add_block_gram(self.activation[name], capture.activations)
+            _add_block_gram(self.gradient[name], capture.output_grads)
+        self.tokens += tokens
+        self.sequences += sequences
+
+    def __add__(self, other: CovarianceSums) -> CovarianceSums:
+        return CovarianceSums(
+            {n: [a + b.to(a.device) for a, b in zip(blocks, other.activation[n])] for n, blocks in self.activation.items()},
+            {n: [a + b.to(a.device) for a, b in zip(blocks, other.gradient[n])] for n, blocks in self.gradient.items()},
+            self.tokens + other.tokens,
+            self.sequences + other.sequences,
+        )
+
+    def to(self, device) -> CovarianceSums:
+        move = lambda d: {n: [t.to(device) for t in blocks] for n, blocks in d.items()}  # noqa: E731
+        return CovarianceSums(move(self.activation), move(self.gradient), self.tokens, self.sequences)
+
+
+def _add_block_gram(blocks: list[torch.Tensor], x: torch.Tensor) -> None:
+    """blocks[k] += x_k^T x_k over all tokens, x (B, T, d) with zero rows at padding."""
+    flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype))  # (B*T, d)
+    start = 0
+    for block in blocks:
+        end = start + block.shape[0]
+        part = flat[:, start:end]
+        # The product runs in the capture's precision (float32 on GPU for bfloat16 models); the running sum is
+        # float64 so millions of tokens do not lose the small eigenvalues.
+        block.add_((part.T @ part).to(block.device, torch.float64))
+        start = end
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eigendecomposition
+
+
+@dataclass
+class LayerBasis:
+    """Eigenbases of one layer's A and S, as block-diagonal lists (float64)."""
+
+    activation_vectors: list[torch.Tensor]  # blocks of Q_A
+    activation_values: torch.Tensor  # (d_in,) l_A, blocks concatenated
+    gradient_vectors: list[torch.Tensor]  # blocks of Q_S
+    gradient_values: torch.Tensor  # (d_out,)
+
+
+def symmetric_eigh(sum_matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of sum_matrix / count, in float64. Returns (eigenvalues >= 0, eigenvectors)."""
+    matrix = sum_matrix.to(torch.float64) / max(count, 1)
+    matrix = 0.5 * (matrix + matrix.T)  # symmetrise: the float sum of x^T x is symmetric only up to rounding
+    values, vectors = torch.linalg.eigh(matrix)
+    return values.clamp_min(0.0), vectors  # covariances are PSD; tiny negative values are rounding
+
+
+def eigendecompose_layer(covariance: CovarianceSums, name: str) -> LayerBasis:
+    a = [symmetric_eigh(block, covariance.tokens) for block in covariance.activation[name]]
+    s = [symmetric_eigh(block, covariance.tokens) for block in covariance.gradient[name]]
+    return LayerBasis([v for _, v in a], torch.cat([e for e, _ in a]), [v for _, v in s], torch.cat([e for e, _ in s]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotations by block-diagonal orthogonal matrices
+
+
+def right_multiply(x: torch.Tensor, blocks: list[torch.Tensor] | None, transpose: bool = False) -> torch.Tensor:
+    """x @ Q (or x @ Q^T) over the last dimension, Q = blockdiag(blocks); None means Q = I."""
+    if blocks is None:
+        return x
+    parts, start = [], 0
+    for block in blocks:
+        end = start + block.shape[0]
+        q = block.to(x.dtype)
+        parts.append(x[..., start:end] @ (q.T if transpose else q))
+        start = end
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def to_eigenbasis(v: torch.Tensor, basis: LayerBasis | None) -> torch.Tensor:
+    """Q_S^T V Q_A for V (..., d_out, d_in)."""
+    if basis is None:
+        return v
+    left = right_multiply(v.transpose(-1, -2), basis.gradient_vectors).transpose(-1, -2)  # Q_S^T V
+    return right_multiply(left, basis.activation_vectors)
+
+
+def from_eigenbasis(v: torch.Tensor, basis: LayerBasis | None) -> torch.Tensor:
+    """Q_S V Q_A^T for V (..., d_out, d_in)."""
+    if basis is None:
+        return v
+    left = right_multiply(v.transpose(-1, -2), basis.gradient_vectors, transpose=True).transpose(-1, -2)
+    return right_multiply(left, basis.activation_vectors, transpose=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eigenvalue-correction pass
+
+
+@dataclass
+class LambdaSums:
+    """Unnormalised sums over sequences of (Q_S^T dW_n Q_A)^2 per layer, (d_out, d_in) float64."""
+
+    sums: dict[str, torch.Tensor]
+    sequences: int = 0
+
+    @classmethod
+    def zeros(cls, layer_shapes: dict[str, tuple[int, int]], device="cpu") -> LambdaSums:
+        return cls({n: torch.zeros(shape, dtype=torch.float64, device=device) for n, shape in layer_shapes.items()})
+
+    def accumulate(self, captures: dict[str, LayerCapture], bases: dict[str, LayerBasis | None], sequences: int) -> None:
+        for name, capture in captures.items():
+            basis = bases.get(name)
+            dtype = compute_dtype(capture.activations.dtype)
+            # Rotate tokens first: (Q_S^T dW Q_A) = (s Q_S)^T (a Q_A), cheaper than rotating each dW.
+            s = right_multiply(capture.output_grads.to(dtype), basis.gradient_vectors if basis else None)
+            a = right_multiply(capture.activations.to(dtype), basis.activation_vectors if basis else None)
+            rotated = torch.einsum("bto,bti->boi", s, a)  # (B, d_out, d_in)
+            self.sums[name].add_(rotated.square().sum(dim=0).to(self.sums[name].device, torch.float64))
+        self.sequences += sequences
+
+    def __add__(self, other: LambdaSums) -> LambdaSums:
+        return LambdaSums({n: t + other.sums[n].to(t.device) for n, t in self.sums.items()}, self.sequences + other.sequences)
+
+    def to(self, device) -> LambdaSums:
+        return LambdaSums({n: t.to(device) for n, t in self.sums.items()}, self.sequences)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fitted factors
+
+
+@dataclass
+class Factors:
+    """Everything needed to precondition query gradients, for every tracked layer."""
+
+    strategy: str
+    layers: list[dict]  # TrackedLayer.describe() in forward order
+    bases: dict[str, LayerBasis | None]  # None for diagonal and identity
+    eigenvalues: dict[str, torch.Tensor | None]  # (d_out, d_in) Lambda; None for identity
+    metadata: dict = field(default_factory=dict)  # fingerprint, arguments, counts, versions
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer["name"] for layer in self.layers]
+
+    def damping(self, name: str, damping: float | str = "heuristic") -> float:
+        """damping_l: 0.1 x mean(Lambda_l) by default ("heuristic"), or an absolute value."""
+        if self.strategy == "identity":
+            return 0.0
+        if damping == "heuristic":
+            return DEFAULT_DAMPING_FACTOR * float(self.eigenvalues[name].mean())
+        return float(damping)
+
+    def precondition(self, name: str, v: torch.Tensor, damping: float | str = "heuristic") -> torch.Tensor:
+        """P(V) = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T for V (..., d_out, d_in), in float64."""
+        if self.strategy == "identity":
+            return v.to(torch.float64)
+        basis = self.bases[name]
+        rotated = to_eigenbasis(v.to(torch.float64), _basis_on(basis, v.device))
+        scaled = rotated / (self.eigenvalues[name].to(v.device) + self.damping(name, damping))
+        return from_eigenbasis(scaled, _basis_on(basis, v.device))
+
+    def check_compatible(self, fingerprint: str, layers: list[dict]) -> None:
+        """FactorsMismatchError unless these factors were fitted for this model and these tracked layers."""
+        theirs = self.metadata.get("model_fingerprint")
+        if theirs != fingerprint:
+            raise FactorsMismatchError(
+                f"factors were fitted for another model (fingerprint {theirs}, this model {fingerprint}; "
+                f"factors model: {self.metadata.get('model', '?')})"
+            )
+        mine = [(d["name"], d["d_out"], d["d_in"]) for d in self.layers]
+        wanted = [(d["name"], d["d_out"], d["d_in"]) for d in layers]
+        if mine != wanted:
+            missing = sorted({w[0] for w in wanted} - {m[0] for m in mine})
+            raise FactorsMismatchError(
+                "factors track other layers than requested"
+                + (f": no factors for {', '.join(missing[:8])}" if missing else f": {mine[:3]} ... vs {wanted[:3]} ...")
+            )
+
+    def save(self, directory: str | Path, manifest: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in self.layer_names:
+            basis = self.bases.get(name)
+            if basis is not None:
+                for i, q in enumerate(basis.activation_vectors):
+                    tensors[f"{name}/{ACTIVATION_EIGENVECTORS}/{i}"] = q
+                for i, q in enumerate(basis.gradient_vectors):
+                    tensors[f"{name}/{GRADIENT_EIGENVECTORS}/{i}"] = q
+                tensors[f"{name}/{ACTIVATION_EIGENVALUES}"] = basis.activation_values
+                tensors[f"{name}/{GRADIENT_EIGENVALUES}"] = basis.gradient_values
+            if self.eigenvalues.get(name) is not None:
+                tensors[f"{name}/{CORRECTED_EIGENVALUES}"] = self.eigenvalues[name]
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        # Write then rename: a crash never leaves a half-written factors file that looks finished.
+        partial = directory / (FACTORS_FILE + ".partial")
+        save_file(tensors, str(partial), metadata={"strategy": self.strategy})
+        partial.replace(directory / FACTORS_FILE)
+        body = dict(manifest or {})
+        body.update({"strategy": self.strategy, "layers": self.layers, **self.metadata})
+        write_json(directory / MANIFEST_FILE, body)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device="cpu") -> Factors:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        manifest_path, factors_path = directory / MANIFEST_FILE, directory / FACTORS_FILE
+        for path in (manifest_path, factors_path):
+            if not path.exists():
+                raise FactorsMismatchError(f"{directory}: no {path.name}; is this a directory written by `whence fit`?")
+        manifest = json.loads(manifest_path.read_text())
+        tensors = load_file(str(factors_path), device=str(device))
+        strategy = manifest["strategy"]
+        bases, eigenvalues = {}, {}
+        for layer in manifest["layers"]:
+            name = layer["name"]
+            if f"{name}/{ACTIVATION_EIGENVALUES}" in tensors:
+                bases[name] = LayerBasis(_stored_blocks(tensors, name, ACTIVATION_EIGENVECTORS),
+                                         tensors[f"{name}/{ACTIVATION_EIGENVALUES}"],
+                                         _stored_blocks(tensors, name, GRADIENT_EIGENVECTORS),
+                                         tensors[f"{name}/{GRADIENT_EIGENVALUES}"])
+            else:
+                bases[name] = None
+            eigenvalues[name] = tensors.get(f"{name}/{CORRECTED_EIGENVALUES}")
+        metadata = {k: v for k, v in manifest.items() if k not in ("strategy", "layers")}
+        return cls(strategy, manifest["layers"], bases, eigenvalues, metadata)
+
+
+def _stored_blocks(tensors: dict[str, torch.Tensor], layer: str, kind: str) -> list[torch.Tensor]:
+    """The blocks f"{layer}/{kind}/{i}" in order of i."""
+    keys = [k for k in tensors if k.startswith(f"{layer}/{kind}/")]
+    return [tensors[k] for k in sorted(keys, key=lambda k: int(k.rsplit("/", 1)[1]))]
+
+
+def _basis_on(basis: LayerBasis | None, device) -> LayerBasis | None:
+    if basis is None or basis.activation_values.device == torch.device(device):
+        return basis
+    return LayerBasis([q.to(device) for q in basis.activation_vectors], basis.activation_values.to(device),
+                      [q.to(device) for q in basis.gradient_vectors], basis.gradient_values.to(device))
+
+
+def kfac_eigenvalues(basis: LayerBasis, tokens_per_sequence: float) -> torch.Tensor:
+    """Lambda_KFAC = T_mean * l_S l_A^T: the eigenvalues of T_mean (S kron A), which approximates G when the
+    tokens of a sequence are independent."""
+    return tokens_per_sequence * torch.outer(basis.gradient_values, basis.activation_values)
+
+
+def assemble_factors(
+    strategy: str,
+    layers: list[dict],
+    covariance: CovarianceSums | None,
+    bases: dict[str, LayerBasis] | None,
+    corrections: LambdaSums | None,
+    metadata: dict | None = None,
+) -> Factors:
+    """Combine the passes' results into Factors for `strategy`."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    names = [layer["name"] for layer in layers]
+    if strategy == "identity":
+        return Factors(strategy, layers, dict.fromkeys(names), dict.fromkeys(names), metadata or {})
+    if strategy == "kfac":
+        per_sequence = covariance.tokens / max(covariance.sequences, 1)
+        return Factors(strategy, layers, dict(bases), {n: kfac_eigenvalues(bases[n], per_sequence) for n in names},
+                       metadata or {})
+    eigenvalues = {n: corrections.sums[n] / max(corrections.sequences, 1) for n in names}
+    kept_bases = dict(bases) if strategy == "ekfac" else dict.fromkeys(names)
+    return Factors(strategy, layers, kept_bases, eigenvalues, metadata or {})
+
+
+def write_json(path: Path, body: dict) -> None:
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(body, indent=2, sort_keys=False, default=str))
+    partial.replace(path)

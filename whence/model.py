@@ -1,0 +1,205 @@
+"""Model adapter: load a Hugging Face causal LM and find the linear layers whose influence we track.
+
+A tracked layer is a linear map y = W a (+ b) inside a transformer block. We always view its weight as
+(d_out, d_in) and fold the bias in as an extra input fixed to 1, so d_in counts that extra column. HF GPT-2's
+`Conv1D` stores its weight transposed, (d_in, d_out); the tracking code only sees inputs and output gradients,
+so the orientation of the stored weight matters only where we map back to parameters (LiSSA, tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from whence.errors import ModelError
+
+# Where the transformer blocks live, by family. Anything else falls back to "the ModuleList whose length is
+# config.num_hidden_layers", which covers most decoder-only models on the Hub.
+BLOCK_CONTAINERS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
+# The name of the MLP submodule inside a block, by family (GPT-2, Llama/Mistral/Qwen2/SmolLM: "mlp").
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+MODULE_SELECTIONS = ("mlp", "all")
+
+
+def default_device() -> torch.device:
+    """`cuda` when a GPU is present, else `cpu`."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto` means bfloat16 on GPUs that support it, float32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ModelError(f"unknown dtype {name!r}; choose one of auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def load_causal_lm(path_or_id: str, device: torch.device | str | None = None, dtype: str | torch.dtype | None = "auto"):
+    """Load (model, tokenizer) from a local directory or a hub id, in eval mode on `device`.
+
+    Raises ModelError naming the path when it is not a causal language model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    local = Path(path_or_id)
+    if local.exists() and not (local / "config.json").exists():
+        raise ModelError(f"{path_or_id}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path_or_id)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{path_or_id}: cannot read a model config: {error}") from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=parse_dtype(dtype, device))
+    except ValueError as error:
+        raise ModelError(
+            f"{path_or_id}: not a causal language model (config type {type(config).__name__}): {error}"
+        ) from error
+    except OSError as error:
+        raise ModelError(f"{path_or_id}: cannot load model weights: {error}") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{path_or_id}: cannot load its tokenizer: {error}") from error
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or HF GPT-2's Conv1D (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+@dataclass(frozen=True)
+class TrackedLayer:
+    """One tracked linear layer. Shapes are in the (d_out, d_in) convention, d_in including the bias column."""
+
+    name: str
+    module: nn.Module
+    d_in: int  # input features, +1 when the layer has a bias
+    d_out: int
+    has_bias: bool
+    block: int  # index of the transformer block that holds it
+
+    @property
+    def transposed(self) -> bool:
+        """True for GPT-2's Conv1D, whose weight is stored (d_in, d_out)."""
+        return type(self.module).__name__ == "Conv1D"
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The layer's parameters as one (d_out, d_in) matrix, bias as the last column."""
+        weight = self.module.weight.t() if self.transposed else self.module.weight
+        if self.has_bias:
+            return torch.cat([weight, self.module.bias[:, None]], dim=1)
+        return weight
+
+    def describe(self) -> dict:
+        return {"name": self.name, "d_in": self.d_in, "d_out": self.d_out, "bias": self.has_bias, "block": self.block}
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D: (d_in, d_out)
+    return d_in, d_out
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: (qualified name, ModuleList)."""
+    modules = dict(model.named_modules())
+    for name in BLOCK_CONTAINERS:
+        if isinstance(modules.get(name), nn.ModuleList):
+            return name, modules[name]
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in modules.items():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers:
+            return name, module
+    raise ModelError(
+        f"cannot find the transformer blocks of {type(model).__name__}; "
+        f"select tracked modules with a regex instead. Its modules: {_module_listing(model)}"
+    )
+
+
+def find_tracked_layers(model: nn.Module, modules: str = "mlp") -> list[TrackedLayer]:
+    """Tracked layers in forward order.
+
+    modules: "mlp" (every block's MLP linear layers, the paper's choice), "all" (every linear layer inside the
+    blocks, attention too), or a regular expression matched (re.search) against qualified module names.
+    """
+    named = list(model.named_modules())
+    if modules in MODULE_SELECTIONS:
+        prefix, blocks = find_blocks(model)
+        selected = []
+        for index, block in enumerate(blocks):
+            scope = block
+            if modules == "mlp":
+                scope = next((getattr(block, n) for n in MLP_NAMES if hasattr(block, n)), None)
+                if scope is None:
+                    raise ModelError(
+                        f"block {prefix}.{index} of {type(model).__name__} has no MLP submodule "
+                        f"(looked for {', '.join(MLP_NAMES)}); select modules with a regex. "
+                        f"Its modules: {_module_listing(block)}"
+                    )
+            selected += [(id(m), index) for m in scope.modules() if is_linear(m)]
+        wanted = dict(selected)
+    else:
+        try:
+            pattern = re.compile(modules)
+        except re.error as error:
+            raise ModelError(f"invalid module regex {modules!r}: {error}") from error
+        wanted = {id(m): _block_index(name) for name, m in named if is_linear(m) and pattern.search(name)}
+        if not wanted:
+            raise ModelError(
+                f"module regex {modules!r} matches no linear layer of {type(model).__name__}. "
+                f"Its linear layers: {', '.join(n for n, m in named if is_linear(m))}"
+            )
+    layers = []
+    for name, module in named:
+        if id(module) in wanted:
+            d_in, d_out = _linear_shape(module)
+            has_bias = getattr(module, "bias", None) is not None
+            layers.append(TrackedLayer(name, module, d_in + int(has_bias), d_out, has_bias, wanted[id(module)]))
+    if not layers:
+        raise ModelError(f"no linear layers selected by {modules!r} in {type(model).__name__}")
+    return layers
+
+
+def _block_index(name: str) -> int:
+    match = re.search(r"\.(\d+)\.", name + ".")
+    return int(match.group(1)) if match else -1
+
+
+def _module_listing(model: nn.Module, limit: int = 60) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A stable hash of the architecture and weights: config, parameter names, shapes and a strided sample of
+    every parameter's values (the full weights would take seconds to hash for large models)."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "n_embd", "n_layer")
+        digest.update(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride][:4096].to("cpu", torch.float64)
+        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
+        digest.update(sample.numpy().round(6).tobytes())
+    return digest.hexdigest()[:32]

@@ -1,0 +1,152 @@
+"""Queries: gradients of the measurement, preconditioned, kept at rank r.
+
+For query q and layer l, the prepared query is P_l(grad_l f(q)) (d_out, d_in). To score many queries against a
+batch without per-example weight gradients we keep it as a rank-r factorisation (truncated SVD):
+    P_l(grad_l f(q)) ~= sum_k  u_qk v_qk^T,    left (Q, r, d_out) = U_r S_r,  right (Q, r, d_in) = V_r
+With rank "full" the matrices are kept exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from whence.errors import FactorsMismatchError, QueryError
+from whence.factors import Factors, assemble_factors, kfac_eigenvalues
+from whence.model import TrackedLayer
+from whence.task import LanguageModelingTask
+from whence.text import Query, collate_queries, context_length
+from whence.tracking import LayerTracker
+
+DEFAULT_QUERY_RANK = 32
+METHODS = ("ekfac", "kfac", "diagonal", "identity", "lissa")
+
+
+@dataclass
+class PreparedQueries:
+    """Preconditioned query gradients for every tracked layer."""
+
+    query_ids: list[str]
+    layer_names: list[str]
+    rank: int | str  # an int, or "full"
+    left: dict[str, torch.Tensor]  # (Q, r, d_out) per layer; empty when rank == "full"
+    right: dict[str, torch.Tensor]  # (Q, r, d_in)
+    full: dict[str, torch.Tensor]  # (Q, d_out, d_in) per layer when rank == "full"
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_ids)
+
+    def matrices(self, name: str) -> torch.Tensor:
+        """(Q, d_out, d_in) P(grad f(q)) as stored (the rank-r reconstruction when factorised)."""
+        if name in self.full:
+            return self.full[name]
+        return torch.einsum("qro,qri->qoi", self.left[name], self.right[name])
+
+    def to(self, device=None, dtype=None) -> PreparedQueries:
+        move = lambda d: {n: t.to(device=device, dtype=dtype) for n, t in d.items()}  # noqa: E731
+        return PreparedQueries(self.query_ids, self.layer_names, self.rank, move(self.left), move(self.right),
+                               move(self.full))
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{n}/left": t for n, t in self.left.items()}
+        tensors |= {f"{n}/right": t for n, t in self.right.items()}
+        tensors |= {f"{n}/full": t for n, t in self.full.items()}
+        metadata = {"query_ids": "\x1f".join(self.query_ids), "layers": "\x1f".join(self.layer_names),
+                    "rank": str(self.rank)}
+        partial = Path(str(path) + ".partial")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu") -> PreparedQueries:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            meta = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        pick = lambda kind: {k.rsplit("/", 1)[0]: v for k, v in tensors.items() if k.endswith("/" + kind)}  # noqa: E731
+        rank = meta["rank"]
+        return cls(meta["query_ids"].split("\x1f"), meta["layers"].split("\x1f"),
+                   rank if rank == "full" else int(rank), pick("left"), pick("right"), pick("full"))
+
+
+def parse_rank(rank: int | str) -> int | str:
+    if rank == "full":
+        return rank
+    value = int(rank)
+    if value < 1:
+        raise ValueError(f"query rank must be a positive integer or 'full', got {rank!r}")
+    return value
+
+
+def factors_for_method(factors: Factors, method: str) -> Factors:
+    """The factors that define `method`'s preconditioner, derived from the fitted ones where possible."""
+    if method == factors.strategy or method == "lissa":
+        return factors
+    if method == "identity":
+        return assemble_factors("identity", factors.layers, None, None, None, factors.metadata)
+    if method == "kfac" and factors.strategy == "ekfac":
+        per_sequence = factors.metadata["tokens"] / max(factors.metadata["sequences"], 1)
+        eigenvalues = {n: kfac_eigenvalues(factors.bases[n], per_sequence) for n in factors.layer_names}
+        return Factors("kfac", factors.layers, factors.bases, eigenvalues, factors.metadata)
+    raise FactorsMismatchError(
+        f"method {method!r} cannot be derived from {factors.strategy!r} factors; fit with --strategy {method}"
+    )
+
+
+def query_gradients(model, tokenizer, layers: list[TrackedLayer], queries: Sequence[Query], batch_size: int = 8,
+                    task: LanguageModelingTask | None = None) -> dict[str, torch.Tensor]:
+    """grad_l f(q) for every layer: name -> (Q, d_out, d_in) float64."""
+    if not queries:
+        raise QueryError("no queries to prepare")
+    task = task or LanguageModelingTask()
+    tracker = LayerTracker(layers)
+    device = next(model.parameters()).device
+    max_length = context_length(model)
+    per_layer: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    for start in range(0, len(queries), batch_size):
+        batch = collate_queries(tokenizer, queries[start : start + batch_size], max_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        captures = tracker.capture(model, batch, task.measurement, task.forward)
+        for layer, capture in zip(layers, captures):
+            a = capture.activations.to(torch.float64)
+            s = capture.output_grads.to(torch.float64)
+            per_layer[layer.name].append(torch.einsum("bto,bti->boi", s, a))
+    return {name: torch.cat(parts) for name, parts in per_layer.items()}
+
+
+def low_rank(matrices: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of (Q, d_out, d_in): left (Q, r, d_out) = (U_r S_r)^T, right (Q, r, d_in) = V_r^T."""
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)  # u (Q, d_out, k), s (Q, k), vh (Q, k, d_in)
+    r = min(rank, s.shape[-1])
+    left = (u[..., :r] * s[:, None, :r]).transpose(1, 2)
+    return left.contiguous(), vh[:, :r, :].contiguous()
+
+
+def factorise(query_ids: list[str], preconditioned: dict[str, torch.Tensor], rank: int | str) -> PreparedQueries:
+    rank = parse_rank(rank)
+    names = list(preconditioned)
+    if rank == "full":
+        return PreparedQueries(query_ids, names, rank, {}, {}, dict(preconditioned))
+    left, right = {}, {}
+    for name, matrices in preconditioned.items():
+        left[name], right[name] = low_rank(matrices, rank)
+    return PreparedQueries(query_ids, names, rank, left, right, {})
+
+
+def prepare_queries(model, tokenizer, layers: list[TrackedLayer], factors: Factors, queries: Sequence[Query],
+                    rank: int | str = DEFAULT_QUERY_RANK, damping: float | str = "heuristic", method: str | None = None,
+                    batch_size: int = 8, task: LanguageModelingTask | None = None) -> PreparedQueries:
+    """Gradients of the queries' measurements, preconditioned by `method` (default: the factors' strategy)."""
+    if method == "lissa":
+        raise ValueError("LiSSA needs training batches for its Hessian-vector products: use whence.lissa")
+    preconditioner = factors_for_method(factors, method or factors.strategy)
+    gradients = query_gradients(model, tokenizer, layers, queries, batch_size, task)
+    preconditioned = {name: preconditioner.precondition(name, g, damping) for name, g in gradients.items()}
+    return factorise([q.id for q in queries], preconditioned, rank)

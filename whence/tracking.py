@@ -1,0 +1,100 @@
+"""Capture each tracked layer's per-token inputs a_t and output gradients s_t with module hooks.
+
+For a linear layer y_t = W a_t, the gradient of a sequence's objective with respect to W is
+    dW = sum_t s_t a_t^T,   s_t = d objective / d y_t   (d_out, d_in)
+so (a, s) per token is all that covariances, eigenvalue corrections and scores need. We backpropagate to the
+layers' outputs only: parameters are frozen while tracking, so autograd never computes a weight gradient.
+Padded positions are zeroed in both a and s, so they contribute nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from whence.model import TrackedLayer
+
+
+@dataclass
+class LayerCapture:
+    """One layer's view of a batch."""
+
+    activations: torch.Tensor  # (B, T, d_in), bias column of ones appended, zero at padding
+    output_grads: torch.Tensor  # (B, T, d_out), zero at padding
+
+    def per_sequence_gradients(self) -> torch.Tensor:
+        """(B, d_out, d_in): dW_b = sum_t s_bt a_bt^T, in the captured dtype."""
+        return torch.einsum("bto,bti->boi", self.output_grads, self.activations)
+
+
+@contextmanager
+def frozen_parameters(model: torch.nn.Module):
+    """Parameters stop requiring grad; the input embeddings' output requires it instead, so the graph reaches
+    every block but autograd has no weight gradients to compute. Restored on exit."""
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    try:
+        yield model
+    finally:
+        handle.remove()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(previous[name])
+
+
+class LayerTracker:
+    """Hooks on the tracked layers; `capture` runs one batch and returns a LayerCapture per layer."""
+
+    def __init__(self, layers: Sequence[TrackedLayer]):
+        self.layers = list(layers)
+
+    def capture(
+        self,
+        model: torch.nn.Module,
+        batch: dict,
+        objective: Callable[[torch.Tensor, dict], torch.Tensor],
+        forward: Callable[[torch.nn.Module, dict], torch.Tensor],
+    ) -> list[LayerCapture]:
+        """Forward `batch`, backpropagate sum_b objective(logits, batch)[b] to the tracked layers' outputs.
+
+        Sequences in a batch do not interact, so the gradient of the sum at sequence b's tokens is the gradient
+        of sequence b's own objective.
+        """
+        inputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        outputs: list[torch.Tensor | None] = [None] * len(self.layers)
+
+        def make_hook(index: int):
+            def hook(_module, args, output):
+                inputs[index] = args[0].detach()
+                outputs[index] = output
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.layers)]
+        try:
+            with frozen_parameters(model), torch.enable_grad():
+                logits = forward(model, batch)
+                total = objective(logits, batch).sum()
+                missing = [self.layers[i].name for i, out in enumerate(outputs) if out is None]
+                if missing:
+                    raise RuntimeError(f"tracked layers not called in the forward pass: {', '.join(missing)}")
+                grads = torch.autograd.grad(total, outputs, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        mask = batch["attention_mask"].to(inputs[0].device)[..., None]  # (B, T, 1)
+        captures = []
+        for layer, a, s, out in zip(self.layers, inputs, grads, outputs):
+            if s is None:  # the layer does not influence the objective (e.g. only padding)
+                s = torch.zeros_like(out)
+            a = a.reshape(mask.shape[0], mask.shape[1], -1)
+            if layer.has_bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            s = s.reshape(mask.shape[0], mask.shape[1], -1).detach()
+            captures.append(LayerCapture(a * mask.to(a.dtype), s * mask.to(s.dtype)))
+        return captures
