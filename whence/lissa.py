@@ -72,3 +72,30 @@ def lissa_inverse_hvp(
         if tolerance and float(change) < tolerance:
             break
     return {n: t / scale for n, t in x.items()}, steps
+
+
+def lissa_prepare_queries(model, tokenizer, layers, factors, queries, batches, rank, damping="heuristic",
+                          iterations: int = 200, fisher: str = "true"):
+    """PreparedQueries preconditioned by stochastic LiSSA: one mini-batch of training `batches` (collated, with
+    seeds) per step, cycled. Damping per layer as for EK-FAC (`factors` supply the heuristic's eigenvalues)."""
+    from itertools import cycle
+
+    from whence.queries import factorise, query_gradients
+    from whence.task import LanguageModelingTask
+    from whence.tracking import LayerTracker
+
+    task = LanguageModelingTask()
+    tracker = LayerTracker(layers)
+    products = []
+    for batch in batches:  # per-sequence gradients of each mini-batch, kept for the recursion
+        captures = tracker.capture(model, batch, lambda logits, b: task.fisher_objective(logits, b, fisher),
+                                   task.forward)
+        products.append(fisher_product({layer.name: c.per_sequence_gradients().to(torch.float64)
+                                        for layer, c in zip(layers, captures)}))
+    if not products:
+        raise ValueError("LiSSA needs at least one training batch")
+    vectors = query_gradients(model, tokenizer, layers, queries)
+    damping_by_layer = {layer.name: factors.damping(layer.name, damping) for layer in layers}
+    scale = 1.5 * (max(top_eigenvalue(p, vectors) for p in products[:4]) + max(damping_by_layer.values()))
+    solved, _ = lissa_inverse_hvp(vectors, cycle(products), damping_by_layer, scale, iterations)
+    return factorise([q.id for q in queries], solved, rank)

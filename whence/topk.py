@@ -13,7 +13,8 @@ import numpy as np
 
 @dataclass
 class TopK:
-    """Kept entries per query: arrays doc_ids (object), chunks (int64), scores (float64), layer_scores (n, L)."""
+    """Kept entries per query: arrays doc_id (object), chunk (int64), score (float64), layer_scores (n, L), and
+    fragment (int64: the corpus fragment the sequence came from, -1 when unknown)."""
 
     query_ids: list[str]
     k: int | None  # None keeps every entry
@@ -22,15 +23,18 @@ class TopK:
     @classmethod
     def empty(cls, query_ids: list[str], k: int | None, num_layers: int) -> TopK:
         blank = lambda: {"doc_id": np.empty(0, dtype=object), "chunk": np.empty(0, dtype=np.int64),  # noqa: E731
-                         "score": np.empty(0, dtype=np.float64), "layer_scores": np.empty((0, num_layers))}
+                         "score": np.empty(0, dtype=np.float64), "layer_scores": np.empty((0, num_layers)),
+                         "fragment": np.empty(0, dtype=np.int64)}
         return cls(list(query_ids), k, [blank() for _ in query_ids])
 
-    def update(self, doc_ids, chunks, scores: np.ndarray, layer_scores: np.ndarray) -> None:
+    def update(self, doc_ids, chunks, scores: np.ndarray, layer_scores: np.ndarray, fragments=None) -> None:
         """scores (N, Q), layer_scores (N, Q, L) for N sequences."""
         doc_ids = np.asarray(doc_ids, dtype=object)
         chunks = np.asarray(chunks, dtype=np.int64)
+        fragments = np.full(len(chunks), -1, dtype=np.int64) if fragments is None else np.asarray(fragments, np.int64)
         for q, kept in enumerate(self.entries):
-            incoming = {"doc_id": doc_ids, "chunk": chunks, "score": scores[:, q], "layer_scores": layer_scores[:, q, :]}
+            incoming = {"doc_id": doc_ids, "chunk": chunks, "score": scores[:, q], "layer_scores": layer_scores[:, q, :],
+                        "fragment": fragments}
             self.entries[q] = _prune(_concat(kept, incoming), self.k)
 
     def merge(self, other: TopK) -> TopK:

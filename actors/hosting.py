@@ -1,0 +1,60 @@
+"""What every actor does first: pick its device and threads, load the model, find the tracked layers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from whence.model import default_device, find_tracked_layers, load_causal_lm
+from whence.task import sequence_seed
+from whence.text import collate, pad_id_of
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How an actor loads its model: path or hub id, tracked modules, dtype ("auto": bfloat16 on GPU)."""
+
+    path: str
+    modules: str = "mlp"
+    dtype: str = "auto"
+
+
+def host_model(spec: ModelSpec, num_threads: int | None = None):
+    """(model, tokenizer, layers) on this process's device."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    model, tokenizer = load_causal_lm(spec.path, device=default_device(), dtype=spec.dtype)
+    return model, tokenizer, find_tracked_layers(model, spec.modules)
+
+
+def sequence_rows_mask(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """True for sequence rows, False for the fragments' marker rows."""
+    return batch["marker_total"] < 0
+
+
+def rows_to_batch(batch: dict[str, np.ndarray], keep: np.ndarray, pad_id: int, seed: int | None = None) -> dict:
+    """Collate the kept rows of a Ray Data batch into model inputs (with true-Fisher seeds when seed is given)."""
+    tokens = [batch["input_ids"][i] for i in np.flatnonzero(keep)]
+    out = collate(tokens, pad_id)
+    if seed is not None:
+        doc_ids, chunks = batch["doc_id"][keep], batch["chunk"][keep]
+        out["seeds"] = torch.tensor([sequence_seed(seed, str(d), int(c)) for d, c in zip(doc_ids, chunks)])
+    return out
+
+
+def maybe_fail(counter: int) -> None:
+    """Fault injection for tests: WHENCE_FAULT_AFTER_BATCHES="N:PATH" kills this process once, after N
+    batches, if PATH does not exist yet (it is created first, so the restarted actor carries on)."""
+    setting = os.environ.get("WHENCE_FAULT_AFTER_BATCHES")
+    if not setting:
+        return
+    after, path = setting.split(":", 1)
+    if counter >= int(after) and not os.path.exists(path):
+        open(path, "w").close()
+        os._exit(1)
+
+
+__all__ = ["ModelSpec", "host_model", "pad_id_of", "rows_to_batch", "sequence_rows_mask", "maybe_fail"]

@@ -1,0 +1,65 @@
+"""Connecting to Ray and sizing work to the cluster it finds."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Environment every Ray worker of a Whence run gets (tokenizer threads would fight the actors' torch threads).
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+
+
+def connect(address: str | None = None):
+    """ray.init unless already connected (notebooks, tests, `ray job submit` drivers)."""
+    import ray
+
+    if ray.is_initialized():
+        quiet_data_progress()
+        return ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {key: value for key, value in WORKER_ENV.items()}
+    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env},
+             logging_level=logging.WARNING, configure_logging=True)
+    quiet_data_progress()
+    log.info("ray: %s", ray.cluster_resources())
+    return ray
+
+
+def quiet_data_progress() -> None:
+    """Ray Data's per-operator progress bars drown our own progress lines; keep them off."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def actor_resources(workers: int) -> dict:
+    """One GPU per worker when the cluster has GPUs; otherwise an even share of the CPUs that leaves room for
+    the reading tasks (a CPU actor that asks for every core would starve the stages feeding it)."""
+    import ray
+
+    if cluster_gpus() >= 1:
+        return {"num_gpus": 1, "num_cpus": 1}
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    share = max(0.1, min(1.0, (cpus - 0.5) / max(workers, 1)))
+    return {"num_cpus": round(share, 2)}
+
+
+def torch_threads(num_cpus: float) -> int:
+    """Threads for torch inside an actor: its CPU share rounded up, at least one."""
+    total = os.cpu_count() or 1
+    return max(1, min(total, int(round(num_cpus + 0.49))))
+
+
+# Reading and tokenising: light tasks; fractional CPUs so they run beside the actors.
+READ_TASK_CPUS = 0.25

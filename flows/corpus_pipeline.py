@@ -1,0 +1,277 @@
+"""The corpus as Ray Data: fragments read in parallel, validated, tokenised and cut into training sequences.
+
+Three kinds of pass over the fragments (whence.corpus.Fragment: a file, or a Parquet row group):
+  scan        per fragment: bad-row tally, id hashes (for duplicates), sequences per document, and (for
+              TF-IDF) the document frequencies of its sequences' terms. Small results, reduced on the driver.
+  candidates  per fragment: BM25 of its sequences against the queries, the per-query top N kept.
+  sequences   a stream of sequence rows {fragment, doc_id, chunk, input_ids, marker_total} for the actors.
+              After a fragment's last sequence comes one marker row (marker_total = how many sequences the
+              fragment produced), so a consumer knows when a fragment is finished, with constant memory.
+Every pass skips the same rows (bad rows, later duplicates) and so sees the same sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from whence.corpus import BadRow, CorpusTally, Document, Fragment, id_hashes, read_fragment
+from whence.text import TrainingSequence, document_sequences
+
+# marker_total of an ordinary sequence row
+NOT_A_MARKER = -1
+ROWS_PER_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """What every pass needs to turn a fragment into the same sequences."""
+
+    tokenizer_path: str
+    seq_len: int
+    id_field: str = "id"
+    text_field: str = "text"
+    strict: bool = False
+
+
+@dataclass
+class FragmentPlan:
+    """Per fragment, what the sequences pass emits: rows to skip and, optionally, a quota or a key filter."""
+
+    skip_lines: dict[int, set[int]] = field(default_factory=dict)  # fragment -> lines to skip (duplicates)
+    quota: dict[int, int] | None = None  # fragment -> emit at most this many sequences (max_sequences)
+    keys: set[tuple[str, int]] | None = None  # emit only these (doc_id, chunk) keys (TF-IDF candidates, top-k)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    """One tokenizer per worker process, reused by every task that lands there."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def fragment_documents(fragment: Fragment, settings: ReadSettings, tally: CorpusTally | None = None,
+                       skip_lines: set[int] | frozenset = frozenset()) -> Iterator[Document]:
+    for row in read_fragment(fragment, settings.id_field, settings.text_field, settings.strict):
+        if tally is not None:
+            tally.add(row)
+        if isinstance(row, BadRow) or row.line in skip_lines:
+            continue
+        yield row
+
+
+def fragment_sequences(fragment: Fragment, settings: ReadSettings, skip_lines=frozenset()
+                       ) -> Iterator[TrainingSequence]:
+    tokenizer = load_tokenizer(settings.tokenizer_path)
+    for document in fragment_documents(fragment, settings, skip_lines=skip_lines):
+        yield from document_sequences(tokenizer, document.doc_id, document.text, settings.seq_len)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scan
+
+
+def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: int = 0) -> dict:
+    """Tally, id hashes and sequence counts per document; document frequencies when tfidf_features > 0."""
+    from whence.tfidf import DocumentFrequencies, TermHasher
+
+    tokenizer = load_tokenizer(settings.tokenizer_path)
+    tally = CorpusTally()
+    lines, ids, counts, tokens = [], [], [], 0
+    frequencies = DocumentFrequencies.zeros(tfidf_features) if tfidf_features else None
+    hasher = TermHasher(tfidf_features) if tfidf_features else None
+    for document in fragment_documents(fragment, settings, tally):
+        sequences = document_sequences(tokenizer, document.doc_id, document.text, settings.seq_len)
+        lines.append(document.line)
+        ids.append(document.doc_id)
+        counts.append(len(sequences))
+        tokens += sum(len(s.input_ids) for s in sequences)
+        if frequencies is not None and sequences:
+            frequencies.update(hasher.transform(sequence_texts(tokenizer, sequences)))
+    return {"fragment": fragment.index, "tally": tally, "lines": np.asarray(lines, dtype=np.int64),
+            "hashes": id_hashes(ids), "sequence_counts": np.asarray(counts, dtype=np.int64), "tokens": tokens,
+            "frequencies": frequencies}
+
+
+def sequence_texts(tokenizer, sequences: list[TrainingSequence]) -> list[str]:
+    return tokenizer.batch_decode([list(s.input_ids) for s in sequences], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# candidates
+
+
+def select_fragment_candidates(fragment: Fragment, settings: ReadSettings, skip_lines, idf: np.ndarray,
+                               query_terms, query_ids: list[str], num_candidates: int, n_features: int):
+    """This fragment's per-query top-N sequences by BM25 (a mergeable CandidateSelector)."""
+    from whence.tfidf import CandidateSelector, TermHasher, bm25_scores
+
+    tokenizer = load_tokenizer(settings.tokenizer_path)
+    hasher = TermHasher(n_features)
+    selector = CandidateSelector(query_ids, num_candidates)
+    batch: list[TrainingSequence] = []
+
+    def flush():
+        if batch:
+            scores = bm25_scores(query_terms, hasher.transform(sequence_texts(tokenizer, batch)), idf)
+            selector.update(scores, [s.doc_id for s in batch], [s.chunk for s in batch])
+            batch.clear()
+
+    for sequence in fragment_sequences(fragment, settings, skip_lines):
+        batch.append(sequence)
+        if len(batch) >= 256:
+            flush()
+    flush()
+    return selector
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sequences
+
+
+def sequence_rows(fragment: Fragment, settings: ReadSettings, plan: FragmentPlan) -> Iterator[dict]:
+    """Blocks of sequence rows for one fragment, then its marker row."""
+    quota = None if plan.quota is None else plan.quota.get(fragment.index, 0)
+    rows: list[TrainingSequence] = []
+    emitted = 0
+    if quota != 0:
+        for sequence in fragment_sequences(fragment, settings, plan.skip_lines.get(fragment.index, frozenset())):
+            if plan.keys is not None and (sequence.doc_id, sequence.chunk) not in plan.keys:
+                continue
+            rows.append(sequence)
+            emitted += 1
+            if len(rows) >= ROWS_PER_BLOCK:
+                yield _rows_block(fragment.index, rows, NOT_A_MARKER)
+                rows = []
+            if quota is not None and emitted >= quota:
+                break
+    if rows:
+        yield _rows_block(fragment.index, rows, NOT_A_MARKER)
+    yield _rows_block(fragment.index, [TrainingSequence("", -1, ())], emitted)
+
+
+def _rows_block(fragment: int, sequences: list[TrainingSequence], marker_total: int) -> dict:
+    input_ids = np.empty(len(sequences), dtype=object)
+    for i, s in enumerate(sequences):
+        input_ids[i] = np.asarray(s.input_ids, dtype=np.int64)
+    return {
+        "fragment": np.full(len(sequences), fragment, dtype=np.int64),
+        "doc_id": np.asarray([s.doc_id for s in sequences], dtype=object),
+        "chunk": np.asarray([s.chunk for s in sequences], dtype=np.int64),
+        "input_ids": input_ids,
+        "marker_total": np.full(len(sequences), marker_total, dtype=np.int64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray Data assembly
+
+
+def fragments_dataset(fragments: list[Fragment]):
+    import ray.data
+
+    # One block per fragment so fragments are read in parallel.
+    items = [{"index": f.index, "path": f.path, "format": f.format,
+              "row_group": -1 if f.row_group is None else f.row_group} for f in fragments]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+def _fragment_of(row) -> Fragment:
+    row_group = int(row["row_group"])
+    return Fragment(int(row["index"]), str(row["path"]), str(row["format"]), None if row_group < 0 else row_group)
+
+
+def _scan_batch(batch: dict, settings: ReadSettings, tfidf_features: int) -> dict:
+    import pickle
+
+    results = []
+    for i in range(len(batch["index"])):
+        fragment = _fragment_of({k: v[i] for k, v in batch.items()})
+        results.append(pickle.dumps(scan_fragment(fragment, settings, tfidf_features)))
+    return {"result": np.asarray(results, dtype=object)}
+
+
+def _candidates_batch(batch: dict, settings, skip_lines, idf, query_terms, query_ids, num_candidates, n_features):
+    import pickle
+
+    import ray
+
+    idf = ray.get(idf) if isinstance(idf, ray.ObjectRef) else idf  # shared via the object store (F floats)
+
+    results = []
+    for i in range(len(batch["index"])):
+        fragment = _fragment_of({k: v[i] for k, v in batch.items()})
+        selector = select_fragment_candidates(fragment, settings, skip_lines.get(fragment.index, frozenset()),
+                                              idf, query_terms, query_ids, num_candidates, n_features)
+        results.append(pickle.dumps(selector))
+    return {"result": np.asarray(results, dtype=object)}
+
+
+def _sequences_batch(batch: dict, settings: ReadSettings, plan: FragmentPlan) -> Iterator[dict]:
+    for i in range(len(batch["index"])):
+        yield from sequence_rows(_fragment_of({k: v[i] for k, v in batch.items()}), settings, plan)
+
+
+def run_scan(fragments: list[Fragment], settings: ReadSettings, tfidf_features: int = 0) -> list[dict]:
+    import pickle
+
+    from flows.cluster import READ_TASK_CPUS
+
+    dataset = fragments_dataset(fragments).map_batches(
+        _scan_batch, batch_size=1, fn_kwargs={"settings": settings, "tfidf_features": tfidf_features},
+        num_cpus=READ_TASK_CPUS)
+    results = [pickle.loads(row["result"]) for row in dataset.iter_rows()]
+    return sorted(results, key=lambda r: r["fragment"])
+
+
+def run_candidates(fragments, settings, skip_lines, idf, query_terms, query_ids, num_candidates, n_features):
+    import pickle
+
+    import ray
+
+    from flows.cluster import READ_TASK_CPUS
+
+    # idf (F floats) goes to the object store once, not into every task's arguments.
+    dataset = fragments_dataset(fragments).map_batches(
+        _candidates_batch, batch_size=1, num_cpus=READ_TASK_CPUS,
+        fn_kwargs={"settings": settings, "skip_lines": skip_lines, "idf": ray.put(idf), "query_terms": query_terms,
+                   "query_ids": query_ids, "num_candidates": num_candidates, "n_features": n_features})
+    merged = None
+    for row in dataset.iter_rows():
+        selector = pickle.loads(row["result"])
+        merged = selector if merged is None else merged.merge(selector)
+    return merged
+
+
+def sequences_dataset(fragments: list[Fragment], settings: ReadSettings, plan: FragmentPlan):
+    from flows.cluster import READ_TASK_CPUS
+
+    return fragments_dataset(fragments).map_batches(
+        _sequences_batch, batch_size=1, fn_kwargs={"settings": settings, "plan": plan}, num_cpus=READ_TASK_CPUS)
+
+
+def reduce_scans(scans: list[dict]):
+    """(tally, duplicate lines per fragment, sequences per fragment after dropping duplicates, frequencies)."""
+    from whence.corpus import DUPLICATE_ID, find_duplicate_rows
+
+    tally = CorpusTally()
+    for scan in scans:
+        tally = tally.merge(scan["tally"])
+    duplicates = find_duplicate_rows((s["fragment"], s["lines"], s["hashes"]) for s in scans)
+    tally.add_bad(DUPLICATE_ID, len(duplicates)) if duplicates else None
+    skip: dict[int, set[int]] = {}
+    for fragment, line in duplicates:
+        skip.setdefault(fragment, set()).add(line)
+    counts = {}
+    for scan in scans:
+        dropped = np.isin(scan["lines"], list(skip.get(scan["fragment"], ())))
+        counts[scan["fragment"]] = int(scan["sequence_counts"][~dropped].sum())
+    frequencies = None
+    for scan in scans:
+        if scan["frequencies"] is not None:
+            frequencies = scan["frequencies"] if frequencies is None else frequencies.merge(scan["frequencies"])
+    return tally, skip, counts, frequencies

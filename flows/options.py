@@ -1,0 +1,40 @@
+"""Command-line options shared by `whence fit` and `whence score` (help text from the settings dataclasses)."""
+
+from __future__ import annotations
+
+import argparse
+
+from whence.config import FitConfig, ScoreConfig, help_for
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_model_and_corpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR_OR_ID", help="Hugging Face causal LM: directory or hub id")
+    parser.add_argument("--corpus", required=True, nargs="+", metavar="PATH",
+                        help=".jsonl, .jsonl.gz, .parquet files or directories of them (local, s3://, gs://)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (resumed if unfinished)")
+    parser.add_argument("--id-field", default="id", help="corpus field holding the document id")
+    parser.add_argument("--text-field", default="text", help="corpus field holding the document text")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help=help_for(FitConfig, "batch_size"))
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="data-parallel workers, each holding a model replica (a GPU each on a GPU cluster)")
+    parser.add_argument("--shards", type=positive_int, default=1,
+                        help="split the model into this many pipeline stages (actors) per worker")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16"],
+                        help="model precision: auto = bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                        help="Ray cluster to join (default: the one a job runs in, else a new local one)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first malformed corpus row (default: skip and count them)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output directory that holds a run with other arguments")
+
+
+def score_config_help(name: str) -> str:
+    return help_for(ScoreConfig, name)
