@@ -63,3 +63,41 @@ def torch_threads(num_cpus: float) -> int:
 
 # Reading and tokenising: light tasks; fractional CPUs so they run beside the actors.
 READ_TASK_CPUS = 0.25
+
+
+def surface_user_errors(function):
+    """Re-raise a WhenceError that a Ray task or actor raised, unwrapped from Ray's exception chain, so the
+    command line prints its message (file and line, query id, ...) rather than a remote traceback."""
+    import functools
+
+    from whence.errors import WhenceError
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except WhenceError:
+            raise
+        except Exception as error:
+            cause = find_user_error(error)
+            if cause is not None:
+                raise cause from None
+            raise
+
+    return wrapper
+
+
+def find_user_error(error: BaseException):
+    from whence.errors import WhenceError
+
+    seen = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, WhenceError):
+            return current
+        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None

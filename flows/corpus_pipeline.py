@@ -3,6 +3,7 @@
 Three kinds of pass over the fragments (whence.corpus.Fragment: a file, or a Parquet row group):
   scan        per fragment: bad-row tally, id hashes (for duplicates), sequences per document, and (for
               TF-IDF) the document frequencies of its sequences' terms. Small results, reduced on the driver.
+              It reads every row first, so --strict errors (file and line) surface here, before any work.
   candidates  per fragment: BM25 of its sequences against the queries, the per-query top N kept.
   sequences   a stream of sequence rows {fragment, doc_id, chunk, input_ids, marker_total} for the actors.
               After a fragment's last sequence comes one marker row (marker_total = how many sequences the
@@ -188,10 +189,17 @@ def _fragment_of(row) -> Fragment:
 def _scan_batch(batch: dict, settings: ReadSettings, tfidf_features: int) -> dict:
     import pickle
 
+    from whence.errors import CorpusError
+
     results = []
     for i in range(len(batch["index"])):
         fragment = _fragment_of({k: v[i] for k, v in batch.items()})
-        results.append(pickle.dumps(scan_fragment(fragment, settings, tfidf_features)))
+        try:
+            result = scan_fragment(fragment, settings, tfidf_features)
+        except CorpusError as error:
+            # Returned as data: Ray Data's exception wrapping would bury the message (file and line).
+            result = {"fragment": fragment.index, "error": str(error)}
+        results.append(pickle.dumps(result))
     return {"result": np.asarray(results, dtype=object)}
 
 
@@ -224,8 +232,13 @@ def run_scan(fragments: list[Fragment], settings: ReadSettings, tfidf_features: 
     dataset = fragments_dataset(fragments).map_batches(
         _scan_batch, batch_size=1, fn_kwargs={"settings": settings, "tfidf_features": tfidf_features},
         num_cpus=READ_TASK_CPUS)
-    results = [pickle.loads(row["result"]) for row in dataset.iter_rows()]
-    return sorted(results, key=lambda r: r["fragment"])
+    results = sorted((pickle.loads(row["result"]) for row in dataset.iter_rows()), key=lambda r: r["fragment"])
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        from whence.errors import CorpusError
+
+        raise CorpusError(errors[0] + (f" (and {len(errors) - 1} more fragments with errors)" if len(errors) > 1 else ""))
+    return results
 
 
 def run_candidates(fragments, settings, skip_lines, idf, query_terms, query_ids, num_candidates, n_features):

@@ -14,6 +14,7 @@ import argparse
 import logging
 import time
 
+from flows.cluster import surface_user_errors
 from flows.options import add_model_and_corpus, positive_int
 from whence.config import FitConfig, help_for
 from whence.factors import STRATEGIES
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@surface_user_errors
 def fit_corpus(model: str, corpus: list[str], out: str, config: FitConfig, workers: int = 1, shards: int = 1,
                dtype: str = "auto", address: str | None = None, strict: bool = False, overwrite: bool = False,
                id_field: str = "id", text_field: str = "text") -> dict:

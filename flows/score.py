@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.cluster import surface_user_errors
 from flows.options import add_model_and_corpus, positive_int, score_config_help
 from whence.queries import METHODS
 
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@surface_user_errors
 def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[str], out: str, config,
                  save_all_scores: bool = False, workers: int = 1, shards: int = 1, dtype: str = "auto",
                  address: str | None = None, strict: bool = False, overwrite: bool = False, id_field: str = "id",
@@ -175,14 +177,7 @@ def _prepare_remotely(spec, factors_dir, queries, config, queries_file: Path, fr
     from flows.cluster import cluster_gpus
 
     task = ray.remote(prepare_queries_task).options(num_gpus=1 if cluster_gpus() else 0, num_cpus=1, max_retries=1)
-    try:
-        ray.get(task.remote(spec, str(factors_dir), queries, config, str(queries_file), fragments, settings))
-    except ray.exceptions.RayTaskError as error:
-        from whence.errors import WhenceError
-
-        if isinstance(error.cause, WhenceError):
-            raise error.cause from None
-        raise
+    ray.get(task.remote(spec, str(factors_dir), queries, config, str(queries_file), fragments, settings))
 
 
 def prepare_queries_task(spec, factors_dir, queries, config, queries_file, fragments, settings) -> None:

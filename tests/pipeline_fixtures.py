@@ -1,0 +1,49 @@
+"""A tiny model directory, a three-fragment corpus with bad rows, and queries, written to disk for the flows."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.tiny import TEXTS, make_model, make_tokenizer
+
+QUERIES = [
+    {"id": "whale", "prompt": "The whale swam far", "completion": " beyond the harbour"},
+    {"id": "fox", "prompt": "A quick brown", "completion": " fox jumps over the lazy dog"},
+    {"id": "union", "prompt": "The state of the union", "completion": " is strong"},
+]
+
+
+def document_text(i: int) -> str:
+    return " ".join(TEXTS[(i * 3 + j) % len(TEXTS)] for j in range(1 + i % 3))
+
+
+def write_workspace(root: Path, family: str = "llama") -> dict:
+    tokenizer = make_tokenizer()
+    model = make_model(family, len(tokenizer), context=64)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    docs = [(f"doc{i:02d}", document_text(i)) for i in range(30)]
+    with open(corpus / "a.jsonl", "w") as handle:
+        for doc_id, text in docs[:10]:
+            handle.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        handle.write("{this is not json\n")  # line 11
+        handle.write(json.dumps({"id": "no-text"}) + "\n")  # line 12
+        handle.write(json.dumps({"id": "blank", "text": "   "}) + "\n")  # line 13
+        handle.write(json.dumps({"id": "doc03", "text": "a duplicate id"}) + "\n")  # line 14
+    with open(corpus / "b.jsonl.gz", "wb") as raw, gzip.open(raw, "wt") as handle:
+        for doc_id, text in docs[10:20]:
+            handle.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    pq.write_table(pa.table({"id": [d for d, _ in docs[20:]], "text": [t for _, t in docs[20:]]}),
+                   corpus / "c.parquet")
+    queries = root / "queries.jsonl"
+    queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
+    return {"model": str(model_dir), "corpus": str(corpus), "queries": str(queries), "documents": docs,
+            "bad_rows": 4}

@@ -1,0 +1,123 @@
+"""The Ray pipeline (`whence fit`, `whence score`) against the core engine, and its reliability."""
+
+import dataclasses
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flows.fit import fit_corpus
+from flows.score import score_corpus
+from tests.pipeline_fixtures import QUERIES, write_workspace
+from whence import FitConfig, ScoreConfig, fit, load_causal_lm, prepare, score
+from whence.errors import CorpusError, RunStateError
+from whence.factors import Factors
+from whence.model import find_tracked_layers
+
+SEQ_LEN = 16
+FLOAT64 = dict(rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("pipeline")
+    space = write_workspace(root)
+    space["root"] = root
+    space["factors"] = str(root / "factors")
+    fit_corpus(space["model"], [space["corpus"]], space["factors"], FitConfig(seq_len=SEQ_LEN, batch_size=4),
+               workers=2, dtype="float64")
+    return space
+
+
+def run_score(space, out, **overrides):
+    settings = dict(top_k=5, tfidf_candidates=0, query_rank="full", batch_size=4)
+    config_fields = {f.name for f in dataclasses.fields(ScoreConfig)}
+    extra = {k: overrides.pop(k) for k in list(overrides) if k not in config_fields}
+    settings.update(overrides)
+    return score_corpus(space["model"], space["factors"], space["queries"], [space["corpus"]], str(out),
+                        ScoreConfig(**settings), dtype="float64", **extra)
+
+
+def test_fit_equals_the_in_process_fit(workspace):
+    model, tokenizer = load_causal_lm(workspace["model"], device="cpu", dtype="float64")
+    layers = find_tracked_layers(model, "mlp")
+    expected = fit(model, tokenizer, layers, workspace["documents"], FitConfig(seq_len=SEQ_LEN))
+    fitted = Factors.load(workspace["factors"])
+    assert fitted.metadata["summary"]["bad_rows"] == workspace["bad_rows"]
+    for layer in layers:
+        torch.testing.assert_close(fitted.eigenvalues[layer.name], expected.eigenvalues[layer.name], **FLOAT64)
+        v = torch.randn(layer.d_out, layer.d_in, dtype=torch.float64)
+        torch.testing.assert_close(fitted.precondition(layer.name, v), expected.precondition(layer.name, v), **FLOAT64)
+
+
+def test_score_everything_equals_the_core_engine(workspace, tmp_path):
+    summary = run_score(workspace, tmp_path / "all", top_k=None, save_all_scores=True, per_token=True)
+    model, tokenizer = load_causal_lm(workspace["model"], device="cpu", dtype="float64")
+    layers = find_tracked_layers(model, "mlp")
+    factors = Factors.load(workspace["factors"])
+    prepared = prepare(model, tokenizer, layers, factors, QUERIES, ScoreConfig(query_rank="full"))
+    table = score(model, tokenizer, layers, prepared, workspace["documents"], ScoreConfig(seq_len=SEQ_LEN))
+    topk = pq.read_table(tmp_path / "all" / "topk.parquet").to_pandas()
+    assert summary["sequences_scored"] == len(table.doc_ids) == len(topk) // len(QUERIES)
+    expected = {(q["id"], d, int(c)): table.scores[i, j] for j, q in enumerate(QUERIES)
+                for i, (d, c) in enumerate(zip(table.doc_ids, table.chunks))}
+    for row in topk.itertuples():
+        assert row.score == pytest.approx(expected[(row.query_id, row.doc_id, row.chunk)], rel=1e-9, abs=1e-9)
+        assert sum(row.layer_scores) == pytest.approx(row.score, rel=1e-9, abs=1e-9)
+    for _, group in topk.groupby("query_id"):  # ranks are 1..N by descending score
+        assert list(group["rank"]) == list(range(1, len(group) + 1))
+        assert (np.diff(group["score"].to_numpy()) <= 0).all()
+    tokens = pq.read_table(tmp_path / "all" / "tokens.parquet").to_pandas()
+    merged = tokens.merge(topk, on=["query_id", "rank", "doc_id", "chunk"])
+    assert len(merged) == len(topk)
+    np.testing.assert_allclose([sum(s) for s in merged["token_scores"]], merged["score"], rtol=1e-9, atol=1e-9)
+    assert len(pq.read_table(tmp_path / "all" / "scores.parquet")) == len(topk)
+
+
+def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path):
+    run_score(workspace, tmp_path / "one", workers=1, tfidf_candidates=6, query_rank=4)
+    run_score(workspace, tmp_path / "two", workers=2, tfidf_candidates=6, query_rank=4)
+    run_score(workspace, tmp_path / "again", workers=1, tfidf_candidates=6, query_rank=4)
+    one = pq.read_table(tmp_path / "one" / "topk.parquet")
+    assert one.equals(pq.read_table(tmp_path / "two" / "topk.parquet"))
+    assert one.equals(pq.read_table(tmp_path / "again" / "topk.parquet"))
+    assert len(one) == 5 * len(QUERIES)
+
+
+def test_bad_rows_are_counted_or_stop_a_strict_run(workspace, tmp_path):
+    summary = run_score(workspace, tmp_path / "lenient", top_k=2)
+    assert summary["bad_rows"] == workspace["bad_rows"]
+    reasons = summary["corpus"]["bad_by_reason"]
+    assert reasons["duplicate id"] == 1 and reasons["missing field 'text'"] == 1
+    with pytest.raises(CorpusError, match=r"a\.jsonl:11: invalid JSON"):
+        run_score(workspace, tmp_path / "strict", strict=True)
+
+
+def test_interrupted_run_resumes_and_other_arguments_are_refused(workspace, tmp_path):
+    out = tmp_path / "run"
+    run_score(workspace, out, top_k=3)
+    reference = pq.read_table(out / "topk.parquet")
+    parts = sorted((out / "parts").glob("topk-*.parquet"))
+    assert len(parts) == 3, "one part per fragment"
+    # An interruption after two of the three fragments: the last part and the outputs are missing.
+    parts[-1].unlink()
+    (out / "topk.parquet").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in parts[:-1]}
+    summary = run_score(workspace, out, top_k=3)
+    assert pq.read_table(out / "topk.parquet").equals(reference)
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items()), "finished parts are not redone"
+    assert summary["sequences_scored"] > 0
+    with pytest.raises(RunStateError, match="other arguments.*top_k"):
+        run_score(workspace, out, top_k=4)
+    run_score(workspace, out, top_k=4, overwrite=True)
+    assert len(pq.read_table(out / "topk.parquet")) == 4 * len(QUERIES)
+
+
+def test_a_killed_scoring_actor_does_not_change_the_results(workspace, tmp_path):
+    run_score(workspace, tmp_path / "calm", top_k=4)
+    marker = tmp_path / "died-once"
+    run_score(workspace, tmp_path / "killed", top_k=4,
+              actor_env={"WHENCE_FAULT_AFTER_BATCHES": f"1:{marker}"})
+    assert marker.exists(), "the fault was injected"
+    assert pq.read_table(tmp_path / "killed" / "topk.parquet").equals(pq.read_table(tmp_path / "calm" / "topk.parquet"))
