@@ -62,7 +62,9 @@ def fit_corpus(model: str, corpus: list[str], out: str, config: FitConfig, worke
     from flows.run_state import RunDirectory
     from whence.corpus import list_fragments
     from whence.fitting import needs_correction, needs_covariance
+    from whence.model import check_model_source
 
+    check_model_source(model)  # before any Ray work: a clear error naming the path
     started = time.monotonic()
     arguments = {"model": model, "corpus": list(corpus), "dtype": dtype, "id_field": id_field,
                  "text_field": text_field, "strict": strict, **config.to_dict()}

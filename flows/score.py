@@ -93,8 +93,10 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
     from flows.run_state import RunDirectory
     from whence.corpus import list_fragments
     from whence.errors import FactorsMismatchError
+    from whence.model import check_model_source
     from whence.text import load_queries
 
+    check_model_source(model)  # before any Ray work: a clear error naming the path
     started = time.monotonic()
     queries = load_queries(queries_path)
     factors_manifest_path = Path(factors_dir) / "manifest.json"

@@ -47,14 +47,11 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.d
     return dtypes[name]
 
 
-def load_causal_lm(path_or_id: str, device: torch.device | str | None = None, dtype: str | torch.dtype | None = "auto"):
-    """Load (model, tokenizer) from a local directory or a hub id, in eval mode on `device`.
+def check_model_source(path_or_id: str):
+    """(config, tokenizer) of a causal LM, without loading its weights; ModelError naming the path otherwise."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    Raises ModelError naming the path when it is not a causal language model.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    device = torch.device(device) if device is not None else default_device()
     local = Path(path_or_id)
     if local.exists() and not (local / "config.json").exists():
         raise ModelError(f"{path_or_id}: not a Hugging Face model directory (no config.json)")
@@ -62,18 +59,29 @@ def load_causal_lm(path_or_id: str, device: torch.device | str | None = None, dt
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
         raise ModelError(f"{path_or_id}: cannot read a model config: {error}") from error
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=parse_dtype(dtype, device))
-    except ValueError as error:
-        raise ModelError(
-            f"{path_or_id}: not a causal language model (config type {type(config).__name__}): {error}"
-        ) from error
-    except OSError as error:
-        raise ModelError(f"{path_or_id}: cannot load model weights: {error}") from error
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{path_or_id}: not a causal language model (model type {config.model_type!r} has no "
+                         "causal-LM head in transformers)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
         raise ModelError(f"{path_or_id}: cannot load its tokenizer: {error}") from error
+    return config, tokenizer
+
+
+def load_causal_lm(path_or_id: str, device: torch.device | str | None = None, dtype: str | torch.dtype | None = "auto"):
+    """Load (model, tokenizer) from a local directory or a hub id, in eval mode on `device`.
+
+    Raises ModelError naming the path when it is not a causal language model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    config, tokenizer = check_model_source(path_or_id)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=parse_dtype(dtype, device))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{path_or_id}: cannot load a {config.model_type} causal LM from it: {error}") from error
     model.to(device).eval()
     return model, tokenizer
 

@@ -1,0 +1,98 @@
+"""The command line as a user runs it: help, clear errors with exit status 2, and `ray job submit`."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from tests.pipeline_fixtures import QUERIES, write_workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "score", "report", "pretrain", "bench", "demo"):
+        assert command in out
+
+
+def test_score_help_names_the_contract_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--top-k", "--tfidf-candidates", "--query-rank", "--damping", "--method", "--per-token",
+                   "--save-all-scores", "--shards", "--workers", "--strict", "--overwrite"):
+        assert option in out
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path, capsys, ray_cluster):
+    space = write_workspace(tmp_path)
+    code = main(["fit", "--model", space["model"], "--corpus", space["corpus"], "--out", str(tmp_path / "f"),
+                 "--seq-len", "16", "--strict"])
+    assert code == 2
+    assert "a.jsonl:11: invalid JSON" in capsys.readouterr().err
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    (not_a_model / "weights.bin").write_bytes(b"")
+    code = main(["fit", "--model", str(not_a_model), "--corpus", space["corpus"], "--out", str(tmp_path / "g"),
+                 "--seq-len", "16"])
+    assert code == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_local_head(tmp_path):
+    """`ray start --head`, then `ray job submit -- whence fit ... && whence score ...`, as cluster/README.md says."""
+    space = write_workspace(tmp_path)
+    bin_dir = Path(sys.executable).parent
+    ray_cli = shutil.which("ray", path=str(bin_dir)) or "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    dashboard_port = free_port()
+    # Every port of its own: the test session's Ray (and any other) already holds the defaults, and a job
+    # agent that cannot bind its port leaves `ray job submit` waiting forever for "an available agent".
+    ports = {"--port": free_port(), "--dashboard-port": dashboard_port, "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+             "--metrics-export-port": free_port(), "--ray-client-server-port": free_port()}
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
+                             "--disable-usage-stats", *(f"{flag}={port}" for flag, port in ports.items())],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "the local head did not come up"
+            assert head.poll() is None, head.stdout.read().decode()
+            time.sleep(2)
+        out = tmp_path / "results"
+        entrypoint = (f"whence fit --model {space['model']} --corpus {space['corpus']} --out {tmp_path / 'factors'} "
+                      f"--seq-len 16 && whence score --model {space['model']} --factors {tmp_path / 'factors'} "
+                      f"--queries {space['queries']} --corpus {space['corpus']} --out {out} --top-k 3")
+        submit = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(tmp_path / "corpus"),
+                  "--", "bash", "-c", entrypoint]
+        while True:  # the head's job agent comes up a little after its dashboard
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        assert len(pq.read_table(out / "topk.parquet")) == 3 * len(QUERIES)
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(timeout=60)
