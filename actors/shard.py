@@ -1,0 +1,593 @@
+"""Model shards on Ray: stage actors that each hold part of a model, its factors and its queries.
+
+    StageActor             one pipeline stage (whence.shards.Stage): its blocks only, the rest of the model freed;
+                           forward / backward / accumulate / score calls keyed by micro-batch id
+    ShardedWorker          launches N StageActors and drives micro-batches through them, several in flight
+                           (1F1B order: micro-batch i + 1 enters stage 0 while i is further down), with the
+                           methods of whence.fitting.FactorFitter and whence.scoring.QueryScorer, over lists of
+                           batches too; plus the FitterActor surface the `whence fit` flow uses
+    ShardedSequenceScorer  the Ray Data scoring stage (actors.scorer.SequenceScorer) over a ShardedWorker
+
+All are plain classes: `ray.remote` is applied where they are launched (the worker launches its stage actors).
+
+Fault tolerance. A stage actor that dies is restarted by Ray (max_restarts) and reloads its stage; its kept
+graphs and partial sums are lost. The worker notices (failed calls, or a new `incarnation` in the stage's state),
+sends the restarted stage its bases / queries again, and re-runs from the first stage every micro-batch the stage
+lost. Each stage records the micro-batch ids its sums include and the worker re-accumulates only where one is
+missing, so nothing is counted twice and results are unchanged. The worker keeps the batches (in the object store)
+since the last time it collected the stages' sums; it collects every `checkpoint_every` micro-batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from actors.hosting import ModelSpec, maybe_fail, rows_to_batch, sequence_rows_mask
+from actors.scorer import SequenceScorer
+from whence.factors import CovarianceSums, LambdaSums, LayerBasis
+from whence.model import default_device, find_tracked_layers, load_causal_lm, model_fingerprint, parse_dtype
+from whence.queries import PreparedQueries
+from whence.scoring import BatchScores
+from whence.shards import (
+    FORWARD,
+    concat_scores,
+    merge_corrections,
+    merge_covariance,
+    merge_scores,
+    pipeline_schedule,
+    select_layers,
+    split_batch,
+    split_model,
+)
+
+log = logging.getLogger("whence.shards")
+
+COVARIANCE, CORRECTION, SCORE = "covariance", "correction", "score"
+# What each stage does with a micro-batch after its backward pass.
+CONSUMERS = {COVARIANCE: "accumulate_covariance", CORRECTION: "accumulate_corrections", SCORE: "score"}
+# Re-run rounds before giving up on micro-batches that keep failing while stages keep restarting.
+MAX_RECOVERY_ROUNDS = 8
+# How long a call waits for a stage actor that is restarting (it reloads the model).
+STAGE_RESTART_TIMEOUT_S = 600.0
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ShardOptions:
+    """How a ShardedWorker runs its stages."""
+
+    micro_batch_size: int | None = _help("cut each batch into micro-batches of at most this many sequences "
+                                         "(None: every batch is one micro-batch)", None)
+    max_in_flight: int | None = _help("micro-batches inside the pipeline at once (None: the number of stages); "
+                                      "each stage keeps at most this many graphs", None)
+    stage_cpus: float = _help("CPUs each stage actor reserves; 0 lets stages share CPUs (they mostly wait on "
+                              "each other)", 0.0)
+    stage_gpus: float | None = _help("GPUs each stage actor reserves (None: 1 when the cluster has GPUs, else 0; "
+                                     "a fraction puts several stages on one GPU)", None)
+    num_threads: int | None = _help("torch threads in each stage actor (None: torch's default, which follows the "
+                                    "OMP_NUM_THREADS that Ray sets from the actor's CPUs, at least 1)", None)
+    max_restarts: int = _help("times Ray restarts a dead stage actor", 3)
+    max_task_retries: int = _help("times Ray retries a call lost with a stage's process; 0 (default) lets the "
+                                  "worker re-run the lost micro-batches itself, from the first stage", 0)
+    checkpoint_every: int = _help("collect the stages' partial sums every this many micro-batches, so a restarted "
+                                  "stage re-runs at most that many", 256)
+    group_size: int | None = _help("batches of a Ray Data split submitted together in the *_pass methods "
+                                   "(None: 4 x the number of stages)", None)
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "max_in_flight", "num_threads", "group_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+        if self.stage_cpus < 0 or (self.stage_gpus or 0) < 0 or self.max_restarts < 0 or self.checkpoint_every < 1:
+            raise ValueError("stage_cpus, stage_gpus and max_restarts must be >= 0 and checkpoint_every >= 1")
+
+    @staticmethod
+    def help() -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(ShardOptions)}
+
+
+def _as_spec(spec: ModelSpec | str) -> ModelSpec:
+    return ModelSpec(spec) if isinstance(spec, str) else spec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One stage
+
+
+def _timed(method):
+    """Add the call's duration to the actor's busy time (idle = wall time - busy time)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy_s += time.perf_counter() - start
+
+    return wrapper
+
+
+class StageActor:
+    """Holds stage `stage_index` of `num_stages` of the model at `spec.path`, on this process's device.
+
+    The whole model is loaded on the CPU, split, and every module outside this stage is freed before the stage
+    moves to the device, so the device only ever holds this stage.
+    """
+
+    def __init__(self, spec: ModelSpec | str, stage_index: int, num_stages: int, fisher: str = "true",
+                 num_blocks: int = 1, num_threads: int | None = None):
+        spec = _as_spec(spec)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.incarnation = uuid.uuid4().hex  # new after every restart: the worker re-sends bases and queries
+        device = default_device()
+        model, _ = load_causal_lm(spec.path, device="cpu", dtype=parse_dtype(spec.dtype, device))
+        layers = find_tracked_layers(model, spec.modules)
+        self.fingerprint = model_fingerprint(model)
+        self.model_layers = [layer.describe() for layer in layers]
+        self.stage = split_model(model, num_stages, layers, fisher=fisher, num_blocks=num_blocks)[stage_index]
+        del model, layers  # the other stages' modules go with the model: only this stage's references remain
+        gc.collect()
+        self.stage.to(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.backwards_done = 0
+        self.reset_timing()
+
+    # -- description and accounting --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {**self.stage.describe(), "incarnation": self.incarnation, "fingerprint": self.fingerprint,
+                "model_layers": self.model_layers, "dtype": str(self.stage.dtype)}
+
+    def state(self) -> dict:
+        stats = self.stage.statistics
+        return {"incarnation": self.incarnation, COVARIANCE: set(stats.covariance_ids),
+                CORRECTION: set(stats.correction_ids)}
+
+    def memory_report(self) -> dict:
+        """Bytes of weights, factors and queries this stage holds."""
+        return self.stage.memory_report()
+
+    def reset_timing(self) -> None:
+        self._busy_s = 0.0
+        self._clock = time.perf_counter()
+
+    def timing(self) -> dict:
+        """Seconds since reset_timing: wall, busy (in forward/backward/accumulate/score) and idle (waiting)."""
+        wall = time.perf_counter() - self._clock
+        return {"stage": self.stage.index, "wall_s": wall, "busy_s": self._busy_s, "idle_s": wall - self._busy_s}
+
+    # -- the pipeline protocol (whence.shards.Stage) -----------------------------------------------------------
+    @_timed
+    def forward(self, micro_batch_id: int, inputs: dict, objective: str = "fisher") -> dict:
+        return self.stage.forward(micro_batch_id, inputs, objective)
+
+    @_timed
+    def backward(self, micro_batch_id: int, grad_outputs: dict | None, capture: bool = True) -> dict:
+        result = self.stage.backward(micro_batch_id, grad_outputs, capture)
+        self.backwards_done += 1
+        maybe_fail(self.backwards_done)  # fault injection for tests (WHENCE_FAULT_AFTER_BATCHES)
+        return result
+
+    @_timed
+    def accumulate_covariance(self, micro_batch_id: int, batch_key: int | None = None) -> None:
+        self.stage.accumulate_covariance(micro_batch_id, batch_key)
+
+    @_timed
+    def accumulate_corrections(self, micro_batch_id: int, batch_key: int | None = None) -> None:
+        self.stage.accumulate_corrections(micro_batch_id, batch_key)
+
+    @_timed
+    def score(self, micro_batch_id: int, per_token: bool = False) -> BatchScores:
+        return self.stage.score(micro_batch_id, per_token)
+
+    def discard(self, micro_batch_ids: list[int] | None = None) -> None:
+        self.stage.discard(micro_batch_ids)
+
+    # -- state set by the worker -----------------------------------------------------------------------------
+    def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
+        self.stage.set_bases(bases)
+
+    def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
+        self.stage.set_queries(queries, path)
+
+    def take(self, kind: str) -> tuple[CovarianceSums | LambdaSums, set[int]]:
+        """(partial sums, the micro-batch ids they include), and reset."""
+        stats = self.stage.statistics
+        if kind == COVARIANCE:
+            ids = set(stats.covariance_ids)
+            return self.stage.take_covariance(), ids
+        ids = set(stats.correction_ids)
+        return self.stage.take_corrections(), ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline of stages
+
+
+class ShardedWorker:
+    """N StageActors that together hold one model; FactorFitter's and QueryScorer's methods over them.
+
+    spec: the model (a ModelSpec, or a path: MLP layers, dtype "auto"). num_stages: pipeline stages (at most the
+    number of transformer blocks). fisher, num_blocks: as FactorFitter. seed, batch_size: how the *_pass methods
+    cut a Ray Data split into batches (as actors.fitter.FitterActor).
+    """
+
+    def __init__(self, spec: ModelSpec | str, num_stages: int, fisher: str = "true", num_blocks: int = 1,
+                 seed: int = 0, batch_size: int = 8, options: ShardOptions | None = None):
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.hosting import pad_id_of
+
+        self.spec, self.num_stages = _as_spec(spec), num_stages
+        self.seed, self.batch_size = seed, batch_size
+        self.options = options or ShardOptions()
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        stage_gpus = self.options.stage_gpus
+        if stage_gpus is None:
+            stage_gpus = 1 if cluster_gpus >= 1 else 0
+        if stage_gpus and stage_gpus * num_stages > cluster_gpus:
+            log.warning("%d stages x %g GPU each exceed the cluster's %g GPUs: stages wait until the cluster grows",
+                        num_stages, stage_gpus, cluster_gpus)
+        remote = ray.remote(num_gpus=stage_gpus, num_cpus=self.options.stage_cpus,
+                            max_restarts=self.options.max_restarts,
+                            max_task_retries=self.options.max_task_retries)(StageActor)
+        self.stages = [remote.remote(self.spec, k, num_stages, fisher, num_blocks, self.options.num_threads)
+                       for k in range(num_stages)]
+        self.stage_info = ray.get([stage.describe.remote() for stage in self.stages])
+        self.incarnations = [info["incarnation"] for info in self.stage_info]
+        self.layers = self.stage_info[0]["model_layers"]  # TrackedLayer.describe() of every layer, model order
+        self.layer_names = [layer["name"] for layer in self.layers]
+        self.positions = [info["positions"] for info in self.stage_info]  # each stage's layers' model positions
+        self.stage_layer_names = [[layer["name"] for layer in info["layers"]] for info in self.stage_info]
+        self.fingerprint = self.stage_info[0]["fingerprint"]
+        self.pad_id = pad_id_of(AutoTokenizer.from_pretrained(self.spec.path))
+        self._setup: list[dict[str, tuple]] = [{} for _ in self.stages]  # replayed on a restarted stage
+        self._log: dict[str, dict[int, object]] = {COVARIANCE: {}, CORRECTION: {}}  # id -> batch ref since collect
+        self._collected: dict[str, CovarianceSums | LambdaSums | None] = {COVARIANCE: None, CORRECTION: None}
+        self._states: list[dict] = []  # the stages' last answers to state()
+        # Called as on_micro_batch(kind, id) when a micro-batch's calls have all returned (progress, tests).
+        self.on_micro_batch: Callable[[str, int], None] | None = None
+        self._next_id = 0  # micro-batch ids
+        self._next_attempt = 0  # ids of runs of micro-batches (a lost one is run again under a new id)
+        self.sequences_done = 0
+        self.restarts_seen = 0
+        self.memory_reports = self.memory_report()
+        for report in self.memory_reports:
+            log.info("stage %d (blocks %d-%d, %s) holds %.1f MiB of weights, %.1f MiB of factors, %.1f MiB of queries",
+                     report["stage"], report["blocks"][0], report["blocks"][1] - 1, report["device"],
+                     report["weights"] / 2**20, report["factors"] / 2**20, report["queries"] / 2**20)
+
+    # -- FactorFitter's methods ------------------------------------------------------------------------------
+    def covariance_step(self, batch: dict) -> None:
+        self.covariance_steps([batch])
+
+    def covariance_steps(self, batches: Iterable[dict]) -> None:
+        """Accumulate covariance sums over `batches` (dicts from whence.text.collate plus `seeds`)."""
+        self._accumulate(COVARIANCE, batches)
+
+    def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
+        """Bases for the correction pass (None for a layer: the identity basis). Each stage gets its layers'."""
+        self._configure("set_bases", [({n: bases[n] for n in names},) for names in self.stage_layer_names])
+
+    def correction_step(self, batch: dict) -> None:
+        self.correction_steps([batch])
+
+    def correction_steps(self, batches: Iterable[dict]) -> None:
+        self._accumulate(CORRECTION, batches)
+
+    def take_covariance(self) -> CovarianceSums:
+        """The sums so far over all stages (CPU, layers in model order), and reset."""
+        return self._take(COVARIANCE)
+
+    def take_corrections(self) -> LambdaSums:
+        return self._take(CORRECTION)
+
+    # -- QueryScorer's methods -------------------------------------------------------------------------------
+    def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
+        """Prepared queries for every tracked layer; each stage receives only its layers'."""
+        if queries.layer_names != self.layer_names:
+            raise ValueError("prepared queries were made for other tracked layers")
+        self._configure("set_queries", [(select_layers(queries, names), path) for names in self.stage_layer_names])
+
+    def score(self, batch: dict, per_token: bool = False) -> BatchScores:
+        return self.score_batches([batch], per_token)[0]
+
+    def score_batches(self, batches: Iterable[dict], per_token: bool = False) -> list[BatchScores]:
+        """Scores of every query against every sequence of each batch, as QueryScorer.score, per batch."""
+        per_batch, jobs, sequences = self._micro_batches(batches)
+        wanted = {(mb, k) for mb in jobs for k in range(self.num_stages)}
+        results: dict[tuple[int, int], BatchScores] = {}
+        for _ in range(MAX_RECOVERY_ROUNDS):
+            missing = wanted - results.keys()
+            if not missing:
+                break
+            consume_on: dict[int, set[int]] = {}
+            for mb, k in missing:
+                consume_on.setdefault(mb, set()).add(k)
+            done, errors = self._run({mb: jobs[mb] for mb in sorted(consume_on)}, SCORE, consume_on, per_token)
+            results.update(done)
+            if errors:
+                self._recover(errors)
+        else:
+            raise RuntimeError(f"scoring failed after {MAX_RECOVERY_ROUNDS} rounds of stage restarts")
+        self.sequences_done += sequences
+        merged = {mb: merge_scores([results[mb, k] for k in range(self.num_stages)], self.positions,
+                                   len(self.layers)) for mb in jobs}
+        return [concat_scores([merged[mb] for mb in ids]) for ids in per_batch]
+
+    # -- the FitterActor surface used by `whence fit` (flows/fit.py) -------------------------------------------
+    def describe(self) -> dict:
+        return {"layers": self.layers, "fingerprint": self.fingerprint, "dtype": self.stage_info[0]["dtype"],
+                "device": self.stage_info[0]["device"], "stages": [
+                    {"stage": i["stage"], "blocks": i["blocks"], "device": i["device"], "parameters": i["parameters"],
+                     "layers": [layer["name"] for layer in i["layers"]]} for i in self.stage_info],
+                "memory": self.memory_reports}
+
+    def covariance_pass(self, split) -> CovarianceSums:
+        """Covariance sums over a Ray Data split (iterator of sequence rows), as FitterActor.covariance_pass."""
+        for group in self._split_groups(split):
+            self.covariance_steps(group)
+        return self.take_covariance()
+
+    def correction_pass(self, split, bases: dict[str, LayerBasis | None]) -> LambdaSums:
+        self.set_bases(bases)
+        for group in self._split_groups(split):
+            self.correction_steps(group)
+        return self.take_corrections()
+
+    def progress(self) -> int:
+        """Sequences processed so far (answered while a pass runs when the worker has max_concurrency=2)."""
+        return self.sequences_done
+
+    # -- benchmark and housekeeping --------------------------------------------------------------------------
+    def memory_report(self) -> list[dict]:
+        import ray
+
+        return ray.get([stage.memory_report.remote() for stage in self.stages])
+
+    def reset_timing(self) -> None:
+        import ray
+
+        ray.get([stage.reset_timing.remote() for stage in self.stages])
+
+    def stage_timings(self) -> list[dict]:
+        """Per stage since reset_timing: wall_s, busy_s and idle_s (time spent waiting for work)."""
+        import ray
+
+        return ray.get([stage.timing.remote() for stage in self.stages])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for stage in self.stages:
+            ray.kill(stage, no_restart=True)
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _configure(self, method: str, per_stage_args: list[tuple]) -> None:
+        """Call a setup method on every stage and remember it, to replay on a stage that restarts."""
+        import ray
+
+        refs = []
+        for k, args in enumerate(per_stage_args):
+            self._setup[k][method] = args
+            refs.append(getattr(self.stages[k], method).remote(*args))
+        try:
+            ray.get(refs)
+        except ray.exceptions.RayActorError:
+            self._refresh()  # a stage restarted: it is sent its whole setup, this call included
+
+    def _micro_batches(self, batches: Iterable[dict]) -> tuple[list[list[int]], dict[int, object], int]:
+        """Ids of each batch's micro-batches, id -> object ref of the micro-batch (put once, re-run cheaply),
+        and the number of sequences."""
+        import ray
+
+        per_batch, jobs, sequences = [], {}, 0
+        for batch in batches:
+            sequences += int(batch["input_ids"].shape[0])
+            ids = []
+            for part in split_batch(batch, self.options.micro_batch_size):
+                jobs[self._next_id] = ray.put(part)
+                ids.append(self._next_id)
+                self._next_id += 1
+            per_batch.append(ids)
+        return per_batch, jobs, sequences
+
+    def _run(self, jobs: dict[int, object], kind: str, consume_on: dict[int, set[int]] | None = None,
+             per_token: bool = False) -> tuple[dict, dict]:
+        """Submit every micro-batch of `jobs` through all stages in the 1F1B schedule; wait for them.
+
+        consume_on[id]: the stages that accumulate / score that micro-batch (default: all); the others only pass
+        gradients on. Returns ({(id, stage): result}, {(id, stage): error}).
+
+        Every run of a micro-batch has a fresh attempt id, under which the stages keep its graph: a call left over
+        from an earlier, failed run can never meet a later run's state. Sums record the micro-batch's own id.
+        """
+        import ray
+
+        last = self.num_stages - 1
+        objective = "log_likelihood" if kind == SCORE else "fisher"
+        attempts = {}  # attempt id -> micro-batch id
+        for mb in jobs:
+            attempts[self._next_attempt] = mb
+            self._next_attempt += 1
+        outputs, grads, pending = {}, {}, {}
+        for op, k, attempt in pipeline_schedule(list(attempts), self.num_stages, self.options.max_in_flight):
+            stage, mb = self.stages[k], attempts[attempt]
+            if op == FORWARD:
+                source = jobs[mb] if k == 0 else outputs.pop((k - 1, attempt))
+                outputs[k, attempt] = stage.forward.remote(attempt, source, objective)
+                continue
+            if k == last:
+                outputs.pop((k, attempt))  # the objective values: not needed here
+            consume = consume_on is None or k in consume_on.get(mb, ())
+            upstream = None if k == last else grads.pop((k + 1, attempt))
+            grads[k, attempt] = stage.backward.remote(attempt, upstream, consume)
+            if k == 0:
+                grads.pop((k, attempt))
+            if consume:
+                extra = (per_token,) if kind == SCORE else (mb,)
+                pending[mb, k] = getattr(stage, CONSUMERS[kind]).remote(attempt, *extra)
+        results, errors = {}, {}
+        for mb in sorted({mb for mb, _ in pending}):
+            for k in range(self.num_stages):
+                if (mb, k) not in pending:
+                    continue
+                try:
+                    results[mb, k] = ray.get(pending.pop((mb, k)))
+                except ray.exceptions.RayError as error:  # a stage died, or a call to its new process failed
+                    errors[mb, k] = error
+            if self.on_micro_batch is not None:
+                self.on_micro_batch(kind, mb)
+        return results, errors
+
+    def _refresh(self) -> bool:
+        """Ask every stage for its state; replay the setup of any that restarted. True if one did."""
+
+        states = [self._call_when_up(k, "state") for k in range(self.num_stages)]
+        restarted = False
+        for k, state in enumerate(states):
+            if state["incarnation"] != self.incarnations[k]:
+                log.warning("stage %d restarted; re-sending its setup and re-running its lost micro-batches", k)
+                self.incarnations[k] = state["incarnation"]
+                self.restarts_seen += 1
+                restarted = True
+                for method, args in self._setup[k].items():
+                    self._call_when_up(k, method, *args)
+        self._states = states
+        return restarted
+
+    def _call_when_up(self, k: int, method: str, *args):
+        """ray.get of one call to stage k, waiting (up to STAGE_RESTART_TIMEOUT_S) while it restarts."""
+        import ray
+
+        deadline = time.monotonic() + STAGE_RESTART_TIMEOUT_S
+        while True:
+            try:
+                return ray.get(getattr(self.stages[k], method).remote(*args))
+            except ray.exceptions.ActorDiedError:
+                raise  # restarts used up: the stage is gone for good
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _recover(self, errors: dict) -> None:
+        """After failed calls: if a stage restarted, drop stale graphs everywhere (the caller re-runs what is
+        missing); otherwise the failure is not a lost process, so raise it."""
+        import ray
+
+        restarted = self._refresh()
+        ray.get([stage.discard.remote() for stage in self.stages])
+        if not restarted:
+            raise next(iter(errors.values()))
+
+    def _accumulate(self, kind: str, batches: Iterable[dict]) -> None:
+        _, jobs, sequences = self._micro_batches(batches)
+        self._log[kind].update(jobs)
+        _, errors = self._run(jobs, kind)
+        if errors:
+            self._recover(errors)
+        self._settle(kind, range(self.num_stages))
+        self.sequences_done += sequences
+        if len(self._log[kind]) >= self.options.checkpoint_every:
+            self._collect(kind)
+
+    def _settle(self, kind: str, stages: Iterable[int]) -> None:
+        """Re-run, from the first stage, every logged micro-batch that one of `stages` has not accumulated (lost
+        with a restarted process); only the stages missing it accumulate it again."""
+        stages = list(stages)
+        for _ in range(MAX_RECOVERY_ROUNDS):
+            self._refresh()
+            expected = set(self._log[kind])
+            consume_on: dict[int, set[int]] = {}
+            for k in stages:
+                for mb in expected - self._states[k][kind]:
+                    consume_on.setdefault(mb, set()).add(k)
+            if not consume_on:
+                return
+            log.warning("re-running %d micro-batch(es) lost by restarted stage(s)", len(consume_on))
+            _, errors = self._run({mb: self._log[kind][mb] for mb in sorted(consume_on)}, kind, consume_on)
+            if errors:
+                self._recover(errors)
+        raise RuntimeError(f"{kind} pass: micro-batches still missing after {MAX_RECOVERY_ROUNDS} re-runs")
+
+    def _collect(self, kind: str) -> None:
+        """Move every stage's partial sums to this process, checking each includes exactly the logged
+        micro-batches (a stage that restarted just before is re-run alone and asked again)."""
+        import ray
+
+        expected = set(self._log[kind])
+        parts: dict[int, CovarianceSums | LambdaSums] = {}
+        for _ in range(MAX_RECOVERY_ROUNDS):
+            remaining = [k for k in range(self.num_stages) if k not in parts]
+            if not remaining:
+                break
+            self._settle(kind, remaining)
+            for k in remaining:
+                try:
+                    sums, ids = ray.get(self.stages[k].take.remote(kind))
+                except ray.exceptions.RayActorError:
+                    continue  # restarted while answering: settle again
+                if ids == expected:
+                    parts[k] = sums
+        else:
+            raise RuntimeError(f"could not collect the {kind} sums of every stage")
+        merge = merge_covariance if kind == COVARIANCE else merge_corrections
+        merged = merge([parts[k] for k in range(self.num_stages)], self.layer_names)
+        previous = self._collected[kind]
+        self._collected[kind] = merged if previous is None else previous + merged
+        self._log[kind].clear()
+
+    def _take(self, kind: str):
+        self._collect(kind)
+        result, self._collected[kind] = self._collected[kind], None
+        return result
+
+    def _split_groups(self, split) -> Iterator[list[dict]]:
+        """Batches of a Ray Data split (sequence rows; marker rows skipped), in groups submitted together."""
+        size = self.options.group_size or 4 * self.num_stages
+        group = []
+        for rows in split.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            keep = sequence_rows_mask(rows)
+            if keep.any():
+                group.append(rows_to_batch(rows, keep, self.pad_id, self.seed))
+            if len(group) >= size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray Data scoring stage
+
+
+class ShardedSequenceScorer(SequenceScorer):
+    """actors.scorer.SequenceScorer with the model split over `shards` stage actors: each Ray Data batch is cut
+    into micro-batches of `batch_size` sequences that go through the pipeline several at a time."""
+
+    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, shards: int = 2,
+                 batch_size: int = 8, options: ShardOptions | None = None):
+        options = options or ShardOptions(micro_batch_size=batch_size)
+        self.scorer = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
+        queries = PreparedQueries.load(queries_path)
+        self.scorer.set_queries(queries)
+        self.per_token = per_token
+        self.pad_id = self.scorer.pad_id
+        self.num_queries, self.num_layers = queries.num_queries, len(self.scorer.layers)
+        self.batches_done = 0

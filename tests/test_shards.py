@@ -1,0 +1,295 @@
+"""Model shards: factors and scores from a model split into pipeline stages equal the unsharded ones (float64).
+
+In-process (whence.shards.ShardedPipeline) for every family and 1, 2, 3 stages; on Ray (actors.shard) for one
+family, including a stage actor killed in the middle of a pass.
+"""
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2Model,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from tests.tiny import TEXTS, make_model
+from whence import ModelError
+from whence.api import sequence_batches
+from whence.factors import LayerBasis
+from whence.fitting import FactorFitter, eigendecompose
+from whence.model import find_tracked_layers
+from whence.queries import factorise, query_gradients
+from whence.scoring import QueryScorer
+from whence.shards import (
+    BACKWARD,
+    FORWARD,
+    ShardedPipeline,
+    balance_blocks,
+    pipeline_schedule,
+    plan_stages,
+    select_layers,
+    split_model,
+    stage_order,
+)
+from whence.text import Query, iter_sequences
+
+FLOAT64 = dict(atol=1e-10, rtol=1e-9)
+NUM_BLOCKS = 3  # so that 1, 2 and 3 stages are all possible
+QUERIES = [Query("whale", "The whale swam far", " beyond the harbour"), Query("fox", "A quick brown", " fox jumps"),
+           Query("union", "The state of the union", " is strong")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits cost 10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def batches_of(tokenizer, seq_len=12, batch_size=5, texts=TEXTS):
+    sequences = list(iter_sequences(tokenizer, enumerate(texts), seq_len))
+    return [batch for _, batch in sequence_batches(tokenizer, sequences, batch_size, seed=3)]
+
+
+def fit_sums(fitter, batches):
+    """(covariance, bases, corrections) from a FactorFitter-like object, EK-FAC recipe."""
+    for batch in batches:
+        fitter.covariance_step(batch)
+    covariance = fitter.take_covariance()
+    bases = eigendecompose(covariance)
+    fitter.set_bases(bases)
+    for batch in batches:
+        fitter.correction_step(batch)
+    return covariance, bases, fitter.take_corrections()
+
+
+def assert_sums_equal(actual, expected):
+    covariance, _, corrections = actual
+    ref_covariance, _, ref_corrections = expected
+    assert (covariance.tokens, covariance.sequences) == (ref_covariance.tokens, ref_covariance.sequences)
+    assert list(covariance.activation) == list(ref_covariance.activation), "layers in model order"
+    for name in ref_covariance.activation:
+        for mine, theirs in zip(covariance.activation[name] + covariance.gradient[name],
+                                ref_covariance.activation[name] + ref_covariance.gradient[name]):
+            torch.testing.assert_close(mine, theirs, **FLOAT64)
+    assert corrections.sequences == ref_corrections.sequences
+    assert list(corrections.sums) == list(ref_corrections.sums)
+    for name, theirs in ref_corrections.sums.items():
+        torch.testing.assert_close(corrections.sums[name], theirs, **FLOAT64)
+
+
+def prepared_queries(model, tokenizer, layers, rank="full"):
+    """Raw query gradients stand in for preconditioned ones: the kernel is the same bilinear form."""
+    gradients = query_gradients(model, tokenizer, layers, QUERIES)
+    return factorise([q.id for q in QUERIES], gradients, rank)
+
+
+def assert_scores_equal(actual, expected):
+    torch.testing.assert_close(actual.total, expected.total, **FLOAT64)
+    torch.testing.assert_close(actual.per_layer, expected.per_layer, **FLOAT64)
+    if expected.per_token is not None:
+        torch.testing.assert_close(actual.per_token, expected.per_token, **FLOAT64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-process
+
+
+def test_factors_with_1_2_3_stages_equal_the_unsharded_fitter(family, tokenizer):
+    model = make_model(family, len(tokenizer), layers=NUM_BLOCKS)
+    layers = find_tracked_layers(model, "all")  # attention layers too: every block position is exercised
+    batches = batches_of(tokenizer)
+    assert any((b["attention_mask"] == 0).any() for b in batches), "some batches should be padded"
+    expected = fit_sums(FactorFitter(model, layers), batches)
+    for num_stages in (1, 2, 3):
+        pipeline = ShardedPipeline(model, layers, num_stages, micro_batch_size=2)
+        assert_sums_equal(fit_sums(pipeline, batches), expected)
+    assert all(p.grad is None for p in model.parameters()), "no weight gradient is ever computed"
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad is restored"
+
+
+@pytest.mark.parametrize("rank", [2, "full"])
+def test_scores_with_1_2_3_stages_equal_the_query_scorer(family, tokenizer, rank):
+    model = make_model(family, len(tokenizer), layers=NUM_BLOCKS)
+    layers = find_tracked_layers(model, "mlp")
+    queries = prepared_queries(model, tokenizer, layers, rank)
+    scorer = QueryScorer(model, layers, queries)
+    batches = batches_of(tokenizer, batch_size=4)
+    expected = [scorer.score(batch, per_token=True) for batch in batches]
+    for num_stages in (1, 2, 3):
+        pipeline = ShardedPipeline(model, layers, num_stages, micro_batch_size=3)
+        pipeline.set_queries(queries)
+        for batch, reference in zip(batches, expected):
+            assert_scores_equal(pipeline.score(batch, per_token=True), reference)
+            assert pipeline.score(batch).per_token is None
+            torch.testing.assert_close(pipeline.score(batch).total, reference.total, **FLOAT64)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+def test_llama_family_variants_with_sliding_windows(tokenizer, name):
+    """Mistral (one sliding-window mask for all layers) and Qwen2 (per-layer full / sliding masks)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=NUM_BLOCKS,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0,
+                  eos_token_id=0, sliding_window=4)
+    if name == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=1))
+        assert "sliding_attention" in model.config.layer_types and "full_attention" in model.config.layer_types
+    model = model.to(torch.float64).eval()
+    layers = find_tracked_layers(model, "mlp")
+    queries = prepared_queries(model, tokenizer, layers)
+    batches = batches_of(tokenizer, batch_size=4)[:2]
+    expected = [QueryScorer(model, layers, queries).score(b, per_token=True) for b in batches]
+    pipeline = ShardedPipeline(model, layers, 3)
+    pipeline.set_queries(queries)
+    for batch, reference in zip(batches, expected):
+        assert_scores_equal(pipeline.score(batch, per_token=True), reference)
+
+
+def test_stages_without_tracked_layers_pass_gradients_through(tokenizer):
+    """Only block 1 is tracked: stages 0 and 2 hold no tracked layer but still carry the pipeline."""
+    model = make_model("gpt2", len(tokenizer), layers=NUM_BLOCKS)
+    layers = find_tracked_layers(model, r"^transformer\.h\.1\.mlp\.")
+    batches = batches_of(tokenizer)[:3]
+    pipeline = ShardedPipeline(model, layers, 3)
+    assert [len(stage.layers) for stage in pipeline.stages] == [0, 2, 0]
+    assert_sums_equal(fit_sums(pipeline, batches), fit_sums(FactorFitter(model, layers), batches))
+    queries = prepared_queries(model, tokenizer, layers)
+    pipeline.set_queries(queries)
+    scorer = QueryScorer(model, layers, queries)
+    for batch in batches:
+        assert_scores_equal(pipeline.score(batch, per_token=True), scorer.score(batch, per_token=True))
+
+
+def test_stages_hold_contiguous_blocks_and_their_own_layers(tokenizer):
+    model = make_model("llama", len(tokenizer), layers=4)
+    layers = find_tracked_layers(model, "mlp")
+    stages = split_model(model, 3, layers)
+    assert [s.block_range for s in stages] == plan_stages(model, 3)
+    assert [s.block_range[0] for s in stages[1:]] == [s.block_range[1] for s in stages[:-1]]
+    assert [s.positions for s in stages] == [[i for i, layer in enumerate(layers) if layer in s.layers] for s in stages]
+    assert sum((s.positions for s in stages), []) == list(range(len(layers)))
+    assert "embed" in stages[0].parts and "embed" not in stages[1].parts and "head" in stages[-1].parts
+    first, last = stages[0].memory_report(), stages[-1].memory_report()
+    assert first["weights"] > 0 and last["weights"] > 0 and first["factors"] > 0 and first["queries"] == 0
+
+
+def test_balanced_split():
+    assert balance_blocks([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert balance_blocks([1, 1, 1, 1], 2, first_extra=2) == [(0, 1), (1, 4)]
+    assert balance_blocks([5, 1, 1, 1, 1, 1], 2) == [(0, 1), (1, 6)]
+    assert balance_blocks([1, 2, 3], 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError):
+        balance_blocks([1, 2], 3)
+
+
+def test_unsplittable_models_raise_model_error(tokenizer):
+    model = make_model("gpt2", len(tokenizer), layers=2)
+    with pytest.raises(ModelError, match="3 stages.*2 transformer blocks"):
+        split_model(model, 3)
+    headless = GPT2Model(GPT2Config(vocab_size=50, n_embd=8, n_layer=2, n_head=2))
+    with pytest.raises(ModelError, match="GPT2Model"):
+        split_model(headless, 2)
+    with pytest.raises(ModelError, match="Sequential"):
+        split_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1)
+
+
+def test_schedule_is_one_forward_one_backward_and_respects_dependencies():
+    ids = list(range(6))
+    assert stage_order(ids, 2, 3) == [(FORWARD, 0), (BACKWARD, 0), (FORWARD, 1), (BACKWARD, 1), (FORWARD, 2),
+                                      (BACKWARD, 2), (FORWARD, 3), (BACKWARD, 3), (FORWARD, 4), (BACKWARD, 4),
+                                      (FORWARD, 5), (BACKWARD, 5)]
+    assert stage_order(ids, 0, 3)[:4] == [(FORWARD, 0), (FORWARD, 1), (FORWARD, 2), (BACKWARD, 0)]
+    schedule = pipeline_schedule(ids, 3)
+    position = {op: i for i, op in enumerate(schedule)}
+    for kind, k, mb in schedule:
+        if kind == FORWARD and k > 0:
+            assert position[FORWARD, k - 1, mb] < position[kind, k, mb]
+        if kind == BACKWARD:
+            assert position[FORWARD, k, mb] < position[kind, k, mb]
+            if k < 2:
+                assert position[BACKWARD, k + 1, mb] < position[kind, k, mb]
+    # micro-batch 1 enters stage 0 before micro-batch 0 leaves the pipeline: stages overlap
+    assert position[FORWARD, 0, 1] < position[BACKWARD, 0, 0]
+
+
+def test_select_layers_keeps_the_named_layers(tokenizer):
+    model = make_model("gpt2", len(tokenizer), layers=2)
+    layers = find_tracked_layers(model, "mlp")
+    queries = prepared_queries(model, tokenizer, layers, rank=2)
+    names = [layers[2].name, layers[3].name]
+    subset = select_layers(queries, names)
+    assert subset.layer_names == names and subset.query_ids == queries.query_ids
+    assert subset.left[names[0]] is queries.left[names[0]] and set(subset.left) == set(names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("sharded") / "model"
+    make_model("llama", len(tokenizer), layers=NUM_BLOCKS).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_stage_actors_on_ray_survive_a_killed_stage(ray_cluster, saved_model, tokenizer):
+    ray = ray_cluster
+    from actors.hosting import ModelSpec
+    from actors.shard import ShardedWorker, ShardOptions
+    from whence.model import load_causal_lm
+
+    model, _ = load_causal_lm(saved_model, device="cpu", dtype="float64")
+    layers = find_tracked_layers(model, "mlp")
+    batches = batches_of(tokenizer, batch_size=3)[:4]
+    expected = fit_sums(FactorFitter(model, layers), batches)
+    queries = prepared_queries(model, tokenizer, layers, rank=2)
+    expected_scores = [QueryScorer(model, layers, queries).score(b, per_token=True) for b in batches]
+
+    worker = ShardedWorker(ModelSpec(saved_model, "mlp", "float64"), 3,
+                           options=ShardOptions(micro_batch_size=2, max_in_flight=3, checkpoint_every=3,
+                                                num_threads=1))
+    assert [layer["name"] for layer in worker.layers] == [layer.name for layer in layers]
+    assert len(worker.memory_reports) == 3 and all(r["weights"] > 0 for r in worker.memory_reports)
+    worker.reset_timing()
+
+    # Covariance in two calls: the sums are collected from the stages in between (checkpoint_every).
+    worker.covariance_steps(batches[:2])
+    worker.covariance_steps(batches[2:])
+    covariance = worker.take_covariance()
+    bases: dict[str, LayerBasis] = eigendecompose(covariance)
+    worker.set_bases(bases)
+
+    # Stage 2 dies once the correction pass's first micro-batch is in and the others are in flight: it loses
+    # its bases, its sums and its graphs.
+    def kill_once(kind, micro_batch_id):
+        if kind == "correction" and worker.on_micro_batch is kill_once:
+            worker.on_micro_batch = None
+            ray.kill(worker.stages[2], no_restart=False)
+
+    worker.on_micro_batch = kill_once
+    worker.correction_steps(batches)
+    corrections = worker.take_corrections()
+    assert worker.restarts_seen == 1, "the kill was noticed and recovered from"
+    assert_sums_equal((covariance, bases, corrections), expected)
+
+    worker.set_queries(queries)
+    ray.kill(worker.stages[0], no_restart=False)  # the restarted stage gets its queries again
+    scores = worker.score_batches(batches, per_token=True)
+    for actual, reference in zip(scores, expected_scores):
+        assert_scores_equal(actual, reference)
+    assert worker.restarts_seen == 2
+    timings = worker.stage_timings()
+    assert [t["stage"] for t in timings] == [0, 1, 2]
+    assert all(t["idle_s"] >= 0 and t["busy_s"] > 0 for t in timings)
+    assert worker.describe()["fingerprint"] == worker.fingerprint
+    worker.shutdown()
