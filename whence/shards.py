@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from whence.errors import ModelError
-from whence.factors import CovarianceSums, LambdaSums, LayerBasis
+from whence.factors import CovarianceSums, LambdaSums, LayerBasis, compute_dtype
 from whence.model import TrackedLayer, find_tracked_layers
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores, QueryScorer
@@ -409,7 +409,9 @@ class Stage:
         missing = [n for n in self.layer_names if n not in bases]
         if missing:
             raise ValueError(f"stage {self.index}: no basis given for {', '.join(missing)}")
-        self.bases = {n: _basis_to(bases[n], self.device) for n in self.layer_names}
+        # Eigenvectors in the precision the rotations run in, cast once (as FactorFitter.set_bases does).
+        dtype = compute_dtype(self.dtype)
+        self.bases = {n: _basis_to(bases[n], self.device, dtype) for n in self.layer_names}
 
     def accumulate_corrections(self, micro_batch_id: int, batch_key: int | None = None) -> None:
         """Add one micro-batch to the eigenvalue-correction sums (batch_key as in accumulate_covariance)."""
@@ -792,14 +794,16 @@ def _capture(layer: TrackedLayer, a: torch.Tensor, s: torch.Tensor | None, out: 
     if layer.has_bias:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     s = s.reshape(mask.shape[0], mask.shape[1], -1).detach()  # (B, T, d_out)
+    if mask.all():  # no padding: multiplying by ones would change nothing
+        return LayerCapture(a, s)
     return LayerCapture(a * mask.to(a.dtype), s * mask.to(s.dtype))
 
 
-def _basis_to(basis: LayerBasis | None, device) -> LayerBasis | None:
+def _basis_to(basis: LayerBasis | None, device, dtype: torch.dtype | None = None) -> LayerBasis | None:
     if basis is None:
         return None
-    return LayerBasis([q.to(device) for q in basis.activation_vectors], basis.activation_values.to(device),
-                      [q.to(device) for q in basis.gradient_vectors], basis.gradient_values.to(device))
+    return LayerBasis([q.to(device, dtype) for q in basis.activation_vectors], basis.activation_values.to(device),
+                      [q.to(device, dtype) for q in basis.gradient_vectors], basis.gradient_values.to(device))
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
