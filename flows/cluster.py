@@ -12,14 +12,18 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.ge
 
 
 def connect(address: str | None = None):
-    """ray.init unless already connected (notebooks, tests, `ray job submit` drivers)."""
+    """ray.init unless already connected (notebooks, tests). Without an address: the job's cluster when run by
+    `ray job submit` (RAY_ADDRESS is set), else a new local one; `--address auto` joins a running cluster."""
     import ray
 
     if ray.is_initialized():
         quiet_data_progress()
         return ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {key: value for key, value in WORKER_ENV.items()}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # Not "auto": a stale /tmp/ray/ray_current_cluster would make ray.init wait on a cluster long gone.
+        address = "local"
+    env = dict(WORKER_ENV)
     ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env},
              logging_level=logging.WARNING, configure_logging=True)
     quiet_data_progress()

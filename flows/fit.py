@@ -69,6 +69,9 @@ def fit_corpus(model: str, corpus: list[str], out: str, config: FitConfig, worke
     arguments = {"model": model, "corpus": list(corpus), "dtype": dtype, "id_field": id_field,
                  "text_field": text_field, "strict": strict, **config.to_dict()}
     state = RunDirectory(out, "fit", arguments)
+    if state.finished and not overwrite:
+        log.info("%s already holds a finished run with these arguments; nothing to do", out)
+        return state.saved_summary()
     if state.open(overwrite):
         log.info("resuming the unfinished run in %s", out)
     connect(address)
@@ -89,6 +92,8 @@ def fit_corpus(model: str, corpus: list[str], out: str, config: FitConfig, worke
     description = pool.describe()
     names = [layer["name"] for layer in description["layers"]]
     log.info("tracking %d layers on %d worker(s): %s ...", len(names), workers, ", ".join(names[:3]))
+    for stage, held in enumerate(description.get("memory", [])):  # with --shards: what each stage holds
+        log.info("stage %d holds %s", stage, held)
 
     timings = {}
     covariance, bases = None, dict.fromkeys(names)
@@ -121,7 +126,7 @@ def fit_corpus(model: str, corpus: list[str], out: str, config: FitConfig, worke
                 "summary": summary, "versions": versions()}
     factors = assemble_factors(config.strategy, description["layers"], covariance, bases, corrections, metadata)
     factors.save(out, {"command": "fit"})
-    state.finish()
+    state.finish(summary)
     log.info("wrote %s in %.1fs", out, summary["seconds"])
     return summary
 

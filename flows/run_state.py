@@ -52,8 +52,18 @@ class RunDirectory:
         self.write_json(RUN_FILE, {"command": self.command, "arguments": self.arguments, "status": "running"})
         return False
 
-    def finish(self) -> None:
-        self.write_json(RUN_FILE, {"command": self.command, "arguments": self.arguments, "status": "finished"})
+    @property
+    def finished(self) -> bool:
+        """True when the directory holds a finished run of these arguments (its outputs are complete)."""
+        saved = self.read_json(RUN_FILE) or {}
+        return saved.get("status") == "finished" and saved.get("arguments") == self.arguments
+
+    def finish(self, summary: dict | None = None) -> None:
+        self.write_json(RUN_FILE, {"command": self.command, "arguments": self.arguments, "status": "finished",
+                                   "summary": summary or {}})
+
+    def saved_summary(self) -> dict:
+        return (self.read_json(RUN_FILE) or {}).get("summary", {})
 
     def write_json(self, name: str, body: dict) -> Path:
         path = self.path / name

@@ -110,6 +110,9 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
                  "save_all_scores": save_all_scores, "dtype": dtype, "id_field": id_field, "text_field": text_field,
                  "strict": strict, **config.to_dict(), "seq_len": seq_len}
     state = RunDirectory(out, "score", arguments)
+    if state.finished and not overwrite:
+        log.info("%s already holds a finished run with these arguments; nothing to do", out)
+        return state.saved_summary()
     if state.open(overwrite):
         log.info("resuming the run in %s", out)
     connect(address)
@@ -164,7 +167,7 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
         "factors": {"path": str(factors_dir), "strategy": factors_manifest.get("strategy")},
         "summary": summary, "versions": versions(),
     })
-    state.finish()
+    state.finish(summary)
     return summary
 
 

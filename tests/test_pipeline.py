@@ -1,6 +1,7 @@
 """The Ray pipeline (`whence fit`, `whence score`) against the core engine, and its reliability."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -100,9 +101,12 @@ def test_interrupted_run_resumes_and_other_arguments_are_refused(workspace, tmp_
     reference = pq.read_table(out / "topk.parquet")
     parts = sorted((out / "parts").glob("topk-*.parquet"))
     assert len(parts) == 3, "one part per fragment"
-    # An interruption after two of the three fragments: the last part and the outputs are missing.
+    # An interruption after two of the three fragments: the last part and the outputs are missing, and the
+    # run is still marked as running.
     parts[-1].unlink()
     (out / "topk.parquet").unlink()
+    run_file = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run_file, "status": "running"}))
     kept = {p: p.stat().st_mtime_ns for p in parts[:-1]}
     summary = run_score(workspace, out, top_k=3)
     assert pq.read_table(out / "topk.parquet").equals(reference)
