@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from whence.errors import WhenceError
+from whence.text import Query
 
 MANIFEST_FILE = "manifest.json"
 TOPK_FILE = "topk.parquet"
@@ -67,15 +68,6 @@ WIDE_LAYER_PLOT_FROM = 40
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-
-@dataclass(frozen=True)
-class Query:
-    """A query as listed in manifest.json: the measurement is log p(completion | prompt)."""
-
-    id: str
-    prompt: str
-    completion: str
 
 
 @dataclass(frozen=True)
