@@ -15,8 +15,12 @@ from whence.scoring import QueryScorer
 
 
 class SequenceScorer:
-    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, num_threads: int | None = None):
+    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, batch_size: int = 8,
+                 num_threads: int | None = None):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
+        # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
+        # order, so which sequences share a forward pass depends only on the block (not on scheduling).
+        self.rows_per_call = batch_size
         queries = PreparedQueries.load(queries_path)
         self.scorer = QueryScorer(self.model, self.layers, queries)
         self.per_token = per_token
@@ -30,9 +34,12 @@ class SequenceScorer:
         scores = np.zeros((n, self.num_queries), dtype=np.float64)
         layer_scores = np.zeros((n, self.num_queries, self.num_layers), dtype=np.float64)
         token_scores = np.empty(n, dtype=object) if self.per_token else None
-        if keep.any():
-            result = self.scorer.score(rows_to_batch(batch, keep, self.pad_id), per_token=self.per_token)
-            rows = np.flatnonzero(keep)
+        sequence_rows = np.flatnonzero(keep)
+        for start in range(0, len(sequence_rows), self.rows_per_call):
+            rows = sequence_rows[start : start + self.rows_per_call]
+            chunk = np.zeros(n, dtype=bool)
+            chunk[rows] = True
+            result = self.scorer.score(rows_to_batch(batch, chunk, self.pad_id), per_token=self.per_token)
             scores[rows] = result.total.T.cpu().numpy()
             layer_scores[rows] = result.per_layer.permute(1, 0, 2).cpu().numpy()
             if self.per_token:

@@ -591,3 +591,5 @@ class ShardedSequenceScorer(SequenceScorer):
         self.pad_id = self.scorer.pad_id
         self.num_queries, self.num_layers = queries.num_queries, len(self.scorer.layers)
         self.batches_done = 0
+        # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
+        self.rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2

@@ -278,7 +278,7 @@ def scoring_dataset(spec, fragments, settings, plan, queries_file, config, worke
 
     resources = actor_resources(workers)
     scorer_class, constructor = SequenceScorer, {"spec": spec, "queries_path": str(queries_file),
-                                                  "per_token": per_token,
+                                                  "per_token": per_token, "batch_size": config.batch_size,
                                                   "num_threads": torch_threads(resources.get("num_cpus", 1))}
     if shards > 1:
         from actors.shard import ShardedSequenceScorer
