@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs", type=positive_int, default=None,
                         help="use only the first N documents (plus the quoted ones): a quick look")
     parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per training sequence")
-    parser.add_argument("--fit-sequences", type=positive_int, default=4000,
+    parser.add_argument("--fit-sequences", type=positive_int, default=2500,
                         help="sequences the factors are fitted on (the corpus's first, in order)")
     parser.add_argument("--candidates", type=positive_int, default=300, help="TF-IDF candidates per query")
     parser.add_argument("--top-k", type=positive_int, default=10, help="influential sequences kept per query")
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("3/4 the same candidates by the gradient dot product (identity)")
     score_corpus(args.model, str(out / "factors"), args.queries, [corpus], str(out / "results-identity"),
                  ScoreConfig(method="identity", **common), workers=args.workers, dtype=args.dtype,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, candidates_from=str(out / "results"))
     log.info("4/4 report")
     report = write_report(out / "results")
     comparison = compare_methods(out, queries)
@@ -93,36 +93,39 @@ def corpus_slice(corpus: str, docs: int, queries: list[dict], out: Path) -> Path
     return path
 
 
-def top_documents(results_dir: Path, query_id: str, n: int) -> list[str]:
-    """Distinct documents of the query's top-n sequences, in rank order."""
+def source_rank(table_path: Path, query_id: str, source: str) -> tuple[int | None, float | None]:
+    """(rank, score) of the best sequence of document `source` for the query, or (None, None) if absent.
+    Works on topk.parquet (column score) and candidates.parquet (column bm25)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(results_dir / "topk.parquet").to_pandas()
-    rows = table[(table.query_id == query_id) & (table["rank"] <= n)].sort_values("rank")
-    return list(dict.fromkeys(rows.doc_id))
-
-
-def tfidf_documents(results_dir: Path, query_id: str, n: int) -> list[str]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(results_dir / "candidates.parquet").to_pandas()
-    rows = table[(table.query_id == query_id) & (table["rank"] <= n)].sort_values("rank")
-    return list(dict.fromkeys(rows.doc_id))
+    table = pq.read_table(table_path).to_pandas()
+    rows = table[(table.query_id == query_id) & (table.doc_id == source)].sort_values("rank")
+    if rows.empty:
+        return None, None
+    score = rows.iloc[0]["score"] if "score" in rows else rows.iloc[0]["bm25"]
+    return int(rows.iloc[0]["rank"]), float(score)
 
 
 def compare_methods(out: Path, queries: list[dict]) -> list[dict]:
-    """For each quotation: is the quoted document among the top-10 sequences by each method?"""
-    rows = []
+    """For each quotation: the rank of the quoted document's best sequence by EK-FAC, by TF-IDF alone and by
+    the gradient dot product, and for a word-order-flipped quotation, its EK-FAC score relative to the
+    original's (the paper found that flipping the word order removes most of the influence)."""
+    rows, by_id = [], {q["id"]: q for q in queries}
     for query in queries:
         if query.get("kind") not in ("verbatim", "flipped"):
             continue
         source = query["source"]
-        rows.append({
-            "query": query["id"], "kind": query["kind"], "source": source,
-            "ekfac": source in top_documents(out / "results", query["id"], TOP_N_CHECK),
-            "tfidf": source in tfidf_documents(out / "results", query["id"], TOP_N_CHECK),
-            "identity": source in top_documents(out / "results-identity", query["id"], TOP_N_CHECK),
-        })
+        ekfac_rank, ekfac_score = source_rank(out / "results" / "topk.parquet", query["id"], source)
+        row = {"query": query["id"], "kind": query["kind"], "source": source,
+               "ekfac_rank": ekfac_rank,
+               "tfidf_rank": source_rank(out / "results" / "candidates.parquet", query["id"], source)[0],
+               "identity_rank": source_rank(out / "results-identity" / "topk.parquet", query["id"], source)[0]}
+        original = by_id.get(query.get("flipped_from", ""))
+        if original is not None and ekfac_score is not None:
+            _, original_score = source_rank(out / "results" / "topk.parquet", original["id"], source)
+            if original_score:
+                row["score_vs_original"] = ekfac_score / original_score
+        rows.append(row)
     return rows
 
 
@@ -135,9 +138,12 @@ def print_summary(out: Path, queries: list[dict], comparison: list[dict], report
         print(f"{query['id']}: {query['prompt'][-60:]!r} -> {query['completion'][:50]!r}")
         for row in table[table.query_id == query["id"]].sort_values("rank").head(3).itertuples():
             print(f"   {row.rank}. {row.score:+.3e}  {row.doc_id} (chunk {row.chunk})")
-    print(f"\nquoted document in the top {TOP_N_CHECK}:  EK-FAC  TF-IDF  gradient dot product")
+    print(f"\nrank of the quoted document's best sequence ('-': not in the top {TOP_N_CHECK}):")
+    print(f"   {'query':<20} {'EK-FAC':>7} {'TF-IDF':>7} {'grad dot':>9}")
     for row in comparison:
-        marks = "  ".join(f"{'yes' if row[m] else 'no':>6}" for m in ("ekfac", "tfidf", "identity"))
-        print(f"   {row['query']:<20} {marks}")
+        ranks = [row[m] if row[m] is not None and row[m] <= TOP_N_CHECK else "-"
+                 for m in ("ekfac_rank", "tfidf_rank", "identity_rank")]
+        note = f"   score {row['score_vs_original']:.2f} x the original's" if "score_vs_original" in row else ""
+        print(f"   {row['query']:<20} {ranks[0]:>7} {ranks[1]:>7} {ranks[2]:>9}{note}")
     print(f"\nreport: {report}\n(done in {seconds:.0f}s; a second run reuses {out})")
 

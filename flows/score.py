@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -85,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
 def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[str], out: str, config,
                  save_all_scores: bool = False, workers: int = 1, shards: int = 1, dtype: str = "auto",
                  address: str | None = None, strict: bool = False, overwrite: bool = False, id_field: str = "id",
-                 text_field: str = "text", actor_env: dict | None = None) -> dict:
-    """Run the scoring pipeline; returns the summary also stored in RESULTS_DIR/manifest.json."""
+                 text_field: str = "text", actor_env: dict | None = None, candidates_from: str | None = None) -> dict:
+    """Run the scoring pipeline; returns the summary also stored in RESULTS_DIR/manifest.json.
+
+    candidates_from: another results directory of the same corpus and queries whose TF-IDF candidates to score
+    (to compare methods on the same sequences without selecting them again)."""
     from actors.hosting import ModelSpec
     from flows.cluster import connect
     from flows.corpus_pipeline import FragmentPlan, ReadSettings, reduce_scans, run_scan
@@ -108,7 +112,7 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
     modules = fitted.get("modules", "mlp")
     arguments = {"model": model, "factors": str(factors_dir), "queries": str(queries_path), "corpus": list(corpus),
                  "save_all_scores": save_all_scores, "dtype": dtype, "id_field": id_field, "text_field": text_field,
-                 "strict": strict, **config.to_dict(), "seq_len": seq_len}
+                 "strict": strict, **config.to_dict(), "seq_len": seq_len, "candidates_from": candidates_from}
     state = RunDirectory(out, "score", arguments)
     if state.finished and not overwrite:
         log.info("%s already holds a finished run with these arguments; nothing to do", out)
@@ -119,6 +123,8 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
     spec = ModelSpec(model, modules, dtype)
     timings = {}
 
+    if candidates_from and not (state.path / CANDIDATES_FILE).exists():
+        shutil.copyfile(Path(candidates_from) / CANDIDATES_FILE, state.path / CANDIDATES_FILE)
     queries_file = state.path / QUERIES_FILE
     fragments = list_fragments(corpus)
     settings = ReadSettings(model, seq_len, id_field, text_field, strict)
@@ -128,7 +134,10 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
         timings["prepare_queries_s"] = time.monotonic() - tick
     tick = time.monotonic()
     tfidf = config.tfidf_candidates > 0
-    tally, skip, counts, frequencies = reduce_scans(run_scan(fragments, settings, TFIDF_FEATURES if tfidf else 0))
+    # Document frequencies are needed only to select candidates, not when a candidate list is already there.
+    need_frequencies = tfidf and not (state.path / CANDIDATES_FILE).exists()
+    tally, skip, counts, frequencies = reduce_scans(
+        run_scan(fragments, settings, TFIDF_FEATURES if need_frequencies else 0))
     timings["scan_s"] = time.monotonic() - tick
     log.info("corpus: %d fragments, %d documents, %d bad rows, %d sequences",
              len(fragments), tally.documents, tally.total_bad, sum(counts.values()))

@@ -42,6 +42,7 @@ def test_demo_on_a_corpus_slice(tmp_path, ray_cluster, capsys):
         assert f"{query['id']}:" in printed, "the terminal shows each query's top documents"
     summary = json.loads((out / "demo_summary.json").read_text())
     assert {row["query"] for row in summary["verbatim"]} == {q["id"] for q in queries if q["kind"] in ("verbatim", "flipped")}
+    assert all(set(row) >= {"ekfac_rank", "tfidf_rank", "identity_rank"} for row in summary["verbatim"])
     assert "report:" in printed
 
     # A second run reuses every finished stage.
