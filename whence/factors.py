@@ -110,8 +110,32 @@ def _add_block_gram(blocks: list[torch.Tensor], x: torch.Tensor) -> None:
         part = flat[:, start:end]
         # The product runs in the capture's precision (float32 on GPU for bfloat16 models); the running sum is
         # float64 so millions of tokens do not lose the small eigenvalues.
-        block.add_((part.T @ part).to(block.device, torch.float64))
+        block.add_(symmetric_gram(part).to(block.device, torch.float64))
         start = end
+
+
+# Column blocks for symmetric_gram; below SYMMETRIC_GRAM_MIN_DIM one GEMM is as fast.
+SYMMETRIC_GRAM_SPLITS = 4
+SYMMETRIC_GRAM_MIN_DIM = 256
+
+
+def symmetric_gram(x: torch.Tensor, splits: int = SYMMETRIC_GRAM_SPLITS) -> torch.Tensor:
+    """x^T x (d, d) for x (n, d), exactly symmetric.
+
+    x^T x is symmetric, so with x's columns cut into `splits` blocks we multiply only the block rows from the
+    diagonal rightwards (one GEMM each, x_i^T x[:, start_i:]) and mirror the rest: 10 of 16 block products for
+    4 splits, about a quarter less time than the full GEMM (measured on (2048, 1376) float32 inputs).
+    """
+    d = x.shape[1]
+    if d < SYMMETRIC_GRAM_MIN_DIM:
+        return x.T @ x
+    bounds = [round(i * d / splits) for i in range(splits + 1)]
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        row = x[:, lo:hi].T @ x[:, lo:]  # (hi - lo, d - lo): block row i, diagonal block first
+        out[lo:hi, lo:] = row
+        out[hi:, lo:hi] = row[:, hi - lo:].T
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,7 +222,8 @@ class LambdaSums:
             s = right_multiply(capture.output_grads.to(dtype), basis.gradient_vectors if basis else None)
             a = right_multiply(capture.activations.to(dtype), basis.activation_vectors if basis else None)
             rotated = torch.einsum("bto,bti->boi", s, a)  # (B, d_out, d_in)
-            self.sums[name].add_(rotated.square().sum(dim=0).to(self.sums[name].device, torch.float64))
+            # square_ in place: `rotated` is ours, and a (B, d_out, d_in) temporary less per layer and batch.
+            self.sums[name].add_(rotated.square_().sum(dim=0).to(self.sums[name].device, torch.float64))
         self.sequences += sequences
 
     def __add__(self, other: LambdaSums) -> LambdaSums:

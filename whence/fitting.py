@@ -20,6 +20,7 @@ from whence.factors import (
     LambdaSums,
     LayerBasis,
     assemble_factors,
+    compute_dtype,
     eigendecompose_layer,
 )
 from whence.model import TrackedLayer
@@ -66,7 +67,10 @@ class FactorFitter:
 
     def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
         """Bases for the correction pass (None for a layer means the identity basis: the diagonal strategy)."""
-        self.bases = {name: _basis_to(basis, self.device) for name, basis in bases.items()}
+        # Cast once to the precision the rotations run in (float32 for float32 and bfloat16 models, float64 for
+        # float64 ones) instead of converting the float64 eigenvectors at every batch; sums stay float64.
+        dtype = compute_dtype(next(self.model.parameters()).dtype)
+        self.bases = {name: _basis_to(basis, self.device, dtype) for name, basis in bases.items()}
 
     def correction_step(self, batch: dict) -> None:
         captures, _, sequences = self._captures(batch)
@@ -84,11 +88,12 @@ class FactorFitter:
         return result
 
 
-def _basis_to(basis: LayerBasis | None, device) -> LayerBasis | None:
+def _basis_to(basis: LayerBasis | None, device, dtype: torch.dtype | None = None) -> LayerBasis | None:
+    """The basis on `device`, its eigenvectors in `dtype` (default: as stored)."""
     if basis is None:
         return None
-    return LayerBasis([q.to(device) for q in basis.activation_vectors], basis.activation_values.to(device),
-                      [q.to(device) for q in basis.gradient_vectors], basis.gradient_values.to(device))
+    return LayerBasis([q.to(device, dtype) for q in basis.activation_vectors], basis.activation_values.to(device),
+                      [q.to(device, dtype) for q in basis.gradient_vectors], basis.gradient_values.to(device))
 
 
 def eigendecompose(covariance: CovarianceSums) -> dict[str, LayerBasis]:

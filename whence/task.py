@@ -29,10 +29,13 @@ class LanguageModelingTask:
     def token_log_probs(self, logits: torch.Tensor, labels: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) log p(labels_t | x_<t), zero off-target. Position t is predicted by the logits at t - 1."""
         # log_softmax in float32 at least: bfloat16 logits lose the small probabilities that matter here.
-        log_probs = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        picked = log_probs.gather(-1, labels[:, 1:, None]).squeeze(-1)  # (B, T-1)
-        picked = picked * target_mask[:, 1:]
-        return torch.nn.functional.pad(picked, (1, 0))
+        # It runs over all T positions (the last one predicts nothing and is dropped below) rather than on
+        # logits[:, :-1]: that slice would copy the (B, T, V) logits, and its backward would allocate, zero and
+        # fill another (B, T, V) buffer; the vocabulary-sized passes cost as much as the output layer's matmuls.
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        following = torch.nn.functional.pad(labels[:, 1:], (0, 1))  # (B, T): the token after each position
+        picked = log_probs.gather(-1, following[..., None]).squeeze(-1)  # (B, T): log p(x_{t+1} | x_<=t)
+        return torch.nn.functional.pad(picked[:, :-1], (1, 0)) * target_mask  # shift to the predicted position
 
     def sequence_log_likelihood(self, logits: torch.Tensor, batch: dict, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) log p(m) summed over target positions; labels default to the data's tokens."""
@@ -54,11 +57,13 @@ class LanguageModelingTask:
         seeds = batch.get("seeds")
         if seeds is None:
             raise ValueError("true-Fisher sampling needs batch['seeds'] (one int per sequence)")
-        probs = torch.softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
         for row in range(labels.shape[0]):
-            generator = torch.Generator(device=probs.device)
+            generator = torch.Generator(device=logits.device)
             generator.manual_seed(int(seeds[row]))
-            sampled = torch.multinomial(probs[row], 1, generator=generator).squeeze(-1)  # (T-1,)
+            # One row at a time: logits[row, :-1] is contiguous where logits[:, :-1] is not, so softmax reads it
+            # in place instead of copying all (B, T-1, V) logits first, and memory stays at one (T-1, V) row.
+            probs = torch.softmax(logits[row, :-1].float(), dim=-1)  # (T-1, V)
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (T-1,)
             mask = batch["target_mask"][row, 1:]
             labels[row, 1:] = torch.where(mask, sampled, labels[row, 1:])
         return labels

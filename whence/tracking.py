@@ -88,6 +88,9 @@ class LayerTracker:
                 handle.remove()
 
         mask = batch["attention_mask"].to(inputs[0].device)[..., None]  # (B, T, 1)
+        # Masking is a pass over every captured tensor; a batch without padding (full-length windows, the
+        # usual case) skips it, as multiplying by ones changes nothing.
+        padded = not bool(mask.all())
         captures = []
         for layer, a, s, out in zip(self.layers, inputs, grads, outputs):
             if s is None:  # the layer does not influence the objective (e.g. only padding)
@@ -96,5 +99,7 @@ class LayerTracker:
             if layer.has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             s = s.reshape(mask.shape[0], mask.shape[1], -1).detach()
-            captures.append(LayerCapture(a * mask.to(a.dtype), s * mask.to(s.dtype)))
+            if padded:
+                a, s = a * mask.to(a.dtype), s * mask.to(s.dtype)
+            captures.append(LayerCapture(a, s))
         return captures

@@ -1,0 +1,51 @@
+"""`whence bench --config tiny` runs end to end and reports every figure as a finite, positive ratio.
+
+Timings depend on the machine, so nothing here asserts on a value or a target: only that each measurement
+produced its ratios and that the JSON says what it measured.
+"""
+
+import json
+import math
+
+import pytest
+
+from flows.bench import PIPELINE_MEASUREMENTS, TARGETS
+from flows.cli import main
+
+EXPECTED_FIGURES = {
+    "fitting_vs_training", "fitting_passes_vs_training", "eigendecomposition_vs_training",
+    "lissa_vs_ekfac_preparation", "tfidf_peak_memory_4x_vs_1x", "tfidf_throughput_4x_vs_1x",
+    *(f"scoring_q{q}_rank{r}" for q in (1, 8, 32, 128) for r in (32, "full")),
+}
+
+
+def test_tiny_bench_writes_finite_ratios(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--config", "tiny", "--out", str(out)]) == 0
+    body = json.loads(out.read_text())
+    figures = body["figures"]
+    assert EXPECTED_FIGURES <= set(figures), f"missing: {sorted(EXPECTED_FIGURES - set(figures))}"
+    for name, value in figures.items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
+    assert set(TARGETS) <= set(figures), "every target has its figure"
+    for name, reason in body["pending"].items():  # a measurement that could not run says why instead
+        assert reason, name
+    assert body["config"]["name"] == "tiny" and "Llama" in body["shape"]
+    printed = capsys.readouterr().out
+    assert "scoring_q32_rank32" in printed and "figure (ratio)" in printed
+
+
+@pytest.mark.slow
+def test_pipeline_measurements_write_finite_ratios(tmp_path, ray_cluster):
+    """Measurements 5-7 run `whence score` (Ray) several times: minutes, whatever the model size."""
+    out = tmp_path / "pipeline.json"
+    assert main(["bench", "--config", "tiny", "--only", ",".join(PIPELINE_MEASUREMENTS), "--out", str(out)]) == 0
+    body = json.loads(out.read_text())
+    assert not body["pending"], body["pending"]
+    expected = {"pipeline_scoring_stage_vs_in_process", "pipeline_scoring_stage_4x_vs_in_process",
+                "pipeline_whole_run_vs_in_process",
+                "score_peak_memory_4x_vs_1x", "score_largest_process_memory_4x_vs_1x",
+                "score_throughput_2_workers_vs_1"}
+    assert expected <= set(body["figures"])
+    for name, value in body["figures"].items():
+        assert math.isfinite(value) and value > 0, (name, value)
