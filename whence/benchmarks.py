@@ -34,7 +34,8 @@ from whence.scoring import QueryScorer
 from whence.task import LanguageModelingTask
 from whence.text import Query
 
-CORPUS_CANDIDATES = ("flows/demo_assets/corpus.jsonl.gz", "/work/shared/data/demo-corpus.jsonl.gz")
+# The corpus bundled with the project (a data file beside flows/; nothing is imported from there).
+BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "flows" / "demo_assets" / "corpus.jsonl.gz"
 
 # Queries about the demo corpus (State of the Union addresses, the Brown corpus, Austen, Moby-Dick).
 QUERIES = [
@@ -110,13 +111,11 @@ def build_model(config: BenchConfig, device: torch.device, dtype: torch.dtype, s
     return LlamaForCausalLM(model_config).to(device=device, dtype=dtype).eval()
 
 
-def find_corpus(root: str | Path = ".") -> Path:
-    """The demo corpus: the copy bundled with flows/ if present, else the shared one."""
-    for candidate in CORPUS_CANDIDATES:
-        path = Path(root) / candidate
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"no demo corpus at any of {', '.join(CORPUS_CANDIDATES)}")
+def find_corpus() -> Path:
+    """The demo corpus bundled with the project."""
+    if not BUNDLED_CORPUS.exists():
+        raise FileNotFoundError(f"no demo corpus at {BUNDLED_CORPUS}")
+    return BUNDLED_CORPUS
 
 
 def iter_documents(path: Path, limit: int | None = None, copies: int = 1) -> Iterator[tuple[str, str]]:
