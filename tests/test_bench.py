@@ -27,7 +27,8 @@ def test_tiny_bench_writes_finite_ratios(tmp_path, capsys):
     assert EXPECTED_FIGURES <= set(figures), f"missing: {sorted(EXPECTED_FIGURES - set(figures))}"
     for name, value in figures.items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
-    assert set(TARGETS) <= set(figures), "every target has its figure"
+    pipeline_targets = {"score_peak_memory_4x_vs_1x"}  # tiny skips the Ray pipeline measurements
+    assert set(TARGETS) - pipeline_targets <= set(figures), "every target has its figure"
     for name, reason in body["pending"].items():  # a measurement that could not run says why instead
         assert reason, name
     assert body["config"]["name"] == "tiny" and "Llama" in body["shape"]
