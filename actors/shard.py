@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -73,8 +74,9 @@ class ShardOptions:
                                       "each stage keeps at most this many graphs", None)
     stage_cpus: float = _help("CPUs each stage actor reserves; 0 lets stages share CPUs (they mostly wait on "
                               "each other)", 0.0)
-    stage_gpus: float | None = _help("GPUs each stage actor reserves (None: 1 when the cluster has GPUs, else 0; "
-                                     "a fraction puts several stages on one GPU)", None)
+    stage_gpus: float | None = _help("GPUs each stage actor reserves (None: 1 when the cluster has a GPU per "
+                                     "stage, an equal share of them when it has fewer, 0 without GPUs; a fraction "
+                                     "puts several stages on one GPU)", None)
     num_threads: int | None = _help("torch threads in each stage actor (None: torch's default, which follows the "
                                     "OMP_NUM_THREADS that Ray sets from the actor's CPUs, at least 1)", None)
     max_restarts: int = _help("times Ray restarts a dead stage actor", 3)
@@ -238,8 +240,8 @@ class ShardedWorker:
         self.options = options or ShardOptions()
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         stage_gpus = self.options.stage_gpus
-        if stage_gpus is None:
-            stage_gpus = 1 if cluster_gpus >= 1 else 0
+        if stage_gpus is None:  # a GPU per stage, or an equal share when the cluster has fewer GPUs than stages
+            stage_gpus = min(1.0, math.floor(100 * cluster_gpus / num_stages) / 100)
         if stage_gpus and stage_gpus * num_stages > cluster_gpus:
             log.warning("%d stages x %g GPU each exceed the cluster's %g GPUs: stages wait until the cluster grows",
                         num_stages, stage_gpus, cluster_gpus)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,27 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def gpu_share(actors: int) -> float:
+    """GPUs each of `actors` GPU actors reserves: one each when the cluster has enough, else an equal share of
+    what it has (W workers x N stages on one GPU get 1/(W*N) each), so that they all start rather than wait for
+    GPUs a fixed cluster will never have. 0 on a cluster without GPUs."""
+    gpus = cluster_gpus()
+    if gpus == 0:
+        return 0.0
+    # Round the share down to 1/100 so that `actors` shares never sum to more than the cluster holds.
+    return min(1.0, math.floor(100 * gpus / max(actors, 1)) / 100)
+
+
 def actor_resources(workers: int) -> dict:
-    """One GPU per worker when the cluster has GPUs; otherwise an even share of the CPUs that leaves room for
-    the reading tasks (a CPU actor that asks for every core would starve the stages feeding it)."""
+    """An even share of the CPUs that leaves room for the reading tasks (an actor that asks for every core would
+    starve the stages feeding it), and a GPU (or an equal share of the GPUs) per worker when there are GPUs."""
     import ray
 
-    if cluster_gpus() >= 1:
-        return {"num_gpus": 1, "num_cpus": 1}
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    share = max(0.1, min(1.0, (cpus - 0.5) / max(workers, 1)))
-    return {"num_cpus": round(share, 2)}
+    resources = {"num_cpus": round(max(0.1, min(1.0, (cpus - 0.5) / max(workers, 1))), 2)}
+    if cluster_gpus() >= 1:
+        resources["num_gpus"] = gpu_share(workers)
+    return resources
 
 
 def torch_threads(num_cpus: float) -> int:

@@ -149,18 +149,19 @@ class FitterPool:
         import ray
 
         from actors.fitter import FitterActor
-        from flows.cluster import actor_resources, torch_threads
+        from flows.cluster import actor_resources, gpu_share, torch_threads
 
         self.workers, self.shards = workers, shards
         self.batch_size = config.batch_size
         resources = actor_resources(workers)
         if shards > 1:
-            from actors.shard import ShardedWorker
+            from actors.shard import ShardedWorker, ShardOptions
 
             remote = ray.remote(ShardedWorker).options(num_cpus=0, max_restarts=2, max_task_retries=0,
                                                       max_concurrency=2)
+            options = ShardOptions(stage_gpus=gpu_share(workers * shards))  # W pipelines x N stages share GPUs
             self.actors = [remote.remote(spec, shards, config.fisher, config.num_blocks, config.seed,
-                                         config.batch_size) for _ in range(workers)]
+                                         config.batch_size, options) for _ in range(workers)]
         else:
             threads = torch_threads(resources.get("num_cpus", 1))
             remote = ray.remote(FitterActor).options(**resources, max_restarts=2, max_task_retries=0,
@@ -208,17 +209,21 @@ class FitterPool:
 
 
 def eigendecompose_parallel(covariance):
-    """One Ray task per layer: eigh of A and S blocks in float64."""
+    """One Ray task per layer: eigh of A and S blocks in float64, on a GPU (a share of one) when the cluster
+    has them."""
     import ray
 
+    from flows.cluster import gpu_share
     from whence.factors import CovarianceSums, eigendecompose_layer
-
-    @ray.remote(num_cpus=0.5)
-    def eigh_layer(activation, gradient, tokens, sequences, name):
-        single = CovarianceSums({name: activation}, {name: gradient}, tokens, sequences)
-        return eigendecompose_layer(single, name)
+    from whence.model import default_device
 
     names = list(covariance.activation)
+
+    @ray.remote(num_cpus=0.5, num_gpus=gpu_share(len(names)))
+    def eigh_layer(activation, gradient, tokens, sequences, name):
+        single = CovarianceSums({name: activation}, {name: gradient}, tokens, sequences)
+        return eigendecompose_layer(single, name, default_device())
+
     refs = [eigh_layer.remote(covariance.activation[n], covariance.gradient[n], covariance.tokens,
                               covariance.sequences, n) for n in names]
     return dict(zip(names, ray.get(refs)))

@@ -282,7 +282,7 @@ def scoring_dataset(spec, fragments, settings, plan, queries_file, config, worke
     import ray.data
 
     from actors.scorer import SequenceScorer
-    from flows.cluster import actor_resources, torch_threads
+    from flows.cluster import actor_resources, gpu_share, torch_threads
     from flows.corpus_pipeline import sequences_dataset
 
     resources = actor_resources(workers)
@@ -290,11 +290,12 @@ def scoring_dataset(spec, fragments, settings, plan, queries_file, config, worke
                                                   "per_token": per_token, "batch_size": config.batch_size,
                                                   "num_threads": torch_threads(resources.get("num_cpus", 1))}
     if shards > 1:
-        from actors.shard import ShardedSequenceScorer
+        from actors.shard import ShardedSequenceScorer, ShardOptions
 
         scorer_class = ShardedSequenceScorer
+        options = ShardOptions(micro_batch_size=config.batch_size, stage_gpus=gpu_share(workers * shards))
         constructor = {"spec": spec, "queries_path": str(queries_file), "per_token": per_token, "shards": shards,
-                       "batch_size": config.batch_size}
+                       "batch_size": config.batch_size, "options": options}
         resources = {"num_cpus": 0.1}
     return sequences_dataset(fragments, settings, plan).map_batches(
         scorer_class,

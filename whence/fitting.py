@@ -96,8 +96,9 @@ def _basis_to(basis: LayerBasis | None, device, dtype: torch.dtype | None = None
                       [q.to(device, dtype) for q in basis.gradient_vectors], basis.gradient_values.to(device))
 
 
-def eigendecompose(covariance: CovarianceSums) -> dict[str, LayerBasis]:
-    return {name: eigendecompose_layer(covariance, name) for name in covariance.activation}
+def eigendecompose(covariance: CovarianceSums, device: torch.device | str | None = None) -> dict[str, LayerBasis]:
+    """Every layer's eigenbases, computed on `device` (default: where the sums are), returned on the CPU."""
+    return {name: eigendecompose_layer(covariance, name, device) for name in covariance.activation}
 
 
 def fit_factors(
@@ -117,7 +118,7 @@ def fit_factors(
         for batch in batches():
             fitter.covariance_step(batch)
         covariance = fitter.take_covariance()
-        bases = eigendecompose(covariance)
+        bases = eigendecompose(covariance, fitter.device)  # on the model's device: the GPU when there is one
     corrections = None
     if needs_correction(strategy):
         fitter.set_bases(bases if strategy == "ekfac" else {layer.name: None for layer in layers})
