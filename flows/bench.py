@@ -12,7 +12,8 @@ the weights. The measurements (one function each below):
     2. fit_factors time / training time over the same tokens
     3. LiSSA time to EK-FAC's accuracy / EK-FAC query preparation time   (micro model, exact damped Fisher)
     4. TF-IDF filtering: peak memory and docs/s on the corpus 4x over 1x
-    5. `whence score` pipeline overhead, 6. its peak memory 4x over 1x, 7. 2 workers over 1   (Ray pipeline)
+    5. `whence score` throughput after start-up over the in-process kernel's, 6. its peak memory 4x over 1x,
+    7. 2 workers over 1, 8. 2 model shards (pipeline stages) over 1 and the stages' idle share   (Ray)
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pathlib import Path
 log = logging.getLogger("whence.bench")
 
 CONFIG_NAMES = ("tiny", "medium")
-MEASUREMENTS = ("fitting", "scoring", "lissa", "tfidf", "pipeline", "score_memory", "workers")
-PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers")  # need Ray and flows.score
+MEASUREMENTS = ("fitting", "scoring", "lissa", "tfidf", "pipeline", "score_memory", "workers", "shards")
+PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards")  # need Ray (and flows.score)
 # figure -> (comparison, target). Figures without a target are reported for context.
 TARGETS = {
     "scoring_q32_rank32": (">=", 1.3),
@@ -37,6 +38,7 @@ TARGETS = {
     "lissa_vs_ekfac_preparation": (">=", 100.0),
     "tfidf_peak_memory_4x_vs_1x": ("<=", 1.15),
     "score_peak_memory_4x_vs_1x": ("<=", 1.15),
+    "pipeline_throughput_vs_in_process": (">=", 0.85),
 }
 # Targets are stated for the medium shape; tiny is for checking that the benchmark runs.
 TARGET_CONFIG = "medium"
@@ -192,8 +194,8 @@ def measure_tfidf(bench: Bench, results: Results) -> None:
 
 
 def measure_pipeline_overhead(bench: Bench, results: Results) -> None:
-    """5. `whence score` (flows.score.score_corpus) seconds per sequence over in-process QueryScorer seconds
-    per sequence on the same sequences."""
+    """5. `whence score` (flows.score.score_corpus) throughput after start-up over the in-process QueryScorer's
+    on the same sequences."""
     from flows.bench_pipeline import pipeline_overhead
 
     _pipeline_measurement(bench, results, "pipeline", pipeline_overhead)
@@ -211,6 +213,13 @@ def measure_worker_scaling(bench: Bench, results: Results) -> None:
     from flows.bench_pipeline import worker_scaling
 
     _pipeline_measurement(bench, results, "workers", worker_scaling)
+
+
+def measure_shard_scaling(bench: Bench, results: Results) -> None:
+    """8. Scoring throughput with the model in 2 stage actors over 1, and the stages' idle share."""
+    from flows.bench_pipeline import shard_scaling
+
+    _pipeline_measurement(bench, results, "shards", shard_scaling)
 
 
 def _pipeline_measurement(bench: Bench, results: Results, name: str, measure) -> None:
@@ -231,6 +240,7 @@ MEASURE = {
     "pipeline": measure_pipeline_overhead,
     "score_memory": measure_score_memory,
     "workers": measure_worker_scaling,
+    "shards": measure_shard_scaling,
 }
 
 

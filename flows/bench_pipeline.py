@@ -1,11 +1,13 @@
 """`whence bench` measurements 5-7: the Ray scoring pipeline (flows.score.score_corpus) against itself.
 
-    5. pipeline overhead   seconds per sequence of score_corpus's scoring stage (and of the whole command) over
-                           seconds per sequence of QueryScorer in this process, same model, queries, sequences
-                           and torch threads as one scoring actor
+    5. pipeline overhead   score_corpus's throughput once started (sequences after the first scored batch over
+                           the seconds they took) over QueryScorer's in this process: same model, queries,
+                           sequences and torch threads as the one scoring actor
     6. peak memory         peak resident memory of the run (this process and every process it started: Ray's
                            raylet and workers), above the level before the run, on the corpus 4x over 1x
     7. workers             scoring-stage throughput with 2 workers over 1 worker
+    8. shards              scoring throughput of the model split over 2 stage actors over 1, and the share of
+                           their time the 2 stages spend idle
 
 The fixture (a saved model and tokenizer, fitted factors, queries, a corpus slice cut into small files) is made
 once per bench run in a temporary directory. Each corpus file holds DOCUMENTS_PER_FILE one-window documents:
@@ -189,27 +191,30 @@ def in_process_seconds(bench, threads: int) -> tuple[float, int]:
 
 
 def pipeline_overhead(bench) -> tuple[dict, dict]:
-    """Seconds per sequence of the pipeline over the in-process scorer's: the scoring stage on the 1x and the 4x
-    corpus (which spreads the actor's start-up over four times the sequences) and the whole 1x run."""
+    """The pipeline's throughput after start-up (sequences arriving after the first scored batch, over the
+    seconds they took) against the in-process scorer's, on the 4x and the 1x corpus; and the whole 1x run's
+    (start-up, scan and reduction included) for context."""
     from flows.cluster import actor_resources, torch_threads
 
     one, four = run_score(bench, "1x_1w", 1, 1), run_score(bench, "4x_1w", 4, 1)
     threads = torch_threads(actor_resources(1).get("num_cpus", 1))  # as a lone scoring actor gets
     seconds, count = in_process_seconds(bench, threads)
-    reference = seconds / count
-    def per_sequence(run: dict, seconds: float) -> float:
-        return seconds / max(run["sequences_scored"], 1) / reference
+    reference = count / seconds  # sequences per second in process
 
-    figures = {"pipeline_scoring_stage_vs_in_process": per_sequence(one, one["timings"]["score_s"]),
-               "pipeline_scoring_stage_4x_vs_in_process": per_sequence(four, four["timings"]["score_s"]),
-               "pipeline_whole_run_vs_in_process": per_sequence(one, one["seconds"])}
+    def steady_rate(run: dict) -> float:
+        return run["timings"]["score_steady_sequences"] / max(run["timings"]["score_steady_s"], 1e-9)
+
+    figures = {"pipeline_throughput_vs_in_process": steady_rate(four) / reference,
+               "pipeline_throughput_1x_vs_in_process": steady_rate(one) / reference,
+               "pipeline_whole_run_vs_in_process": one["sequences_scored"] / one["seconds"] / reference}
     details = {"sequences": {"1x": one["sequences_scored"], "4x": four["sequences_scored"]},
                "in_process_sequences": count, "in_process_s": seconds, "threads": threads,
+               "sequences_per_s": {"in_process": reference, "1x": steady_rate(one), "4x": steady_rate(four)},
                "timings": {"1x": one["timings"], "4x": four["timings"]}, "run_s": one["seconds"]}
-    print(f"  pipeline: scoring stage {figures['pipeline_scoring_stage_vs_in_process']:.2f}x (1x corpus), "
-          f"{figures['pipeline_scoring_stage_4x_vs_in_process']:.2f}x (4x), whole run "
-          f"{figures['pipeline_whole_run_vs_in_process']:.2f}x the in-process seconds per sequence "
-          f"({threads} thread(s) per actor and in process)")
+    print(f"  pipeline: {steady_rate(four):.3f} sequences/s after start-up (4x corpus) against "
+          f"{reference:.3f} in process ({threads} thread(s) in the actor and in process): "
+          f"{figures['pipeline_throughput_vs_in_process']:.2f}; whole 1x run "
+          f"{figures['pipeline_whole_run_vs_in_process']:.2f}")
     return figures, details
 
 
@@ -232,6 +237,55 @@ def worker_scaling(bench) -> tuple[dict, dict]:
     figures = {"score_throughput_2_workers_vs_1": rate["2"] / rate["1"]}
     details = {"sequences_per_s": rate, "score_s": {"1": one["timings"]["score_s"], "2": two["timings"]["score_s"]}}
     print(f"  workers: {rate['1']:.2f} -> {rate['2']:.2f} sequences/s (1 -> 2 workers)")
+    return figures, details
+
+
+def shard_scaling(bench) -> tuple[dict, dict]:
+    """Scoring throughput of the model split into 2 pipeline stages against 1 stage (actors.shard.ShardedWorker,
+    the machinery behind `--shards`), the same torch threads in all, and each stage's idle share: the part of
+    its wall time spent waiting for work from its neighbours."""
+    import os
+
+    import torch
+
+    from actors.shard import ShardedWorker, ShardOptions
+    from whence.api import sequence_batches
+    from whence.benchmarks import time_call
+    from whence.factors import Factors
+    from whence.queries import prepare_queries
+    from whence.text import iter_sequences, load_queries
+
+    fx = fixture(bench)
+    sequences = list(iter_sequences(bench.tokenizer, fx.texts, bench.config.seq_len))
+    batches = [batch for _, batch in sequence_batches(bench.tokenizer, sequences, DOCUMENTS_PER_FILE)]
+    prepared = prepare_queries(bench.model, bench.tokenizer, bench.layers, Factors.load(fx.factors_dir),
+                               load_queries(fx.queries_path), rank=QUERY_RANK)
+    cores = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+    rates, idle, details = {}, {}, {}
+    for stages in (1, 2):
+        # As many threads in all as the machine has cores: one stage gets them all, two stages half each.
+        options = ShardOptions(micro_batch_size=max(1, DOCUMENTS_PER_FILE // 2), num_threads=max(1, cores // stages))
+        worker = ShardedWorker(str(fx.model_dir), stages, batch_size=DOCUMENTS_PER_FILE, options=options)
+        try:
+            worker.set_queries(prepared)
+            worker.score_batches(batches[:1])  # warm-up: every stage has run once
+            best, timings = float("inf"), None
+            for _ in range(max(1, bench.config.repeats - 1)):
+                worker.reset_timing()
+                seconds = time_call(lambda w=worker: w.score_batches(batches), torch.device("cpu"))
+                if seconds < best:
+                    best, timings = seconds, worker.stage_timings()
+        finally:
+            worker.shutdown()
+        rates[stages] = len(sequences) / best
+        idle[stages] = [t["idle_s"] / max(t["wall_s"], 1e-9) for t in timings]
+        details[f"{stages}_stages"] = {"seconds": best, "sequences": len(sequences), "stage_timings": timings,
+                                       "threads_per_stage": options.num_threads}
+    figures = {"shards_throughput_2_vs_1": rates[2] / rates[1],
+               "shards_stage_idle_share_mean": sum(idle[2]) / len(idle[2]),
+               "shards_stage_idle_share_max": max(idle[2])}
+    print(f"  shards: {rates[1]:.3f} -> {rates[2]:.3f} sequences/s (1 -> 2 stages); stages idle "
+          f"{', '.join(f'{share:.0%}' for share in idle[2])} of their time")
     return figures, details
 
 

@@ -15,11 +15,18 @@ class Progress:
         self.last_log = self.start
         self.done = 0
         self.tokens = 0
+        self.first_at: float | None = None  # when the first items arrived, and how many
+        self.first_count = 0
+        self.last_at: float | None = None
 
     def advance(self, count: int, tokens: int = 0) -> None:
         self.done += count
         self.tokens += tokens
         now = time.monotonic()
+        if count:
+            if self.first_at is None:
+                self.first_at, self.first_count = now, count
+            self.last_at = now
         if now - self.last_log >= self.every_s:
             self.last_log = now
             log.info("%s", self.line())
@@ -42,6 +49,13 @@ class Progress:
         if self.total and rate > 0 and self.done < self.total:
             text += f", ETA {format_seconds((self.total - self.done) / rate)}"
         return text
+
+    def steady(self) -> tuple[int, float]:
+        """(items, seconds) from the first arrival to the last: the throughput once start-up (actors loading
+        models, the first batch going through) is over. (0, 0.0) with fewer than two arrivals."""
+        if self.first_at is None or self.last_at == self.first_at:
+            return 0, 0.0
+        return self.done - self.first_count, self.last_at - self.first_at
 
     def finish(self) -> float:
         log.info("%s; done in %s", self.line(), format_seconds(self.elapsed))

@@ -151,10 +151,13 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
     layer_names = _layer_names(queries_file)
 
     tick = time.monotonic()
-    scored = _score_fragments(state, spec, fragments, settings, plan, queries_file, config, workers, shards,
-                              [q.id for q in queries], len(layer_names), save_all_scores,
-                              expected=len(keys) if keys is not None else sum(counts.values()), actor_env=actor_env)
+    scored, steady = _score_fragments(state, spec, fragments, settings, plan, queries_file, config, workers, shards,
+                                      [q.id for q in queries], len(layer_names), save_all_scores,
+                                      expected=len(keys) if keys is not None else sum(counts.values()),
+                                      actor_env=actor_env)
     timings["score_s"] = time.monotonic() - tick
+    # After start-up: sequences that arrived after the first scored batch, and the seconds they took.
+    timings["score_steady_sequences"], timings["score_steady_s"] = steady
 
     topk = _reduce_parts(state, [q.id for q in queries], config.top_k, len(layer_names))
     if save_all_scores:
@@ -312,8 +315,10 @@ def scoring_dataset(spec, fragments, settings, plan, queries_file, config, worke
 
 
 def _score_fragments(state, spec, fragments, settings, plan, queries_file, config, workers, shards, query_ids,
-                     num_layers, save_all_scores, expected: int, actor_env: dict | None = None) -> int:
-    """Stream every pending fragment through the scorers; write each fragment's top-k when it completes."""
+                     num_layers, save_all_scores, expected: int, actor_env: dict | None = None
+                     ) -> tuple[int, tuple[int, float]]:
+    """Stream every pending fragment through the scorers; write each fragment's top-k when it completes.
+    Returns the sequences scored in all (resumed parts included) and Progress.steady() of this run."""
     from flows.progress import Progress
 
     done = state.finished_parts("topk")
@@ -321,7 +326,7 @@ def _score_fragments(state, spec, fragments, settings, plan, queries_file, confi
     already = sum(_part_sequences(path) for path in done.values())
     if not pending:
         log.info("resuming: all %d fragments already scored", len(fragments))
-        return already
+        return already, (0, 0.0)
     if done:
         log.info("resuming: %d of %d fragments already scored", len(done), len(fragments))
     progress = Progress("scoring", max(expected - already, 0) or None)
@@ -341,7 +346,7 @@ def _score_fragments(state, spec, fragments, settings, plan, queries_file, confi
     if open_fragments:
         raise RuntimeError(f"fragments {sorted(open_fragments)} did not complete; rerun to resume")
     progress.finish()
-    return already + progress.done
+    return already + progress.done, progress.steady()
 
 
 class FragmentResults:

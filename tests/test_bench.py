@@ -27,7 +27,7 @@ def test_tiny_bench_writes_finite_ratios(tmp_path, capsys):
     assert EXPECTED_FIGURES <= set(figures), f"missing: {sorted(EXPECTED_FIGURES - set(figures))}"
     for name, value in figures.items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
-    pipeline_targets = {"score_peak_memory_4x_vs_1x"}  # tiny skips the Ray pipeline measurements
+    pipeline_targets = {"score_peak_memory_4x_vs_1x", "pipeline_throughput_vs_in_process"}  # Ray: not in tiny
     assert set(TARGETS) - pipeline_targets <= set(figures), "every target has its figure"
     for name, reason in body["pending"].items():  # a measurement that could not run says why instead
         assert reason, name
@@ -38,15 +38,21 @@ def test_tiny_bench_writes_finite_ratios(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pipeline_measurements_write_finite_ratios(tmp_path, ray_cluster):
-    """Measurements 5-7 run `whence score` (Ray) several times: minutes, whatever the model size."""
+    """Measurements 5-8 run `whence score` and sharded workers (Ray) several times: minutes, whatever the
+    model size."""
     out = tmp_path / "pipeline.json"
     assert main(["bench", "--config", "tiny", "--only", ",".join(PIPELINE_MEASUREMENTS), "--out", str(out)]) == 0
     body = json.loads(out.read_text())
     assert not body["pending"], body["pending"]
-    expected = {"pipeline_scoring_stage_vs_in_process", "pipeline_scoring_stage_4x_vs_in_process",
+    expected = {"pipeline_throughput_vs_in_process", "pipeline_throughput_1x_vs_in_process",
                 "pipeline_whole_run_vs_in_process",
                 "score_peak_memory_4x_vs_1x", "score_largest_process_memory_4x_vs_1x",
-                "score_throughput_2_workers_vs_1"}
+                "score_throughput_2_workers_vs_1", "shards_throughput_2_vs_1", "shards_stage_idle_share_mean",
+                "shards_stage_idle_share_max"}
     assert expected <= set(body["figures"])
     for name, value in body["figures"].items():
-        assert math.isfinite(value) and value > 0, (name, value)
+        assert math.isfinite(value) and value >= 0, (name, value)
+    for name in ("shards_stage_idle_share_mean", "shards_stage_idle_share_max"):
+        assert body["figures"][name] <= 1.0, name  # a share of wall time
+    timings = body["details"]["shards"]["2_stages"]["stage_timings"]
+    assert [t["stage"] for t in timings] == [0, 1] and all(t["busy_s"] > 0 for t in timings)

@@ -1,6 +1,6 @@
 """The CUDA path: fitting and scoring on a GPU equal the CPU results (float64), and bfloat16 ranks training
-sequences as float32 does. Skipped where there is no GPU (CI has none); run on a GPU machine with
-`pytest tests/test_cuda.py`.
+sequences as float32 does. Marked `gpu`, which the default run deselects (CI has no GPU); on a GPU machine:
+`pytest -m gpu`. The pipeline's tests (test_pipeline.py, test_shards.py) run their actors on the GPU there.
 """
 
 import numpy as np
@@ -13,7 +13,7 @@ from whence import FitConfig, ScoreConfig, fit, prepare, score
 from whence.factors import Factors
 from whence.model import find_tracked_layers, parse_dtype
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 QUERIES = [{"id": "whale", "prompt": "The whale swam far", "completion": " beyond the harbour"},
            {"id": "union", "prompt": "The state of the union", "completion": " is strong"},

@@ -20,8 +20,8 @@ FISHER_MODES = ("true", "empirical")
 
 
 # Rows of the (B*T, V) logits that label_log_probs handles at once: a (rows, V) float32 chunk small enough to
-# stay in cache between the passes over it (256 x 32k vocabulary = 32 MiB at most; less for smaller ones).
-LOG_PROB_CHUNK_ELEMENTS = 2**21
+# stay in cache between the passes over it (16 rows of a 32k vocabulary: 2 MiB).
+LOG_PROB_CHUNK_ELEMENTS = 2**19
 
 
 class _LabelLogProbs(torch.autograd.Function):
