@@ -7,8 +7,8 @@ iterator of `Dataset.streaming_split`. Partial sums come back to the driver and 
 from __future__ import annotations
 
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
-from whence.factors import LayerBasis
-from whence.fitting import FactorFitter
+from whence.factors import CovarianceSums, LayerBasis
+from whence.fitting import FactorFitter, eigendecompose
 from whence.model import model_fingerprint
 
 
@@ -47,6 +47,10 @@ class FitterActor:
             self.fitter.correction_step(batch)
             self._count(sequences)
         return self.fitter.take_corrections()
+
+    def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
+        """Eigenbases of the given layers' sums, on this actor's device (its GPU, when it has one)."""
+        return eigendecompose(covariance, self.fitter.device)
 
     def progress(self) -> int:
         """Sequences processed so far by this actor (answered while a pass runs: max_concurrency=2)."""

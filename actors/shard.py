@@ -34,6 +34,7 @@ import torch
 from actors.hosting import ModelSpec, maybe_fail, rows_to_batch, sequence_rows_mask
 from actors.scorer import SequenceScorer
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
+from whence.fitting import eigendecompose
 from whence.model import default_device, find_tracked_layers, load_causal_lm, model_fingerprint, parse_dtype
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores
@@ -206,6 +207,10 @@ class StageActor:
     def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
         self.stage.set_queries(queries, path)
 
+    def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
+        """Eigenbases of the given layers' sums on this stage's device."""
+        return eigendecompose(covariance, self.stage.device)
+
     def take(self, kind: str) -> tuple[CovarianceSums | LambdaSums, set[int]]:
         """(partial sums, the micro-batch ids they include), and reset."""
         stats = self.stage.statistics
@@ -285,6 +290,16 @@ class ShardedWorker:
     def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
         """Bases for the correction pass (None for a layer: the identity basis). Each stage gets its layers'."""
         self._configure("set_bases", [({n: bases[n] for n in names},) for names in self.stage_layer_names])
+
+    def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
+        """The eigenbases of the layers in `covariance`, each computed by the stage that holds the layer (on
+        its device)."""
+        import ray
+
+        per_stage = [[n for n in names if n in covariance.activation] for names in self.stage_layer_names]
+        refs = [self.stages[k].eigendecompose.remote(covariance.subset(names))
+                for k, names in enumerate(per_stage) if names]
+        return {name: basis for part in ray.get(refs) for name, basis in part.items()}
 
     def correction_step(self, batch: dict) -> None:
         self.correction_steps([batch])

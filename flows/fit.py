@@ -2,7 +2,7 @@
 
     scan         read every fragment once: bad rows, duplicate ids, sequences per fragment
     covariance   Ray Data streams sequences to W FitterActors (streaming_split); partial sums add up
-    eigh         one Ray task per tracked layer, in parallel
+    eigh         the tracked layers dealt out over the fitting actors, on their devices, in parallel
     correction   the same stream again, in the eigenbases
     write        factors.safetensors + manifest.json, once
 Each pass's merged sums are saved as soon as it ends, so an interrupted run resumes at the next pass.
@@ -104,7 +104,7 @@ def fit_corpus(model: str, corpus: list[str], out: str, config: FitConfig, worke
             _save_sums(state, COVARIANCE_FILE, covariance)
         timings["covariance_s"] = time.monotonic() - started
         tick = time.monotonic()
-        bases = eigendecompose_parallel(covariance)
+        bases = pool.eigendecompose(covariance)
         timings["eigendecomposition_s"] = time.monotonic() - tick
     corrections = None
     if needs_correction(config.strategy):
@@ -174,6 +174,24 @@ class FitterPool:
 
         return ray.get(self.actors[0].describe.remote())
 
+    def eigendecompose(self, covariance):
+        """Every layer's eigenbases in float64, the layers dealt out over the actors so that they run in
+        parallel, each on the device its actor holds (a GPU when the cluster has them: the actors already hold
+        every GPU the run was given, so a separate task would wait for one)."""
+        import ray
+
+        names = list(covariance.activation)
+        shares = [names[i :: len(self.actors)] for i in range(len(self.actors))]
+        for attempt in range(1, PASS_ATTEMPTS + 1):
+            refs = [actor.eigendecompose.remote(covariance.subset(share))
+                    for actor, share in zip(self.actors, shares) if share]
+            try:
+                return {name: basis for part in ray.get(refs) for name, basis in part.items()}
+            except ray.exceptions.RayActorError as error:  # an actor died: Ray restarts it; ask again
+                if attempt == PASS_ATTEMPTS:
+                    raise
+                log.warning("an actor died during the eigendecomposition (%s); retrying", error)
+
     def run_pass(self, kind: str, fragments, settings, plan, total: int, bases_ref=None):
         """One pass over the sequences; retried from the start if an actor dies (its restart reloads the model)."""
         import ray
@@ -206,27 +224,6 @@ class FitterPool:
             progress.finish()
             return merged
         raise RuntimeError("unreachable")
-
-
-def eigendecompose_parallel(covariance):
-    """One Ray task per layer: eigh of A and S blocks in float64, on a GPU (a share of one) when the cluster
-    has them."""
-    import ray
-
-    from flows.cluster import gpu_share
-    from whence.factors import CovarianceSums, eigendecompose_layer
-    from whence.model import default_device
-
-    names = list(covariance.activation)
-
-    @ray.remote(num_cpus=0.5, num_gpus=gpu_share(len(names)))
-    def eigh_layer(activation, gradient, tokens, sequences, name):
-        single = CovarianceSums({name: activation}, {name: gradient}, tokens, sequences)
-        return eigendecompose_layer(single, name, default_device())
-
-    refs = [eigh_layer.remote(covariance.activation[n], covariance.gradient[n], covariance.tokens,
-                              covariance.sequences, n) for n in names]
-    return dict(zip(names, ray.get(refs)))
 
 
 def _save_sums(state, name: str, sums) -> None:

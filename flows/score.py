@@ -300,11 +300,14 @@ def scoring_dataset(spec, fragments, settings, plan, queries_file, config, worke
         constructor = {"spec": spec, "queries_path": str(queries_file), "per_token": per_token, "shards": shards,
                        "batch_size": config.batch_size, "options": options}
         resources = {"num_cpus": 0.1}
+    # batch_size=None: each block the reader made is one batch, so which sequences are scored together (and so
+    # the floating-point result) does not depend on the number of workers or on scheduling. Ray Data refuses
+    # None for actors that hold GPUs; there, batches of several scoring batches' rows, which may span blocks (the
+    # rows carry their fragment, and GPU arithmetic is not bit-reproducible across batchings anyway).
+    ray_batch = config.batch_size * max(4, 2 * shards) if resources.get("num_gpus") else None
     return sequences_dataset(fragments, settings, plan).map_batches(
         scorer_class,
-        # batch_size=None: each block the reader made is one batch, so which sequences are scored together (and
-        # so the floating-point result) does not depend on the number of workers or on scheduling.
-        batch_size=None,
+        batch_size=ray_batch,
         fn_constructor_kwargs=constructor,
         # Ray Data's actor pools restart a dead actor and rerun its lost batches (max_restarts=-1 and
         # max_task_retries=-1 are its defaults in Ray 2.60), so a killed scorer costs time, not results.

@@ -18,8 +18,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 QUERIES = [{"id": "whale", "prompt": "The whale swam far", "completion": " beyond the harbour"},
            {"id": "union", "prompt": "The state of the union", "completion": " is strong"},
            {"id": "fox", "prompt": "A quick brown", "completion": " fox jumps"}]
-# float64 on both devices: only the order of floating-point reductions differs.
-FLOAT64 = dict(rtol=1e-7, atol=1e-10)
+# float64 on both devices: the order of floating-point reductions differs, and so do the eigensolvers (LAPACK,
+# cuSOLVER), which settle the eigenvectors of nearly equal eigenvalues differently; EK-FAC's corrected
+# eigenvalues, in those eigenvectors' basis, follow at about 1e-5 on the tiny models.
+FLOAT64 = dict(rtol=1e-4, atol=1e-8)
 MIN_BFLOAT16_PEARSON = 0.9  # per query, bfloat16 scores against float32 scores of the same model
 MIN_BFLOAT16_SPEARMAN = 0.9
 
@@ -45,8 +47,8 @@ def test_fit_and_scores_on_cuda_equal_cpu(family, tokenizer, tmp_path):
         torch.testing.assert_close(loaded.precondition(layer.name, v), cpu_factors.precondition(layer.name, v),
                                    **FLOAT64)
     assert gpu_table.doc_ids == cpu_table.doc_ids
-    np.testing.assert_allclose(gpu_table.scores, cpu_table.scores, rtol=1e-7, atol=1e-10)
-    np.testing.assert_allclose(gpu_table.layer_scores, cpu_table.layer_scores, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(gpu_table.scores, cpu_table.scores, **FLOAT64)
+    np.testing.assert_allclose(gpu_table.layer_scores, cpu_table.layer_scores, **FLOAT64)
 
 
 @pytest.mark.parametrize("rank", [8, "full"])

@@ -79,8 +79,8 @@ def test_label_log_probs_equal_log_softmax_and_gradcheck():
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 7, 11, dtype=torch.float64)).requires_grad_(True)
     labels = torch.randint(0, 11, (3, 7))
-    previous = task_module.LOG_PROB_CHUNK_ELEMENTS
-    task_module.LOG_PROB_CHUNK_ELEMENTS = 4 * 11  # 4 rows per chunk: 21 rows end in a partial chunk
+    previous = dict(task_module.LOG_PROB_CHUNK_ELEMENTS)
+    task_module.LOG_PROB_CHUNK_ELEMENTS["cpu"] = 4 * 11  # 4 rows per chunk: 21 rows end in a partial chunk
     try:
         values = task_module.label_log_probs(logits, labels)
         expected = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
@@ -92,4 +92,4 @@ def test_label_log_probs_equal_log_softmax_and_gradcheck():
         bfloat16 = task_module.label_log_probs(logits.detach().to(torch.bfloat16), labels)
         assert bfloat16.dtype == torch.float32  # bfloat16 logits are reduced in float32
     finally:
-        task_module.LOG_PROB_CHUNK_ELEMENTS = previous
+        task_module.LOG_PROB_CHUNK_ELEMENTS.update(previous)

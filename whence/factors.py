@@ -100,6 +100,11 @@ class CovarianceSums:
         move = lambda d: {n: [t.to(device) for t in blocks] for n, blocks in d.items()}  # noqa: E731
         return CovarianceSums(move(self.activation), move(self.gradient), self.tokens, self.sequences)
 
+    def subset(self, names) -> CovarianceSums:
+        """The sums of the layers `names` only (the same tensors, not copies)."""
+        return CovarianceSums({n: self.activation[n] for n in names}, {n: self.gradient[n] for n in names},
+                              self.tokens, self.sequences)
+
 
 def _add_block_gram(blocks: list[torch.Tensor], x: torch.Tensor) -> None:
     """blocks[k] += x_k^T x_k over all tokens, x (B, T, d) with zero rows at padding."""
@@ -229,7 +234,7 @@ class LambdaSums:
             # Rotate tokens first: (Q_S^T dW Q_A) = (s Q_S)^T (a Q_A), cheaper than rotating each dW.
             s = right_multiply(capture.output_grads.to(dtype), basis.gradient_vectors if basis else None)
             a = right_multiply(capture.activations.to(dtype), basis.activation_vectors if basis else None)
-            rotated = torch.einsum("bto,bti->boi", s, a)  # (B, d_out, d_in)
+            rotated = torch.bmm(s.transpose(1, 2), a)  # (B, d_out, d_in); bmm reads s transposed, einsum copies it
             # square_ in place: `rotated` is ours, and a (B, d_out, d_in) temporary less per layer and batch.
             self.sums[name].add_(rotated.square_().sum(dim=0).to(self.sums[name].device, torch.float64))
         self.sequences += sequences

@@ -70,7 +70,7 @@ class FactorFitter:
         # Cast once to the precision the rotations run in (float32 for float32 and bfloat16 models, float64 for
         # float64 ones) instead of converting the float64 eigenvectors at every batch; sums stay float64.
         dtype = compute_dtype(next(self.model.parameters()).dtype)
-        self.bases = {name: _basis_to(basis, self.device, dtype) for name, basis in bases.items()}
+        self.bases = {name: basis_to(basis, self.device, dtype) for name, basis in bases.items()}
 
     def correction_step(self, batch: dict) -> None:
         captures, _, sequences = self._captures(batch)
@@ -88,7 +88,7 @@ class FactorFitter:
         return result
 
 
-def _basis_to(basis: LayerBasis | None, device, dtype: torch.dtype | None = None) -> LayerBasis | None:
+def basis_to(basis: LayerBasis | None, device, dtype: torch.dtype | None = None) -> LayerBasis | None:
     """The basis on `device`, its eigenvectors in `dtype` (default: as stored)."""
     if basis is None:
         return None

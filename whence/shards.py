@@ -32,11 +32,12 @@ from torch import nn
 
 from whence.errors import ModelError
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis, compute_dtype
+from whence.fitting import basis_to
 from whence.model import TrackedLayer, find_tracked_layers
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores, QueryScorer
 from whence.task import LanguageModelingTask
-from whence.tracking import LayerCapture
+from whence.tracking import LayerCapture, layer_capture, recorded_layers
 
 # Keys of a batch (whence.text.collate, plus true-Fisher seeds) that travel with the hidden states.
 BATCH_KEYS = ("input_ids", "attention_mask", "target_mask", "seeds")
@@ -286,7 +287,7 @@ class Stage:
         stats = self.statistics
         stats.covariance, stats.corrections = stats.covariance.to(device), stats.corrections.to(device)
         if self.bases is not None:
-            self.bases = {n: _basis_to(b, self.device) for n, b in self.bases.items()}
+            self.bases = {n: basis_to(b, self.device) for n, b in self.bases.items()}
         return self
 
     def memory_report(self) -> dict:
@@ -320,18 +321,7 @@ class Stage:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         device = self.device
         batch = {k: inputs[k].to(device) for k in BATCH_KEYS if k in inputs}
-        layer_inputs: list[torch.Tensor | None] = [None] * len(self.layers)
-        layer_outputs: list[torch.Tensor | None] = [None] * len(self.layers)
-
-        def make_hook(index: int):
-            def hook(_module, args, output):
-                layer_inputs[index] = args[0].detach()
-                layer_outputs[index] = output
-
-            return hook
-
-        handles = [layer.module.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.layers)]
-        try:
+        with recorded_layers(self.layers) as (layer_inputs, layer_outputs):
             with _frozen(self.parts), torch.enable_grad():
                 received, hidden = self._input_hidden_states(inputs, batch)
                 hidden = self._run_blocks(hidden, batch["attention_mask"])
@@ -339,9 +329,6 @@ class Stage:
                 if self.last:
                     logits = self.parts["head"](self.parts["final_norm"](hidden))
                     values = self._objective(logits, batch, objective)
-        finally:
-            for handle in handles:
-                handle.remove()
         missing = [self.layers[i].name for i, out in enumerate(layer_outputs) if out is None]
         if missing:
             raise RuntimeError(f"tracked layers not called in stage {self.index}'s forward: {', '.join(missing)}")
@@ -375,7 +362,7 @@ class Stage:
             result[HIDDEN_STATES] = grad_input.detach().to("cpu")
         if capture:
             mask = state.batch["attention_mask"]
-            captures = [_capture(layer, a, s, out, mask) for layer, a, s, out in
+            captures = [layer_capture(layer, a, s, out, mask) for layer, a, s, out in
                         zip(self.layers, state.layer_inputs, grads, state.layer_outputs)]
             self._captured[micro_batch_id] = _Captured(captures, int(mask.sum()), int(mask.shape[0]),
                                                        int(mask.shape[1]))
@@ -411,7 +398,7 @@ class Stage:
             raise ValueError(f"stage {self.index}: no basis given for {', '.join(missing)}")
         # Eigenvectors in the precision the rotations run in, cast once (as FactorFitter.set_bases does).
         dtype = compute_dtype(self.dtype)
-        self.bases = {n: _basis_to(bases[n], self.device, dtype) for n in self.layer_names}
+        self.bases = {n: basis_to(bases[n], self.device, dtype) for n in self.layer_names}
 
     def accumulate_corrections(self, micro_batch_id: int, batch_key: int | None = None) -> None:
         """Add one micro-batch to the eigenvalue-correction sums (batch_key as in accumulate_covariance)."""
@@ -781,29 +768,6 @@ def _frozen(module: nn.Module):
     finally:
         for parameter, flag in previous:
             parameter.requires_grad_(flag)
-
-
-def _capture(layer: TrackedLayer, a: torch.Tensor, s: torch.Tensor | None, out: torch.Tensor,
-             mask: torch.Tensor) -> LayerCapture:
-    """(a, s) per token as whence.tracking.LayerTracker.capture builds them: bias column of ones appended, padding
-    zeroed in both."""
-    mask = mask[..., None]  # (B, T, 1)
-    if s is None:  # the layer does not influence the objective
-        s = torch.zeros_like(out)
-    a = a.reshape(mask.shape[0], mask.shape[1], -1)  # (B, T, d_in)
-    if layer.has_bias:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-    s = s.reshape(mask.shape[0], mask.shape[1], -1).detach()  # (B, T, d_out)
-    if mask.all():  # no padding: multiplying by ones would change nothing
-        return LayerCapture(a, s)
-    return LayerCapture(a * mask.to(a.dtype), s * mask.to(s.dtype))
-
-
-def _basis_to(basis: LayerBasis | None, device, dtype: torch.dtype | None = None) -> LayerBasis | None:
-    if basis is None:
-        return None
-    return LayerBasis([q.to(device, dtype) for q in basis.activation_vectors], basis.activation_values.to(device),
-                      [q.to(device, dtype) for q in basis.gradient_vectors], basis.gradient_values.to(device))
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

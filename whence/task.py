@@ -19,9 +19,15 @@ import torch
 FISHER_MODES = ("true", "empirical")
 
 
-# Rows of the (B*T, V) logits that label_log_probs handles at once: a (rows, V) float32 chunk small enough to
-# stay in cache between the passes over it (16 rows of a 32k vocabulary: 2 MiB).
-LOG_PROB_CHUNK_ELEMENTS = 2**19
+# How many elements of the (B*T, V) logits the vocabulary-sized passes handle at once. On a CPU, a chunk small
+# enough to stay in cache between the passes over it (16 rows of a 32k vocabulary: 2 MiB); on a GPU, where
+# each chunk costs a few kernel launches, chunks as large as memory comfortably allows (256 MiB of float32).
+LOG_PROB_CHUNK_ELEMENTS = {"cpu": 2**19, "gpu": 2**26}
+
+
+def chunk_rows(device: torch.device, vocab: int) -> int:
+    """Rows of `vocab` logits per chunk on `device`."""
+    return max(1, LOG_PROB_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "gpu"] // vocab)
 
 
 class _LabelLogProbs(torch.autograd.Function):
@@ -39,7 +45,7 @@ class _LabelLogProbs(torch.autograd.Function):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         flat = logits.reshape(-1, logits.shape[-1])  # (N, V), a view
         lse = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)  # (N,) log sum exp z
-        step = max(1, LOG_PROB_CHUNK_ELEMENTS // flat.shape[1])
+        step = chunk_rows(logits.device, flat.shape[1])
         for start in range(0, flat.shape[0], step):
             chunk = flat[start : start + step].to(dtype)
             peak = chunk.amax(dim=-1, keepdim=True)  # (n, 1): exp never overflows
@@ -54,7 +60,7 @@ class _LabelLogProbs(torch.autograd.Function):
         flat = logits.reshape(-1, logits.shape[-1])
         weights = grad.reshape(-1, 1).to(lse.dtype)  # (N, 1)
         out = torch.empty_like(flat)  # (N, V) in the logits' dtype
-        step = max(1, LOG_PROB_CHUNK_ELEMENTS // flat.shape[1])
+        step = chunk_rows(logits.device, flat.shape[1])
         for start in range(0, flat.shape[0], step):
             end = start + step
             if out.dtype == lse.dtype:  # float32 and float64 logits: every pass in place in the output rows
@@ -70,6 +76,10 @@ class _LabelLogProbs(torch.autograd.Function):
 def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, T) log softmax(logits[b, t])[labels[b, t]] in float32 (float64 for float64 logits), differentiable
     in the logits."""
+    if logits.device.type != "cpu":
+        # On a GPU, torch's fused softmax kernels beat the chunked passes, which cost kernel launches.
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        return log_probs.gather(-1, labels[..., None]).squeeze(-1)
     return _LabelLogProbs.apply(logits, labels)
 
 
@@ -112,7 +122,7 @@ class LanguageModelingTask:
         if seeds is None:
             raise ValueError("true-Fisher sampling needs batch['seeds'] (one int per sequence)")
         positions, vocab = labels.shape[1] - 1, logits.shape[-1]
-        step = max(1, LOG_PROB_CHUNK_ELEMENTS // vocab)
+        step = chunk_rows(logits.device, vocab)
         for row in range(labels.shape[0]):
             generator = torch.Generator().manual_seed(int(seeds[row]))
             uniforms = torch.rand(positions, 1, generator=generator, dtype=torch.float64).to(logits.device)

@@ -27,7 +27,7 @@ class LayerCapture:
 
     def per_sequence_gradients(self) -> torch.Tensor:
         """(B, d_out, d_in): dW_b = sum_t s_bt a_bt^T, in the captured dtype."""
-        return torch.einsum("bto,bti->boi", self.output_grads, self.activations)
+        return torch.bmm(self.output_grads.transpose(1, 2), self.activations)
 
 
 @contextmanager
@@ -44,6 +44,47 @@ def frozen_parameters(model: torch.nn.Module):
         handle.remove()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(previous[name])
+
+
+@contextmanager
+def recorded_layers(layers: Sequence[TrackedLayer]):
+    """Forward hooks on `layers` while the block runs: yields (inputs, outputs), two lists that the forward
+    pass fills with each layer's input (detached) and output (in the graph); None for a layer not called."""
+    inputs: list[torch.Tensor | None] = [None] * len(layers)
+    outputs: list[torch.Tensor | None] = [None] * len(layers)
+
+    def make_hook(index: int):
+        def hook(_module, args, output):
+            inputs[index] = args[0].detach()
+            outputs[index] = output
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield inputs, outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_capture(layer: TrackedLayer, a: torch.Tensor, s: torch.Tensor | None, out: torch.Tensor,
+                  mask: torch.Tensor) -> LayerCapture:
+    """One layer's (a, s) per token from its recorded input `a`, the gradient `s` at its output `out` (None: the
+    layer does not influence the objective) and the batch's attention mask (B, T): bias column of ones appended
+    to a, padding zeroed in both."""
+    mask = mask[..., None]  # (B, T, 1)
+    if s is None:
+        s = torch.zeros_like(out)
+    a = a.reshape(mask.shape[0], mask.shape[1], -1)  # (B, T, d_in)
+    if layer.has_bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    s = s.reshape(mask.shape[0], mask.shape[1], -1).detach()  # (B, T, d_out)
+    # Masking is a pass over every captured tensor; a batch without padding (full-length windows, the usual
+    # case) skips it, as multiplying by ones changes nothing.
+    if mask.all():
+        return LayerCapture(a, s)
+    return LayerCapture(a * mask.to(a.dtype), s * mask.to(s.dtype))
 
 
 class LayerTracker:
@@ -64,18 +105,7 @@ class LayerTracker:
         Sequences in a batch do not interact, so the gradient of the sum at sequence b's tokens is the gradient
         of sequence b's own objective.
         """
-        inputs: list[torch.Tensor | None] = [None] * len(self.layers)
-        outputs: list[torch.Tensor | None] = [None] * len(self.layers)
-
-        def make_hook(index: int):
-            def hook(_module, args, output):
-                inputs[index] = args[0].detach()
-                outputs[index] = output
-
-            return hook
-
-        handles = [layer.module.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.layers)]
-        try:
+        with recorded_layers(self.layers) as (inputs, outputs):
             with frozen_parameters(model), torch.enable_grad():
                 logits = forward(model, batch)
                 total = objective(logits, batch).sum()
@@ -83,23 +113,5 @@ class LayerTracker:
                 if missing:
                     raise RuntimeError(f"tracked layers not called in the forward pass: {', '.join(missing)}")
                 grads = torch.autograd.grad(total, outputs, allow_unused=True)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        mask = batch["attention_mask"].to(inputs[0].device)[..., None]  # (B, T, 1)
-        # Masking is a pass over every captured tensor; a batch without padding (full-length windows, the
-        # usual case) skips it, as multiplying by ones changes nothing.
-        padded = not bool(mask.all())
-        captures = []
-        for layer, a, s, out in zip(self.layers, inputs, grads, outputs):
-            if s is None:  # the layer does not influence the objective (e.g. only padding)
-                s = torch.zeros_like(out)
-            a = a.reshape(mask.shape[0], mask.shape[1], -1)
-            if layer.has_bias:
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            s = s.reshape(mask.shape[0], mask.shape[1], -1).detach()
-            if padded:
-                a, s = a * mask.to(a.dtype), s * mask.to(s.dtype)
-            captures.append(LayerCapture(a, s))
-        return captures
+        mask = batch["attention_mask"].to(inputs[0].device)  # (B, T)
+        return [layer_capture(layer, a, s, out, mask) for layer, a, s, out in zip(self.layers, inputs, grads, outputs)]
