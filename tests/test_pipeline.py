@@ -17,7 +17,11 @@ from whence.factors import Factors
 from whence.model import find_tracked_layers
 
 SEQ_LEN = 16
-FLOAT64 = dict(rtol=1e-9, atol=1e-9)
+# On a GPU machine the actors run on the GPU and the in-process references on the CPU: their eigensolvers settle
+# the eigenvectors of nearly equal eigenvalues differently (tests/test_cuda.py), so factors agree to ~1e-4 there
+# (seen on an H100: 1.4e-4 at worst), and GPU sums are not bit-reproducible across batchings.
+ON_GPU = torch.cuda.is_available()
+FLOAT64 = dict(rtol=1e-3, atol=1e-8) if ON_GPU else dict(rtol=1e-9, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,8 @@ def test_score_everything_equals_the_core_engine(workspace, tmp_path):
     expected = {(q["id"], d, int(c)): table.scores[i, j] for j, q in enumerate(QUERIES)
                 for i, (d, c) in enumerate(zip(table.doc_ids, table.chunks))}
     for row in topk.itertuples():
-        assert row.score == pytest.approx(expected[(row.query_id, row.doc_id, row.chunk)], rel=1e-9, abs=1e-9)
+        assert row.score == pytest.approx(expected[(row.query_id, row.doc_id, row.chunk)], rel=FLOAT64["rtol"],
+                                          abs=FLOAT64["atol"])
         assert sum(row.layer_scores) == pytest.approx(row.score, rel=1e-9, abs=1e-9)
     for _, group in topk.groupby("query_id"):  # ranks are 1..N by descending score
         assert list(group["rank"]) == list(range(1, len(group) + 1))
@@ -81,8 +86,14 @@ def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path):
     run_score(workspace, tmp_path / "two", workers=2, tfidf_candidates=6, query_rank=4)
     run_score(workspace, tmp_path / "again", workers=1, tfidf_candidates=6, query_rank=4)
     one = pq.read_table(tmp_path / "one" / "topk.parquet")
-    assert one.equals(pq.read_table(tmp_path / "two" / "topk.parquet"))
-    assert one.equals(pq.read_table(tmp_path / "again" / "topk.parquet"))
+    for other in ("two", "again"):
+        table = pq.read_table(tmp_path / other / "topk.parquet")
+        if ON_GPU:  # the same rows, scores equal up to the order of GPU reductions
+            expected, got = one.to_pandas(), table.to_pandas()
+            assert list(expected["doc_id"]) == list(got["doc_id"])
+            np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-9, atol=1e-12)
+        else:
+            assert one.equals(table)
     assert len(one) == 5 * len(QUERIES)
 
 

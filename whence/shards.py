@@ -362,7 +362,8 @@ class Stage:
             result[HIDDEN_STATES] = grad_input.detach().to("cpu")
         if capture:
             mask = state.batch["attention_mask"]
-            captures = [layer_capture(layer, a, s, out, mask) for layer, a, s, out in
+            padded = not bool(mask.all())
+            captures = [layer_capture(layer, a, s, out, mask, padded) for layer, a, s, out in
                         zip(self.layers, state.layer_inputs, grads, state.layer_outputs)]
             self._captured[micro_batch_id] = _Captured(captures, int(mask.sum()), int(mask.shape[0]),
                                                        int(mask.shape[1]))

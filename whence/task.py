@@ -123,17 +123,19 @@ class LanguageModelingTask:
             raise ValueError("true-Fisher sampling needs batch['seeds'] (one int per sequence)")
         positions, vocab = labels.shape[1] - 1, logits.shape[-1]
         step = chunk_rows(logits.device, vocab)
+        # Every row's uniforms drawn on the CPU, then moved in one copy (a copy per row would wait for the GPU's
+        # queue each time); the seeds are read once for the same reason.
+        uniforms = torch.stack([torch.rand(positions, 1, generator=torch.Generator().manual_seed(seed),
+                                           dtype=torch.float64) for seed in seeds.tolist()]).to(logits.device)
         for row in range(labels.shape[0]):
-            generator = torch.Generator().manual_seed(int(seeds[row]))
-            uniforms = torch.rand(positions, 1, generator=generator, dtype=torch.float64).to(logits.device)
             sampled = torch.empty(positions, dtype=torch.long, device=logits.device)  # (T-1,)
-            # Cache-sized chunks of one row's positions (logits[row] is contiguous; logits[:, :-1] is not).
-            # exp(z - max) needs no normalisation: u is scaled by the chunk rows' totals instead.
+            # Chunks of one row's positions (logits[row] is contiguous; logits[:, :-1] is not). exp(z - max)
+            # needs no normalisation: u is scaled by the chunk rows' totals instead.
             for start in range(0, positions, step):
                 end = min(start + step, positions)
                 chunk = logits[row, start:end].float()  # (n, V)
                 cumulative = (chunk - chunk.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
-                thresholds = (uniforms[start:end] * cumulative[:, -1:].double()).float()  # (n, 1)
+                thresholds = (uniforms[row, start:end] * cumulative[:, -1:].double()).float()  # (n, 1)
                 found = torch.searchsorted(cumulative, thresholds, right=True).squeeze(-1)  # first cdf > u
                 sampled[start:end] = found.clamp_(max=vocab - 1)  # u * total rounding up to the total
             mask = batch["target_mask"][row, 1:]

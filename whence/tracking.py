@@ -69,10 +69,11 @@ def recorded_layers(layers: Sequence[TrackedLayer]):
 
 
 def layer_capture(layer: TrackedLayer, a: torch.Tensor, s: torch.Tensor | None, out: torch.Tensor,
-                  mask: torch.Tensor) -> LayerCapture:
+                  mask: torch.Tensor, padded: bool | None = None) -> LayerCapture:
     """One layer's (a, s) per token from its recorded input `a`, the gradient `s` at its output `out` (None: the
     layer does not influence the objective) and the batch's attention mask (B, T): bias column of ones appended
-    to a, padding zeroed in both."""
+    to a, padding zeroed in both. padded: whether the mask has zeros, if the caller knows (reading it from a GPU
+    waits for the GPU)."""
     mask = mask[..., None]  # (B, T, 1)
     if s is None:
         s = torch.zeros_like(out)
@@ -82,7 +83,7 @@ def layer_capture(layer: TrackedLayer, a: torch.Tensor, s: torch.Tensor | None, 
     s = s.reshape(mask.shape[0], mask.shape[1], -1).detach()  # (B, T, d_out)
     # Masking is a pass over every captured tensor; a batch without padding (full-length windows, the usual
     # case) skips it, as multiplying by ones changes nothing.
-    if mask.all():
+    if not (padded if padded is not None else not bool(mask.all())):
         return LayerCapture(a, s)
     return LayerCapture(a * mask.to(a.dtype), s * mask.to(s.dtype))
 
@@ -114,4 +115,6 @@ class LayerTracker:
                     raise RuntimeError(f"tracked layers not called in the forward pass: {', '.join(missing)}")
                 grads = torch.autograd.grad(total, outputs, allow_unused=True)
         mask = batch["attention_mask"].to(inputs[0].device)  # (B, T)
-        return [layer_capture(layer, a, s, out, mask) for layer, a, s, out in zip(self.layers, inputs, grads, outputs)]
+        padded = not bool(mask.all())
+        return [layer_capture(layer, a, s, out, mask, padded)
+                for layer, a, s, out in zip(self.layers, inputs, grads, outputs)]
