@@ -154,7 +154,12 @@ def balance_blocks(block_sizes: Sequence[int], num_stages: int, first_extra: int
 
 
 def plan_stages(model: nn.Module, num_stages: int) -> list[tuple[int, int]]:
-    """The block range [start, stop) of each stage, balancing parameter counts (ModelError if impossible)."""
+    """The block range [start, stop) of each stage, balancing the stages' compute (ModelError if impossible).
+
+    A token costs each weight matrix it passes through ~2 x its parameters in multiply-adds, so a stage's work
+    is the parameter count of its blocks, plus the final norm and LM head on the last stage. The embeddings are
+    lookups, not products: they are left out, or stage 0 would get too few blocks and idle behind the last
+    (with a 32k vocabulary and width 512, the head alone is five blocks' work)."""
     arch = architecture_of(model)
     body = getattr(model, arch.body)
     blocks = _active_blocks(model, arch)
@@ -165,10 +170,8 @@ def plan_stages(model: nn.Module, num_stages: int) -> list[tuple[int, int]]:
             f"cannot split {type(model).__name__} into {num_stages} stages: it has {len(blocks)} transformer "
             f"blocks and each stage needs at least one"
         )
-    first = [getattr(body, a) for a in (arch.embed, arch.positions) if a]
     last = [getattr(body, arch.final_norm), getattr(model, arch.head)]
-    return balance_blocks([parameter_count([b]) for b in blocks], num_stages, parameter_count(first),
-                          parameter_count(last))
+    return balance_blocks([parameter_count([b]) for b in blocks], num_stages, 0, parameter_count(last))
 
 
 def _active_blocks(model: nn.Module, arch: Architecture) -> list[nn.Module]:
