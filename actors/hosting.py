@@ -22,10 +22,19 @@ class ModelSpec:
     dtype: str = "auto"
 
 
+def quiet_model_loading() -> None:
+    """No weight-loading progress bars from this (actor) process: with several actors they interleave in the
+    driver's log, one per actor and restart, and say nothing the run's own progress lines do not."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def host_model(spec: ModelSpec, num_threads: int | None = None):
     """(model, tokenizer, layers) on this process's device."""
     if num_threads:
         torch.set_num_threads(num_threads)
+    quiet_model_loading()
     model, tokenizer = load_causal_lm(spec.path, device=default_device(), dtype=spec.dtype)
     return model, tokenizer, find_tracked_layers(model, spec.modules)
 

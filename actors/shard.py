@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from actors.hosting import ModelSpec, maybe_fail, rows_to_batch, sequence_rows_mask
+from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading, rows_to_batch, sequence_rows_mask
 from actors.scorer import SequenceScorer
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.fitting import eigendecompose
@@ -137,6 +137,7 @@ class StageActor:
             torch.set_num_threads(num_threads)
         self.incarnation = uuid.uuid4().hex  # new after every restart: the worker re-sends bases and queries
         device = default_device()
+        quiet_model_loading()
         model, _ = load_causal_lm(spec.path, device="cpu", dtype=parse_dtype(spec.dtype, device))
         layers = find_tracked_layers(model, spec.modules)
         self.fingerprint = model_fingerprint(model)

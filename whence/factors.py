@@ -167,9 +167,8 @@ def symmetric_eigh(sum_matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, 
 
 def eigendecompose_layer(covariance: CovarianceSums, name: str, device: torch.device | str | None = None
                          ) -> LayerBasis:
-    """The eigenbases of one layer's A and S blocks, computed on `device` (default: where the sums are; a GPU's
-    float64 eigh of a d = 4096 block takes a fraction of a second where two CPU cores take a minute), returned on
-    the CPU."""
+    """The eigenbases of one layer's A and S blocks, computed on `device` (default: where the sums are; on a
+    GPU, cuSOLVER's float64 eigh, which the large blocks of big models need), returned on the CPU."""
     def eigh(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values, vectors = symmetric_eigh(block.to(device) if device is not None else block, covariance.tokens)
         return values.cpu(), vectors.cpu()
