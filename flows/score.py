@@ -304,7 +304,7 @@ def scoring_dataset(spec, fragments, settings, plan, queries_file, config, worke
     # the floating-point result) does not depend on the number of workers or on scheduling. Ray Data refuses
     # None for actors that hold GPUs; there, batches of several scoring batches' rows, which may span blocks (the
     # rows carry their fragment, and GPU arithmetic is not bit-reproducible across batchings anyway).
-    ray_batch = config.batch_size * max(4, 2 * shards) if resources.get("num_gpus") else None
+    ray_batch = 4 * config.batch_size if resources.get("num_gpus") else None
     return sequences_dataset(fragments, settings, plan).map_batches(
         scorer_class,
         batch_size=ray_batch,
