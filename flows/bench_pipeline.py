@@ -5,7 +5,7 @@
                            sequences and torch threads as the one scoring actor
     6. peak memory         peak resident memory of the run (this process and every process it started: Ray's
                            raylet and workers), above the level before the run, on the corpus 4x over 1x
-    7. workers             scoring-stage throughput with 2 workers over 1 worker
+    7. workers             throughput after start-up with 2 workers over 1 worker (4x corpus)
     8. shards              scoring throughput of the model split over 2 stage actors over 1, and the share of
                            their time the 2 stages spend idle
 
@@ -190,6 +190,11 @@ def in_process_seconds(bench, threads: int) -> tuple[float, int]:
     return seconds, len(sequences)
 
 
+def steady_rate(run: dict) -> float:
+    """Sequences per second of a score_corpus run once started (after its first scored batch)."""
+    return run["timings"]["score_steady_sequences"] / max(run["timings"]["score_steady_s"], 1e-9)
+
+
 def pipeline_overhead(bench) -> tuple[dict, dict]:
     """The pipeline's throughput after start-up (sequences arriving after the first scored batch, over the
     seconds they took) against the in-process scorer's, on the 4x and the 1x corpus; and the whole 1x run's
@@ -200,10 +205,6 @@ def pipeline_overhead(bench) -> tuple[dict, dict]:
     threads = torch_threads(actor_resources(1).get("num_cpus", 1))  # as a lone scoring actor gets
     seconds, count = in_process_seconds(bench, threads)
     reference = count / seconds  # sequences per second in process
-
-    def steady_rate(run: dict) -> float:
-        return run["timings"]["score_steady_sequences"] / max(run["timings"]["score_steady_s"], 1e-9)
-
     figures = {"pipeline_throughput_vs_in_process": steady_rate(four) / reference,
                "pipeline_throughput_1x_vs_in_process": steady_rate(one) / reference,
                "pipeline_whole_run_vs_in_process": one["sequences_scored"] / one["seconds"] / reference}
@@ -232,11 +233,11 @@ def score_memory(bench) -> tuple[dict, dict]:
 
 
 def worker_scaling(bench) -> tuple[dict, dict]:
-    one, two = run_score(bench, "1x_1w", 1, 1), run_score(bench, "1x_2w", 1, 2)
-    rate = {name: run["sequences_scored"] / run["timings"]["score_s"] for name, run in (("1", one), ("2", two))}
+    one, two = run_score(bench, "4x_1w", 4, 1), run_score(bench, "4x_2w", 4, 2)
+    rate = {"1": steady_rate(one), "2": steady_rate(two)}
     figures = {"score_throughput_2_workers_vs_1": rate["2"] / rate["1"]}
     details = {"sequences_per_s": rate, "score_s": {"1": one["timings"]["score_s"], "2": two["timings"]["score_s"]}}
-    print(f"  workers: {rate['1']:.2f} -> {rate['2']:.2f} sequences/s (1 -> 2 workers)")
+    print(f"  workers: {rate['1']:.2f} -> {rate['2']:.2f} sequences/s after start-up (1 -> 2 workers, 4x corpus)")
     return figures, details
 
 

@@ -388,12 +388,9 @@ class Stage:
         sums record as included: a re-run of a lost micro-batch gets a new micro_batch_id but keeps its key, and a
         key already included is not counted again."""
         captured = self._take_captured(micro_batch_id)
-        key = micro_batch_id if batch_key is None else batch_key
-        if key in self.statistics.covariance_ids:
-            return
-        self.statistics.covariance.accumulate(dict(zip(self.layer_names, captured.captures)), captured.tokens,
-                                              captured.sequences)
-        self.statistics.covariance_ids.add(key)
+        if self._include(self.statistics.covariance_ids, micro_batch_id, batch_key):
+            self.statistics.covariance.accumulate(dict(zip(self.layer_names, captured.captures)), captured.tokens,
+                                                  captured.sequences)
 
     def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
         """Bases of this stage's layers for the correction pass (extra layers are ignored; None: identity)."""
@@ -409,12 +406,19 @@ class Stage:
         captured = self._take_captured(micro_batch_id)
         if self.bases is None:
             raise RuntimeError(f"stage {self.index}: set_bases before the correction pass")
+        if self._include(self.statistics.correction_ids, micro_batch_id, batch_key):
+            self.statistics.corrections.accumulate(dict(zip(self.layer_names, captured.captures)), self.bases,
+                                                   captured.sequences)
+
+    @staticmethod
+    def _include(included: set[int], micro_batch_id: int, batch_key: int | None) -> bool:
+        """Record the micro-batch's key (batch_key, default micro_batch_id) in `included`; False if it was there
+        already, so that a re-run micro-batch is not counted twice."""
         key = micro_batch_id if batch_key is None else batch_key
-        if key in self.statistics.correction_ids:
-            return
-        self.statistics.corrections.accumulate(dict(zip(self.layer_names, captured.captures)), self.bases,
-                                               captured.sequences)
-        self.statistics.correction_ids.add(key)
+        if key in included:
+            return False
+        included.add(key)
+        return True
 
     def take_covariance(self) -> CovarianceSums:
         """The partial sums so far (CPU), and reset."""
