@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,16 @@ class ModelSpec:
     path: str
     modules: str = "mlp"
     dtype: str = "auto"
+
+
+def gpu_share(gpus: float, actors: int) -> float:
+    """GPUs each of `actors` GPU actors reserves on a cluster of `gpus` GPUs: one each when there are enough,
+    else an equal share (W workers x N stages on one GPU get 1/(W*N) each), so that they all start rather than
+    wait for GPUs a fixed cluster will never have. 0 without GPUs."""
+    if gpus <= 0:
+        return 0.0
+    # Round the share down to 1/100 so that `actors` shares never sum to more than the cluster holds.
+    return min(1.0, math.floor(100 * gpus / max(actors, 1)) / 100)
 
 
 def quiet_model_loading() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +30,14 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading, rows_to_batch, sequence_rows_mask
+from actors.hosting import (
+    ModelSpec,
+    gpu_share,
+    maybe_fail,
+    quiet_model_loading,
+    rows_to_batch,
+    sequence_rows_mask,
+)
 from actors.scorer import SequenceScorer
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.fitting import eigendecompose
@@ -247,7 +253,7 @@ class ShardedWorker:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         stage_gpus = self.options.stage_gpus
         if stage_gpus is None:  # a GPU per stage, or an equal share when the cluster has fewer GPUs than stages
-            stage_gpus = min(1.0, math.floor(100 * cluster_gpus / num_stages) / 100)
+            stage_gpus = gpu_share(cluster_gpus, num_stages)
         if stage_gpus and stage_gpus * num_stages > cluster_gpus:
             log.warning("%d stages x %g GPU each exceed the cluster's %g GPUs: stages wait until the cluster grows",
                         num_stages, stage_gpus, cluster_gpus)

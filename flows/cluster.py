@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 log = logging.getLogger(__name__)
@@ -49,14 +48,10 @@ def cluster_gpus() -> int:
 
 
 def gpu_share(actors: int) -> float:
-    """GPUs each of `actors` GPU actors reserves: one each when the cluster has enough, else an equal share of
-    what it has (W workers x N stages on one GPU get 1/(W*N) each), so that they all start rather than wait for
-    GPUs a fixed cluster will never have. 0 on a cluster without GPUs."""
-    gpus = cluster_gpus()
-    if gpus == 0:
-        return 0.0
-    # Round the share down to 1/100 so that `actors` shares never sum to more than the cluster holds.
-    return min(1.0, math.floor(100 * gpus / max(actors, 1)) / 100)
+    """GPUs each of `actors` GPU actors reserves on this cluster (actors.hosting.gpu_share)."""
+    from actors.hosting import gpu_share as share
+
+    return share(cluster_gpus(), actors)
 
 
 def actor_resources(workers: int) -> dict:
