@@ -4,11 +4,35 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 # Environment every Ray worker of a Whence run gets (tokenizer threads would fight the actors' torch threads).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where and how wide a run executes: data-parallel workers (a model replica each), pipeline stages per worker,
+    the model's precision, the Ray cluster to join, and extra environment variables for the run's actors (CUDA
+    or fault-injection settings in tests)."""
+
+    workers: int = 1
+    shards: int = 1
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    address: str | None = None
+    actor_env: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("workers", "shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_args(cls, args) -> ClusterSettings:
+        """From the command line's --workers, --shards, --dtype and --address."""
+        return cls(workers=args.workers, shards=args.shards, dtype=args.dtype, address=args.address)
 
 
 def connect(address: str | None = None):

@@ -16,6 +16,7 @@ import time
 
 from flows.cluster import surface_user_errors
 from flows.options import add_model_and_corpus, positive_int
+from flows.provenance import versions
 from whence.config import FitConfig, help_for
 from whence.factors import STRATEGIES
 
@@ -263,16 +264,3 @@ def _load_sums(state, name: str):
         layer, kind, _ = key.rsplit("/", 2)
         (activation if kind == "A" else gradient).setdefault(layer, []).append(tensors[key])
     return CovarianceSums(activation, gradient, int(meta["tokens"]), int(meta["sequences"]))
-
-
-def versions() -> dict:
-    import platform
-
-    import ray
-    import torch
-    import transformers
-
-    import whence
-
-    return {"whence": whence.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "ray": ray.__version__, "python": platform.python_version()}

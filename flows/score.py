@@ -167,7 +167,7 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: list[s
         _per_token(state, spec, fragments, settings, skip, queries_file, config, workers, topk)
         timings["per_token_s"] = time.monotonic() - tick
 
-    from flows.fit import versions
+    from flows.provenance import versions
 
     summary = {"queries": len(queries), "sequences_scored": scored, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "fragments": len(fragments),

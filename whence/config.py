@@ -6,28 +6,27 @@ help so the two never drift apart.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 from whence.factors import STRATEGIES
 from whence.queries import DEFAULT_QUERY_RANK, METHODS, parse_rank
+from whence.settings import help_for, setting
 from whence.task import FISHER_MODES
 
-
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
+__all__ = ["FitConfig", "ScoreConfig", "help_for"]
 
 
 @dataclass
 class FitConfig:
-    modules: str = _help("tracked layers: 'mlp' (every block's MLP linear layers), 'all' (attention too), "
+    modules: str = setting("tracked layers: 'mlp' (every block's MLP linear layers), 'all' (attention too), "
                          "or a regex over module names", "mlp")
-    strategy: str = _help(f"Hessian approximation: {', '.join(STRATEGIES)}", "ekfac")
-    fisher: str = _help("'true' samples labels from the model (default); 'empirical' uses the data's", "true")
-    seq_len: int = _help("tokens per training sequence (documents are cut into windows of this length)", 512)
-    max_sequences: int | None = _help("fit on at most this many sequences (None: all)", None)
-    batch_size: int = _help("sequences per forward/backward pass", 8)
-    seed: int = _help("seed for the true Fisher's sampled labels", 0)
-    num_blocks: int = _help("split A and S block-diagonally into this many blocks (very large layers)", 1)
+    strategy: str = setting(f"Hessian approximation: {', '.join(STRATEGIES)}", "ekfac")
+    fisher: str = setting("'true' samples labels from the model (default); 'empirical' uses the data's", "true")
+    seq_len: int = setting("tokens per training sequence (documents are cut into windows of this length)", 512)
+    max_sequences: int | None = setting("fit on at most this many sequences (None: all)", None)
+    batch_size: int = setting("sequences per forward/backward pass", 8)
+    seed: int = setting("seed for the true Fisher's sampled labels", 0)
+    num_blocks: int = setting("split A and S block-diagonally into this many blocks (very large layers)", 1)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -48,15 +47,15 @@ class FitConfig:
 
 @dataclass
 class ScoreConfig:
-    top_k: int | None = _help("sequences kept per query, by score (None: all)", 10)
-    tfidf_candidates: int = _help("per query, score only the N sequences most similar by TF-IDF (0: all)", 10_000)
-    query_rank: int | str = _help("rank of each preconditioned query gradient (SVD), or 'full'", DEFAULT_QUERY_RANK)
-    damping: float | str = _help("'heuristic' (0.1 x mean corrected eigenvalue per layer) or an absolute value",
+    top_k: int | None = setting("sequences kept per query, by score (None: all)", 10)
+    tfidf_candidates: int = setting("per query, score only the N sequences most similar by TF-IDF (0: all)", 10_000)
+    query_rank: int | str = setting("rank of each preconditioned query gradient (SVD), or 'full'", DEFAULT_QUERY_RANK)
+    damping: float | str = setting("'heuristic' (0.1 x mean corrected eigenvalue per layer) or an absolute value",
                                  "heuristic")
-    method: str = _help(f"preconditioner: {', '.join(METHODS)}", "ekfac")
-    per_token: bool = _help("also compute per-token scores of the top-k sequences", False)
-    seq_len: int | None = _help("tokens per training sequence (None: as the factors were fitted)", None)
-    batch_size: int = _help("sequences per scoring batch", 8)
+    method: str = setting(f"preconditioner: {', '.join(METHODS)}", "ekfac")
+    per_token: bool = setting("also compute per-token scores of the top-k sequences", False)
+    seq_len: int | None = setting("tokens per training sequence (None: as the factors were fitted)", None)
+    batch_size: int = setting("sequences per scoring batch", 8)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,7 +74,3 @@ class ScoreConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def help_for(config_class, name: str) -> str:
-    return next(f.metadata["help"] for f in fields(config_class) if f.name == name)

@@ -41,6 +41,34 @@ _PARQUET_BATCH_ROWS = 1024  # rows decoded from a Parquet row group at a time
 
 
 @dataclass(frozen=True)
+class CorpusSource:
+    """What a run reads as its corpus: the user's paths, the fields that hold each row's id and text, and whether a
+    malformed row stops the run (`strict`) or is skipped and counted. Travels together through fit, score and eval."""
+
+    paths: tuple[str, ...]
+    id_field: str = "id"
+    text_field: str = "text"
+    strict: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.paths, str):  # one path given bare: a tuple of its characters would be nonsense
+            object.__setattr__(self, "paths", (self.paths,))
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        if not self.paths:
+            raise CorpusError("no corpus paths given")
+
+    @classmethod
+    def of(cls, corpus: CorpusSource | str | Sequence[str]) -> CorpusSource:
+        """A CorpusSource from itself, one path, or a list of paths (the Python API accepts all three)."""
+        return corpus if isinstance(corpus, CorpusSource) else cls(corpus)
+
+    def to_arguments(self) -> dict:
+        """The run-directory arguments that identify this corpus (the keys run.json has always used)."""
+        return {"corpus": list(self.paths), "id_field": self.id_field, "text_field": self.text_field,
+                "strict": self.strict}
+
+
+@dataclass(frozen=True)
 class Fragment:
     """One unit of parallel reading: a whole JSON-lines file, or one row group of a Parquet file.
 
