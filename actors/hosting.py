@@ -22,6 +22,11 @@ class ModelSpec:
     modules: str = "mlp"
     dtype: str = "auto"
 
+    @classmethod
+    def of(cls, spec: ModelSpec | str) -> ModelSpec:
+        """A ModelSpec as given, or one for a path (MLP layers, dtype "auto")."""
+        return cls(spec) if isinstance(spec, str) else spec
+
 
 def gpu_share(gpus: float, actors: int) -> float:
     """GPUs each of `actors` GPU actors reserves on a cluster of `gpus` GPUs: one each when there are enough,
@@ -77,4 +82,5 @@ def maybe_fail(counter: int) -> None:
         os._exit(1)
 
 
-__all__ = ["ModelSpec", "host_model", "pad_id_of", "rows_to_batch", "sequence_rows_mask", "maybe_fail"]
+__all__ = ["ModelSpec", "gpu_share", "host_model", "maybe_fail", "pad_id_of", "quiet_model_loading", "rows_to_batch",
+           "sequence_rows_mask"]

@@ -1,6 +1,11 @@
-"""SequenceScorer: the Ray Data stage that scores sequence batches against the prepared queries.
+"""The Ray Data stage that scores sequence batches against the prepared queries, whole or sharded.
 
-A callable class (Ray's batch-inference pattern): the model and the queries load once in __init__; __call__
+    RowScorer              turns a Ray Data batch into the stage's output columns with any scorer that has
+                           score(batch, per_token) -> BatchScores, `rows_per_call` sequence rows at a time
+    SequenceScorer         a RowScorer over whence.scoring.QueryScorer on a model replica in this process
+    ShardedSequenceScorer  a RowScorer over actors.sharded_worker.ShardedWorker: the model split over stage actors
+
+Callable classes (Ray's batch-inference pattern): the model and the queries load once in __init__; __call__
 takes and returns dict[str, np.ndarray]. Marker rows (the end of a corpus fragment) pass through unscored so the
 driver can tell when a fragment is complete.
 """
@@ -10,30 +15,27 @@ from __future__ import annotations
 import numpy as np
 
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
+from actors.sharded_worker import ShardedWorker, ShardOptions
 from whence.queries import PreparedQueries
 from whence.scoring import QueryScorer
 
 
-class SequenceScorer:
-    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, batch_size: int = 8,
-                 num_threads: int | None = None):
-        self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
-        # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
-        # order, so which sequences share a forward pass depends only on the block (not on scheduling).
-        self.rows_per_call = batch_size
-        queries = PreparedQueries.load(queries_path)
-        self.scorer = QueryScorer(self.model, self.layers, queries)
-        self.per_token = per_token
-        self.pad_id = pad_id_of(self.tokenizer)
-        self.num_queries, self.num_layers = queries.num_queries, len(self.layers)
+class RowScorer:
+    """Scores the sequence rows of Ray Data batches with `scorer` (Q queries, L tracked layers), in row order,
+    `rows_per_call` rows per call to scorer.score, and lays the scores out per row."""
+
+    def __init__(self, scorer, num_queries: int, num_layers: int, pad_id: int, per_token: bool, rows_per_call: int):
+        self.scorer = scorer
+        self.num_queries, self.num_layers = num_queries, num_layers
+        self.pad_id, self.per_token, self.rows_per_call = pad_id, per_token, rows_per_call
         self.batches_done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = sequence_rows_mask(batch)
         n = len(keep)
-        scores = np.zeros((n, self.num_queries), dtype=np.float64)
-        layer_scores = np.zeros((n, self.num_queries, self.num_layers), dtype=np.float64)
-        token_scores = np.empty(n, dtype=object) if self.per_token else None
+        scores = np.zeros((n, self.num_queries), dtype=np.float64)  # (rows, Q)
+        layer_scores = np.zeros((n, self.num_queries, self.num_layers), dtype=np.float64)  # (rows, Q, L)
+        token_scores = np.empty(n, dtype=object) if self.per_token else None  # each (Q, T_row)
         sequence_rows = np.flatnonzero(keep)
         for start in range(0, len(sequence_rows), self.rows_per_call):
             rows = sequence_rows[start : start + self.rows_per_call]
@@ -58,3 +60,40 @@ class SequenceScorer:
             out["token_scores"] = token_scores
             out["input_ids"] = batch["input_ids"]
         return out
+
+
+class SequenceScorer:
+    """The model (a replica on this process's device) and its QueryScorer, with the queries at `queries_path`."""
+
+    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, batch_size: int = 8,
+                 num_threads: int | None = None):
+        self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
+        queries = PreparedQueries.load(queries_path)
+        self.scorer = QueryScorer(self.model, self.layers, queries)
+        # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
+        # order, so which sequences share a forward pass depends only on the block (not on scheduling).
+        self.rows = RowScorer(self.scorer, queries.num_queries, len(self.layers), pad_id_of(self.tokenizer),
+                              per_token, rows_per_call=batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.rows(batch)
+
+
+class ShardedSequenceScorer:
+    """The model split over `shards` stage actors (a ShardedWorker) with the queries at `queries_path`: each Ray
+    Data batch is cut into micro-batches of `batch_size` sequences that go through the pipeline several at a
+    time."""
+
+    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, shards: int = 2,
+                 batch_size: int = 8, options: ShardOptions | None = None):
+        options = options or ShardOptions(micro_batch_size=batch_size)
+        self.worker = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
+        queries = PreparedQueries.load(queries_path)
+        self.worker.set_queries(queries)
+        # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
+        rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2
+        self.rows = RowScorer(self.worker, queries.num_queries, len(self.worker.layers), self.worker.pad_id,
+                              per_token, rows_per_call)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.rows(batch)

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("flows.pretrain", "pretrain a small causal LM on a corpus with Ray Train (the demo's model)"),
     "bench": ("flows.bench", "measure speed and memory as ratios taken in one run"),
     "demo": ("flows.demo", "the main job on the bundled corpus: fit, filter, score, report"),
+    "eval": ("flows.eval", "measure how right the influences are: fact tracing, exact influence"),
 }
 
 

@@ -9,6 +9,9 @@ Three kinds of pass over the fragments (whence.corpus.Fragment: a file, or a Par
               After a fragment's last sequence comes one marker row (marker_total = how many sequences the
               fragment produced), so a consumer knows when a fragment is finished, with constant memory.
 Every pass skips the same rows (bad rows, later duplicates) and so sees the same sequences.
+What travels to the reading tasks: ReadSettings (how a fragment becomes sequences; ReadSettings.for_corpus from a
+whence.corpus.CorpusSource), FragmentPlan (which of them the sequences pass emits) and CandidateSelection (what
+the candidates pass compares them with).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from whence.corpus import BadRow, CorpusTally, Document, Fragment, id_hashes, read_fragment
+from whence.corpus import BadRow, CorpusSource, CorpusTally, Document, Fragment, id_hashes, read_fragment
 from whence.text import TrainingSequence, document_sequences
 
 # marker_total of an ordinary sequence row
@@ -36,6 +39,23 @@ class ReadSettings:
     id_field: str = "id"
     text_field: str = "text"
     strict: bool = False
+
+    @classmethod
+    def for_corpus(cls, tokenizer_path: str, seq_len: int, corpus: CorpusSource) -> ReadSettings:
+        """The settings that read `corpus`'s fields (and stop at a bad row when it is strict)."""
+        return cls(tokenizer_path, seq_len, corpus.id_field, corpus.text_field, corpus.strict)
+
+
+@dataclass(frozen=True)
+class CandidateSelection:
+    """What the candidates pass compares each sequence with: the queries' hashed terms and ids, the corpus's BM25
+    idf weights, and how many sequences to keep per query."""
+
+    query_ids: list[str]
+    query_terms: object  # (Q, F) binary term matrix (scipy sparse), from TermHasher(n_features)
+    idf: object  # (F,) float64, or its ObjectRef once shared through Ray's object store
+    num_candidates: int
+    n_features: int
 
 
 @dataclass
@@ -106,19 +126,20 @@ def sequence_texts(tokenizer, sequences: list[TrainingSequence]) -> list[str]:
 # candidates
 
 
-def select_fragment_candidates(fragment: Fragment, settings: ReadSettings, skip_lines, idf: np.ndarray,
-                               query_terms, query_ids: list[str], num_candidates: int, n_features: int):
+def select_fragment_candidates(fragment: Fragment, settings: ReadSettings, skip_lines,
+                               selection: CandidateSelection):
     """This fragment's per-query top-N sequences by BM25 (a mergeable CandidateSelector)."""
     from whence.tfidf import CandidateSelector, TermHasher, bm25_scores
 
     tokenizer = load_tokenizer(settings.tokenizer_path)
-    hasher = TermHasher(n_features)
-    selector = CandidateSelector(query_ids, num_candidates)
+    hasher = TermHasher(selection.n_features)
+    selector = CandidateSelector(selection.query_ids, selection.num_candidates)
     batch: list[TrainingSequence] = []
 
     def flush():
         if batch:
-            scores = bm25_scores(query_terms, hasher.transform(sequence_texts(tokenizer, batch)), idf)
+            terms = hasher.transform(sequence_texts(tokenizer, batch))
+            scores = bm25_scores(selection.query_terms, terms, selection.idf)
             selector.update(scores, [s.doc_id for s in batch], [s.chunk for s in batch])
             batch.clear()
 
@@ -203,18 +224,19 @@ def _scan_batch(batch: dict, settings: ReadSettings, tfidf_features: int) -> dic
     return {"result": np.asarray(results, dtype=object)}
 
 
-def _candidates_batch(batch: dict, settings, skip_lines, idf, query_terms, query_ids, num_candidates, n_features):
+def _candidates_batch(batch: dict, settings: ReadSettings, skip_lines, selection: CandidateSelection) -> dict:
+    import dataclasses
     import pickle
 
     import ray
 
-    idf = ray.get(idf) if isinstance(idf, ray.ObjectRef) else idf  # shared via the object store (F floats)
-
+    if isinstance(selection.idf, ray.ObjectRef):  # shared via the object store (F floats)
+        selection = dataclasses.replace(selection, idf=ray.get(selection.idf))
     results = []
     for i in range(len(batch["index"])):
         fragment = _fragment_of({k: v[i] for k, v in batch.items()})
         selector = select_fragment_candidates(fragment, settings, skip_lines.get(fragment.index, frozenset()),
-                                              idf, query_terms, query_ids, num_candidates, n_features)
+                                              selection)
         results.append(pickle.dumps(selector))
     return {"result": np.asarray(results, dtype=object)}
 
@@ -241,7 +263,10 @@ def run_scan(fragments: list[Fragment], settings: ReadSettings, tfidf_features: 
     return results
 
 
-def run_candidates(fragments, settings, skip_lines, idf, query_terms, query_ids, num_candidates, n_features):
+def run_candidates(fragments: list[Fragment], settings: ReadSettings, skip_lines: dict[int, set[int]],
+                   selection: CandidateSelection):
+    """Every fragment's candidates (select_fragment_candidates), merged: a CandidateSelector over the corpus."""
+    import dataclasses
     import pickle
 
     import ray
@@ -249,10 +274,10 @@ def run_candidates(fragments, settings, skip_lines, idf, query_terms, query_ids,
     from flows.cluster import READ_TASK_CPUS
 
     # idf (F floats) goes to the object store once, not into every task's arguments.
+    shared = dataclasses.replace(selection, idf=ray.put(selection.idf))
     dataset = fragments_dataset(fragments).map_batches(
         _candidates_batch, batch_size=1, num_cpus=READ_TASK_CPUS,
-        fn_kwargs={"settings": settings, "skip_lines": skip_lines, "idf": ray.put(idf), "query_terms": query_terms,
-                   "query_ids": query_ids, "num_candidates": num_candidates, "n_features": n_features})
+        fn_kwargs={"settings": settings, "skip_lines": skip_lines, "selection": shared})
     merged = None
     for row in dataset.iter_rows():
         selector = pickle.loads(row["result"])

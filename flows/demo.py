@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flows.cluster import ClusterSettings
     from flows.fit import fit_corpus
     from flows.score import score_corpus
     from whence.config import FitConfig, ScoreConfig
@@ -55,20 +56,20 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     queries = [json.loads(line) for line in open(args.queries, encoding="utf-8") if line.strip()]
     corpus = args.corpus if args.docs is None else str(corpus_slice(args.corpus, args.docs, queries, out))
+    cluster = ClusterSettings(workers=args.workers, dtype=args.dtype, address=args.address)
 
     log.info("1/4 fitting EK-FAC factors on up to %d sequences", args.fit_sequences)
     fit_corpus(args.model, [corpus], str(out / "factors"),
                FitConfig(seq_len=args.seq_len, max_sequences=args.fit_sequences, batch_size=args.batch_size),
-               workers=args.workers, dtype=args.dtype, address=args.address, overwrite=args.overwrite)
+               cluster, overwrite=args.overwrite)
     log.info("2/4 TF-IDF filtering and EK-FAC scoring of %d queries", len(queries))
     common = dict(tfidf_candidates=args.candidates, top_k=args.top_k, batch_size=args.batch_size)
     score_corpus(args.model, str(out / "factors"), args.queries, [corpus], str(out / "results"),
-                 ScoreConfig(per_token=True, **common), save_all_scores=True, workers=args.workers, dtype=args.dtype,
-                 overwrite=args.overwrite)
+                 ScoreConfig(per_token=True, save_all_scores=True, **common), cluster, overwrite=args.overwrite)
     log.info("3/4 the same candidates by the gradient dot product (identity)")
     score_corpus(args.model, str(out / "factors"), args.queries, [corpus], str(out / "results-identity"),
-                 ScoreConfig(method="identity", **common), workers=args.workers, dtype=args.dtype,
-                 overwrite=args.overwrite, candidates_from=str(out / "results"))
+                 ScoreConfig(method="identity", **common), cluster, overwrite=args.overwrite,
+                 candidates_from=str(out / "results"))
     log.info("4/4 report")
     report = write_report(out / "results")
     comparison = compare_methods(out, queries)

@@ -5,7 +5,11 @@
     eigh         the tracked layers dealt out over the fitting actors, on their devices, in parallel
     correction   the same stream again, in the eigenbases
     write        factors.safetensors + manifest.json, once
-Each pass's merged sums are saved as soon as it ends, so an interrupted run resumes at the next pass.
+Each pass's merged sums are saved as soon as it ends (whence.factors.save_sums: covariance.safetensors,
+corrections.safetensors), so an interrupted run resumes at the next pass.
+
+    run          the command line: options -> FitConfig, CorpusSource, ClusterSettings -> fit_corpus
+    fit_corpus   the run directory, then plan_corpus (scan), FitterPool, fit_passes, the factors written
 """
 
 from __future__ import annotations
@@ -13,17 +17,18 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 
-from flows.cluster import surface_user_errors
-from flows.options import add_model_and_corpus, positive_int
+from flows.cluster import ClusterSettings, surface_user_errors
+from flows.corpus_pipeline import FragmentPlan, ReadSettings
+from flows.options import add_model_and_corpus, corpus_from_args, positive_int, settings_from_args
 from flows.provenance import versions
 from whence.config import FitConfig, help_for
-from whence.factors import STRATEGIES
+from whence.corpus import CorpusSource, CorpusTally, Fragment
+from whence.factors import CORRECTION_SUMS_FILE, COVARIANCE_SUMS_FILE, STRATEGIES
 
 log = logging.getLogger("whence.fit")
 
-COVARIANCE_FILE = "covariance.safetensors"
-CORRECTIONS_FILE = "corrections.safetensors"
 PASS_ATTEMPTS = 3
 
 
@@ -39,97 +44,121 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = FitConfig(modules=args.modules, strategy=args.strategy, fisher=args.fisher, seq_len=args.seq_len,
-                       max_sequences=args.max_sequences, batch_size=args.batch_size, seed=args.seed,
-                       num_blocks=args.num_blocks)
-    summary = fit_corpus(args.model, args.corpus, args.out, config, workers=args.workers, shards=args.shards,
-                         dtype=args.dtype, address=args.address, strict=args.strict, overwrite=args.overwrite,
-                         id_field=args.id_field, text_field=args.text_field)
+    summary = fit_corpus(args.model, corpus_from_args(args), args.out, settings_from_args(FitConfig, args),
+                         ClusterSettings.from_args(args), overwrite=args.overwrite)
     print(f"factors written to {args.out} ({summary['layers']} layers, {summary['sequences']:,} sequences, "
           f"{summary['bad_rows']} bad rows skipped, {summary['seconds']:.1f}s)")
     return 0
 
 
-@surface_user_errors
-def fit_corpus(model: str, corpus: list[str], out: str, config: FitConfig, workers: int = 1, shards: int = 1,
-               dtype: str = "auto", address: str | None = None, strict: bool = False, overwrite: bool = False,
-               id_field: str = "id", text_field: str = "text") -> dict:
-    """Fit factors with Ray and write them to `out`. Returns the run summary."""
-    import ray
+@dataclass
+class PlannedCorpus:
+    """The corpus as both passes read it: its fragments, how to turn them into sequences, which sequences to emit
+    (duplicates skipped, the max_sequences quota) and how many that makes; `tally` counts the rows read."""
 
+    fragments: list[Fragment]
+    settings: ReadSettings
+    plan: FragmentPlan
+    total: int
+    tally: CorpusTally
+
+
+@surface_user_errors
+def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: FitConfig,
+               cluster: ClusterSettings = ClusterSettings(), overwrite: bool = False  # noqa: B008 (frozen)
+               ) -> dict:
+    """Fit factors with Ray and write them to `out`. Returns the run summary."""
     from actors.hosting import ModelSpec
     from flows.cluster import connect
-    from flows.corpus_pipeline import FragmentPlan, ReadSettings, reduce_scans, run_scan
     from flows.run_state import RunDirectory
-    from whence.corpus import list_fragments
-    from whence.fitting import needs_correction, needs_covariance
     from whence.model import check_model_source
 
     check_model_source(model)  # before any Ray work: a clear error naming the path
     started = time.monotonic()
-    arguments = {"model": model, "corpus": list(corpus), "dtype": dtype, "id_field": id_field,
-                 "text_field": text_field, "strict": strict, **config.to_dict()}
+    corpus = CorpusSource.of(corpus)
+    source = corpus.to_arguments()  # the run.json keys, in the order they have always been written
+    arguments = {"model": model, "corpus": source.pop("corpus"), "dtype": cluster.dtype, **source,
+                 **config.to_dict()}
     state = RunDirectory(out, "fit", arguments)
-    if state.finished and not overwrite:
-        log.info("%s already holds a finished run with these arguments; nothing to do", out)
+    if state.reuse_or_open(overwrite):
         return state.saved_summary()
-    if state.open(overwrite):
-        log.info("resuming the unfinished run in %s", out)
-    connect(address)
-    fragments = list_fragments(corpus)
-    settings = ReadSettings(model, config.seq_len, id_field, text_field, strict)
-    tally, skip, counts, _ = reduce_scans(run_scan(fragments, settings))
-    plan = FragmentPlan(skip_lines=skip, quota=_quotas(counts, config.max_sequences))
-    total = sum(plan.quota.values()) if plan.quota is not None else sum(counts.values())
-    if total == 0:
-        from whence.errors import CorpusError
+    connect(cluster.address)
+    corpus_plan = plan_corpus(corpus, ReadSettings.for_corpus(model, config.seq_len, corpus), config.max_sequences)
 
-        raise CorpusError(f"no training sequences in {', '.join(corpus)} ({tally.total_bad} bad rows)")
-    log.info("corpus: %d fragments, %d documents, %d bad rows, %d sequences to fit on",
-             len(fragments), tally.documents, tally.total_bad, total)
-
-    spec = ModelSpec(model, config.modules, dtype)
-    pool = FitterPool(spec, config, workers, shards)
+    pool = FitterPool(ModelSpec(model, config.modules, cluster.dtype), config, cluster)
     description = pool.describe()
     names = [layer["name"] for layer in description["layers"]]
-    log.info("tracking %d layers on %d worker(s): %s ...", len(names), workers, ", ".join(names[:3]))
+    log.info("tracking %d layers on %d worker(s): %s ...", len(names), cluster.workers, ", ".join(names[:3]))
     for stage, held in enumerate(description.get("memory", [])):  # with --shards: what each stage holds
         log.info("stage %d holds %s", stage, held)
-
-    timings = {}
-    covariance, bases = None, dict.fromkeys(names)
-    if needs_covariance(config.strategy):
-        covariance = _load_sums(state, COVARIANCE_FILE)
-        if covariance is None:
-            covariance = pool.run_pass("covariance", fragments, settings, plan, total)
-            _save_sums(state, COVARIANCE_FILE, covariance)
-        timings["covariance_s"] = time.monotonic() - started
-        tick = time.monotonic()
-        bases = pool.eigendecompose(covariance)
-        timings["eigendecomposition_s"] = time.monotonic() - tick
-    corrections = None
-    if needs_correction(config.strategy):
-        corrections = _load_sums(state, CORRECTIONS_FILE)
-        if corrections is None:
-            tick = time.monotonic()
-            pass_bases = bases if config.strategy == "ekfac" else dict.fromkeys(names)
-            corrections = pool.run_pass("correction", fragments, settings, plan, total, ray.put(pass_bases))
-            _save_sums(state, CORRECTIONS_FILE, corrections)
-            timings["correction_s"] = time.monotonic() - tick
+    covariance, bases, corrections, timings = fit_passes(pool, state, config, corpus_plan, names, started)
 
     from whence.factors import assemble_factors
 
-    summary = {"layers": len(names), "sequences": total, "documents": tally.documents,
+    tally = corpus_plan.tally
+    summary = {"layers": len(names), "sequences": corpus_plan.total, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "seconds": time.monotonic() - started,
                **timings}
     metadata = {"model_fingerprint": description["fingerprint"], "model": model, "arguments": arguments,
-                "tokens": covariance.tokens if covariance else None, "sequences": total,
+                "tokens": covariance.tokens if covariance else None, "sequences": corpus_plan.total,
                 "summary": summary, "versions": versions()}
     factors = assemble_factors(config.strategy, description["layers"], covariance, bases, corrections, metadata)
     factors.save(out, {"command": "fit"})
     state.finish(summary)
     log.info("wrote %s in %.1fs", out, summary["seconds"])
     return summary
+
+
+def plan_corpus(corpus: CorpusSource, settings: ReadSettings, max_sequences: int | None) -> PlannedCorpus:
+    """Scan every fragment once (bad rows, duplicate ids, sequences per fragment) and plan the passes."""
+    from flows.corpus_pipeline import reduce_scans, run_scan
+    from whence.corpus import list_fragments
+    from whence.errors import CorpusError
+
+    fragments = list_fragments(corpus.paths)
+    tally, skip, counts, _ = reduce_scans(run_scan(fragments, settings))
+    plan = FragmentPlan(skip_lines=skip, quota=_quotas(counts, max_sequences))
+    total = sum(plan.quota.values()) if plan.quota is not None else sum(counts.values())
+    if total == 0:
+        raise CorpusError(f"no training sequences in {', '.join(corpus.paths)} ({tally.total_bad} bad rows)")
+    log.info("corpus: %d fragments, %d documents, %d bad rows, %d sequences to fit on",
+             len(fragments), tally.documents, tally.total_bad, total)
+    return PlannedCorpus(fragments, settings, plan, total, tally)
+
+
+def fit_passes(pool: FitterPool, state, config: FitConfig, corpus: PlannedCorpus, names: list[str],
+               started: float):
+    """(covariance, bases, corrections, timings): the passes the strategy needs, each pass's merged sums saved
+    in the run directory as soon as it ends and loaded instead of recomputed when a resumed run finds them."""
+    import ray
+
+    from whence.factors import load_sums, save_sums, sums_exist
+    from whence.fitting import needs_correction, needs_covariance
+
+    def saved_or_run(kind: str, name: str, bases=None):
+        path = state.path / name
+        if sums_exist(path):
+            log.info("resuming: %s pass already done (%s)", kind, name)
+            return load_sums(path), False
+        sums = pool.run_pass(kind, corpus, None if bases is None else ray.put(bases))
+        save_sums(path, sums)
+        return sums, True
+
+    timings = {}
+    covariance, bases, corrections = None, dict.fromkeys(names), None
+    if needs_covariance(config.strategy):
+        covariance, _ = saved_or_run("covariance", COVARIANCE_SUMS_FILE)
+        timings["covariance_s"] = time.monotonic() - started
+        tick = time.monotonic()
+        bases = pool.eigendecompose(covariance)
+        timings["eigendecomposition_s"] = time.monotonic() - tick
+    if needs_correction(config.strategy):
+        tick = time.monotonic()
+        pass_bases = bases if config.strategy == "ekfac" else dict.fromkeys(names)
+        corrections, computed = saved_or_run("correction", CORRECTION_SUMS_FILE, pass_bases)
+        if computed:
+            timings["correction_s"] = time.monotonic() - tick
+    return covariance, bases, corrections, timings
 
 
 def _quotas(counts: dict[int, int], max_sequences: int | None) -> dict[int, int] | None:
@@ -146,27 +175,29 @@ def _quotas(counts: dict[int, int], max_sequences: int | None) -> dict[int, int]
 class FitterPool:
     """W FitterActors (or sharded pipelines), each fed one iterator of a streaming split of the sequences."""
 
-    def __init__(self, spec, config: FitConfig, workers: int, shards: int):
+    def __init__(self, spec, config: FitConfig, cluster: ClusterSettings):
         import ray
 
         from actors.fitter import FitterActor
         from flows.cluster import actor_resources, gpu_share, torch_threads
 
+        workers, shards = cluster.workers, cluster.shards
         self.workers, self.shards = workers, shards
-        self.batch_size = config.batch_size
         resources = actor_resources(workers)
+        # Restarted up to twice (a restart reloads the model); a pass is retried as a whole (run_pass).
+        policy = dict(max_restarts=2, max_task_retries=0, max_concurrency=2)
+        if cluster.actor_env:
+            policy["runtime_env"] = {"env_vars": dict(cluster.actor_env)}
         if shards > 1:
-            from actors.shard import ShardedWorker, ShardOptions
+            from actors.sharded_worker import ShardedWorker, ShardOptions
 
-            remote = ray.remote(ShardedWorker).options(num_cpus=0, max_restarts=2, max_task_retries=0,
-                                                      max_concurrency=2)
+            remote = ray.remote(ShardedWorker).options(num_cpus=0, **policy)
             options = ShardOptions(stage_gpus=gpu_share(workers * shards))  # W pipelines x N stages share GPUs
             self.actors = [remote.remote(spec, shards, config.fisher, config.num_blocks, config.seed,
                                          config.batch_size, options) for _ in range(workers)]
         else:
             threads = torch_threads(resources.get("num_cpus", 1))
-            remote = ray.remote(FitterActor).options(**resources, max_restarts=2, max_task_retries=0,
-                                                    max_concurrency=2)
+            remote = ray.remote(FitterActor).options(**resources, **policy)
             self.actors = [remote.remote(spec, config.fisher, config.num_blocks, config.seed, config.batch_size,
                                          threads) for _ in range(workers)]
 
@@ -193,7 +224,7 @@ class FitterPool:
                     raise
                 log.warning("an actor died during the eigendecomposition (%s); retrying", error)
 
-    def run_pass(self, kind: str, fragments, settings, plan, total: int, bases_ref=None):
+    def run_pass(self, kind: str, corpus: PlannedCorpus, bases_ref=None):
         """One pass over the sequences; retried from the start if an actor dies (its restart reloads the model)."""
         import ray
 
@@ -201,8 +232,8 @@ class FitterPool:
         from flows.progress import Progress
 
         for attempt in range(1, PASS_ATTEMPTS + 1):
-            progress = Progress(f"{kind} pass", total)
-            splits = sequences_dataset(fragments, settings, plan).streaming_split(self.workers)
+            progress = Progress(f"{kind} pass", corpus.total)
+            splits = sequences_dataset(corpus.fragments, corpus.settings, corpus.plan).streaming_split(self.workers)
             if kind == "covariance":
                 refs = [actor.covariance_pass.remote(split) for actor, split in zip(self.actors, splits)]
             else:
@@ -226,41 +257,3 @@ class FitterPool:
             return merged
         raise RuntimeError("unreachable")
 
-
-def _save_sums(state, name: str, sums) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    from whence.factors import CovarianceSums
-
-    if isinstance(sums, CovarianceSums):
-        tensors = {f"{n}/A/{i}": t for n, blocks in sums.activation.items() for i, t in enumerate(blocks)}
-        tensors |= {f"{n}/S/{i}": t for n, blocks in sums.gradient.items() for i, t in enumerate(blocks)}
-        meta = {"kind": "covariance", "tokens": str(sums.tokens), "sequences": str(sums.sequences)}
-    else:
-        tensors = {f"{n}/L": t for n, t in sums.sums.items()}
-        meta = {"kind": "correction", "sequences": str(sums.sequences)}
-    partial = state.path / (name + ".partial")
-    save_file({k: v.contiguous().to(torch.float64) for k, v in tensors.items()}, str(partial), metadata=meta)
-    partial.replace(state.path / name)
-
-
-def _load_sums(state, name: str):
-    from safetensors import safe_open
-
-    from whence.factors import CovarianceSums, LambdaSums
-
-    path = state.path / name
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata()
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    log.info("resuming: %s pass already done (%s)", meta["kind"], path.name)
-    if meta["kind"] == "correction":
-        return LambdaSums({k.rsplit("/", 1)[0]: v for k, v in tensors.items()}, int(meta["sequences"]))
-    activation, gradient = {}, {}
-    for key in sorted(tensors, key=lambda k: (k.rsplit("/", 2)[0], int(k.rsplit("/", 1)[1]))):
-        layer, kind, _ = key.rsplit("/", 2)
-        (activation if kind == "A" else gradient).setdefault(layer, []).append(tensors[key])
-    return CovarianceSums(activation, gradient, int(meta["tokens"]), int(meta["sequences"]))

@@ -1,10 +1,14 @@
-"""Command-line options shared by `whence fit` and `whence score` (help text from the settings dataclasses)."""
+"""Command-line options shared by `whence fit` and `whence score` (help text from the settings dataclasses), and
+the parsed options turned into the objects the flows take: a settings dataclass, the corpus (CorpusSource) and,
+in flows.cluster, the cluster (ClusterSettings.from_args)."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-from whence.config import FitConfig, ScoreConfig, help_for
+from whence.config import FitConfig, help_for
+from whence.corpus import CorpusSource
 
 
 def positive_int(text: str) -> int:
@@ -36,5 +40,12 @@ def add_model_and_corpus(parser: argparse.ArgumentParser) -> None:
                         help="replace an output directory that holds a run with other arguments")
 
 
-def score_config_help(name: str) -> str:
-    return help_for(ScoreConfig, name)
+def corpus_from_args(args: argparse.Namespace) -> CorpusSource:
+    """The corpus of add_model_and_corpus's options: --corpus, --id-field, --text-field and --strict."""
+    return CorpusSource(args.corpus, id_field=args.id_field, text_field=args.text_field, strict=args.strict)
+
+
+def settings_from_args(settings_class, args: argparse.Namespace):
+    """A settings dataclass (FitConfig, ScoreConfig) filled from the options named like its fields."""
+    return settings_class(**{f.name: getattr(args, f.name) for f in fields(settings_class) if hasattr(args, f.name)})
+

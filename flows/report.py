@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# Keep in step with whence.report.DEFAULT_MAX_SEQUENCES (not imported here, so that --help stays fast).
+# Keep in step with whence.report.page.DEFAULT_MAX_SEQUENCES (not imported here, so that --help stays fast).
 DEFAULT_MAX_SEQUENCES = 50
 
 

@@ -3,16 +3,20 @@
 Layout of a run directory (fit or score):
     run.json          the arguments that define the run and its status ("running" / "finished")
     manifest.json     written at the end (the contract: arguments, tracked layers, fingerprint, versions)
-    parts/            finished units of work (one file per corpus fragment), written atomically
+    parts/            finished units of work (one file per corpus fragment), written atomically; what a
+                      part holds belongs to its command (for `whence score`: whence.fragment_parts)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from whence.errors import RunStateError
+
+log = logging.getLogger("whence.run")
 
 RUN_FILE = "run.json"
 PARTS = "parts"
@@ -52,6 +56,17 @@ class RunDirectory:
         self.write_json(RUN_FILE, {"command": self.command, "arguments": self.arguments, "status": "running"})
         return False
 
+    def reuse_or_open(self, overwrite: bool) -> bool:
+        """True when the directory already holds a finished run of these arguments and overwrite is off: its
+        outputs stand, nothing to do. Otherwise opens it (`open`: resuming an unfinished run with the same
+        arguments) and returns False."""
+        if self.finished and not overwrite:
+            log.info("%s already holds a finished run with these arguments; nothing to do", self.path)
+            return True
+        if self.open(overwrite):
+            log.info("resuming the unfinished run in %s", self.path)
+        return False
+
     @property
     def finished(self) -> bool:
         """True when the directory holds a finished run of these arguments (its outputs are complete)."""
@@ -87,10 +102,28 @@ class RunDirectory:
             return {}
         return {int(p.stem.rsplit("-", 1)[1]): p for p in sorted(directory.glob(f"{kind}-*.parquet"))}
 
+    def holds_this_run(self, saved: dict | None, overwrite: bool) -> bool:
+        """For a run written elsewhere and moved into place once complete (`whence pretrain`'s model directory),
+        judged from `saved`: the {"command", "arguments"} record of the run the directory holds (None: none).
 
-def write_table_atomically(table, path: Path) -> None:
-    import pyarrow.parquet as pq
+        True when that is this run. Another run, or a directory of other files, raises RunStateError unless
+        `overwrite`; False means the caller writes the run (replacing what is there)."""
+        if overwrite or not self.path.exists():
+            return False
+        if not self.path.is_dir():
+            raise RunStateError(f"{self.path} is a file, not a directory; choose another --out")
+        if saved is None:
+            if any(self.path.iterdir()):
+                raise RunStateError(f"{self.path} exists and is not a whence {self.command} run; pass --overwrite "
+                                    "to replace its contents, or choose another --out")
+            return False
+        if saved.get("command") == self.command and saved.get("arguments") == self.arguments:
+            return True
+        differing = ", ".join(self.differing(saved.get("arguments") or {})) or "command"
+        raise RunStateError(f"{self.path} holds a `whence {saved.get('command')}` run with other arguments "
+                            f"(differing: {differing}); pass --overwrite to replace it")
 
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(table, partial)
-    partial.replace(path)
+    def differing(self, saved_arguments: dict) -> list[str]:
+        """The names of the arguments whose saved value is not this run's, sorted."""
+        names = set(saved_arguments) | set(self.arguments)
+        return sorted(name for name in names if saved_arguments.get(name) != self.arguments.get(name))

@@ -4,43 +4,24 @@ import numpy as np
 import pytest
 import torch
 
-from tests.references import exact_fisher, per_sequence_gradients
-from tests.tiny import make_model
-from whence.api import sequence_batches
+from flows.bench.micro import micro_setting
 from whence.factors import Factors
-from whence.fitting import fit_factors
 from whence.lissa import fisher_product, lissa_inverse_hvp, top_eigenvalue
-from whence.model import find_tracked_layers
 from whence.queries import factors_for_method
-from whence.task import LanguageModelingTask
-from whence.text import TrainingSequence
 
 MIN_EKFAC_PEARSON = 0.9
 NUM_FIT_SEQUENCES = 2500
-SEQ_LEN = 12
 
 
 @pytest.fixture(scope="module")
 def setting(tokenizer):
-    """A Llama of width 12: block 0's MLP down_proj is (12, 24) = 288 parameters with a full-rank Fisher.
-    (In GPT-2 every MLP layer has a singular Fisher block: c_fc reads layer-normed inputs, which span one
-    dimension less, and c_proj writes to a residual stream read only through LayerNorms, which ignore its mean.)"""
-    model = make_model("llama", len(tokenizer), hidden=12, layers=2)
-    layers = find_tracked_layers(model, r"layers\.0\.mlp\.down_proj$")
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, len(tokenizer), (NUM_FIT_SEQUENCES + 40, SEQ_LEN), generator=generator)
-    sequences = [TrainingSequence(str(i), 0, tuple(row.tolist())) for i, row in enumerate(tokens)]
-    fit_set, train_set, query_set = sequences[:NUM_FIT_SEQUENCES], sequences[-40:-8], sequences[-8:]
-    gradients = per_sequence_gradients(model, tokenizer, layers, fit_set)[layers[0].name]
-    fisher = exact_fisher(gradients)
+    """The micro setting (flows.bench.micro, shared with `whence bench`): a Llama of width 12 whose block 0 MLP
+    down_proj is (12, 24) = 288 parameters with a full-rank Fisher; its vocabulary is the tiny tokenizer's.
+    Gradients are (N, 288): fit_gradients (2500), train (32) and queries (8)."""
+    setting = micro_setting(NUM_FIT_SEQUENCES, vocab=len(tokenizer))
+    fisher = setting["fisher"]
     assert torch.linalg.matrix_rank(fisher) == fisher.shape[0], "the Fisher should have full rank"
-    factors = fit_factors(model, layers, lambda: (b for _, b in sequence_batches(tokenizer, fit_set, 64)))
-    task = LanguageModelingTask()
-    data_objective = task.sequence_log_likelihood
-    train = per_sequence_gradients(model, tokenizer, layers, train_set, objective=data_objective)[layers[0].name]
-    queries = per_sequence_gradients(model, tokenizer, layers, query_set, objective=data_objective)[layers[0].name]
-    return dict(model=model, layer=layers[0], fisher=fisher, factors=factors, train=train, queries=queries,
-                fit_gradients=gradients)
+    return setting
 
 
 def mean_pearson(a: torch.Tensor, b: torch.Tensor) -> float:

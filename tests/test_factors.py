@@ -10,7 +10,7 @@ from tests.tiny import TEXTS, make_model
 from whence import FitConfig, fit
 from whence.api import sequence_batches
 from whence.errors import FactorsMismatchError
-from whence.factors import Factors
+from whence.factors import CovarianceSums, Factors, LambdaSums, load_sums, save_sums
 from whence.fitting import FactorFitter, eigendecompose
 from whence.model import find_tracked_layers, model_fingerprint
 from whence.text import iter_sequences
@@ -88,6 +88,44 @@ def test_partial_sums_merge_to_one_pass_and_batching_does_not_matter(tokenizer):
         results.append(total)
     for name in results[0].sums:
         torch.testing.assert_close(results[0].sums[name], results[1].sums[name], **FLOAT64)
+
+
+def test_partial_sums_save_and_load_in_the_format_of_earlier_runs(tmp_path):
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    # Layer names hold dots; 11 blocks check that block 10 loads after block 9, not after block 1.
+    layers = {"model.layers.0.mlp.up_proj": (3, 5), "model.layers.1.mlp.down_proj": (5, 3)}
+    covariance = CovarianceSums.zeros(layers, num_blocks=1)
+    covariance.activation["model.layers.0.mlp.up_proj"] = [torch.rand(1, 1, dtype=torch.float64, generator=generator)
+                                                            for _ in range(11)]
+    for blocks in (*covariance.activation.values(), *covariance.gradient.values()):
+        for block in blocks:
+            block.copy_(torch.rand(block.shape, dtype=torch.float64, generator=generator))
+    covariance.tokens, covariance.sequences = 17, 4
+    corrections = LambdaSums({n: torch.rand(shape, dtype=torch.float64, generator=generator)
+                              for n, shape in layers.items()}, 4)
+    # The files a run of an earlier version left: keys and metadata as they were written then.
+    old = {f"{n}/A/{i}": t for n, blocks in covariance.activation.items() for i, t in enumerate(blocks)}
+    old |= {f"{n}/S/{i}": t for n, blocks in covariance.gradient.items() for i, t in enumerate(blocks)}
+    save_file(old, str(tmp_path / "old-covariance.safetensors"),
+              metadata={"kind": "covariance", "tokens": "17", "sequences": "4"})
+    save_file({f"{n}/L": t for n, t in corrections.sums.items()}, str(tmp_path / "old-corrections.safetensors"),
+              metadata={"kind": "correction", "sequences": "4"})
+    for prefix in ("old", "new"):
+        if prefix == "new":
+            save_sums(tmp_path / "new-covariance.safetensors", covariance)
+            save_sums(tmp_path / "new-corrections.safetensors", corrections)
+        loaded = load_sums(tmp_path / f"{prefix}-covariance.safetensors")
+        assert (loaded.tokens, loaded.sequences) == (17, 4)
+        for name in layers:
+            for got, want in zip(loaded.activation[name] + loaded.gradient[name],
+                                 covariance.activation[name] + covariance.gradient[name], strict=True):
+                assert torch.equal(got, want)
+        lambdas = load_sums(tmp_path / f"{prefix}-corrections.safetensors")
+        assert isinstance(lambdas, LambdaSums) and lambdas.sequences == 4
+        assert all(torch.equal(lambdas.sums[n], corrections.sums[n]) for n in layers)
+    assert not list(tmp_path.glob("*.partial")), "written through a .partial file, then renamed"
 
 
 def test_save_load_roundtrip_and_other_model_is_refused(tmp_path, tokenizer):

@@ -2,18 +2,21 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from flows.cluster import ClusterSettings
 from flows.fit import fit_corpus
 from flows.score import score_corpus
 from tests.pipeline_fixtures import QUERIES, write_workspace
 from whence import FitConfig, ScoreConfig, fit, load_causal_lm, prepare, score
+from whence.corpus import CorpusSource
 from whence.errors import CorpusError, RunStateError
-from whence.factors import Factors
+from whence.factors import CORRECTION_SUMS_FILE, COVARIANCE_SUMS_FILE, FACTORS_FILE, Factors
 from whence.model import find_tracked_layers
 
 SEQ_LEN = 16
@@ -30,18 +33,23 @@ def workspace(tmp_path_factory, ray_cluster):
     space = write_workspace(root)
     space["root"] = root
     space["factors"] = str(root / "factors")
-    fit_corpus(space["model"], [space["corpus"]], space["factors"], FitConfig(seq_len=SEQ_LEN, batch_size=4),
-               workers=2, dtype="float64")
+    fit_corpus(space["model"], [space["corpus"]], space["factors"], FIT_CONFIG,
+               ClusterSettings(workers=2, dtype="float64"))
     return space
 
 
-def run_score(space, out, **overrides):
+FIT_CONFIG = FitConfig(seq_len=SEQ_LEN, batch_size=4)
+CLUSTER_FIELDS = {f.name for f in dataclasses.fields(ClusterSettings)}
+
+
+def run_score(space, out, strict=False, overwrite=False, **overrides):
+    """score_corpus with the test's settings; `overrides` are ScoreConfig or ClusterSettings fields."""
     settings = dict(top_k=5, tfidf_candidates=0, query_rank="full", batch_size=4)
-    config_fields = {f.name for f in dataclasses.fields(ScoreConfig)}
-    extra = {k: overrides.pop(k) for k in list(overrides) if k not in config_fields}
+    cluster = {k: overrides.pop(k) for k in list(overrides) if k in CLUSTER_FIELDS}
     settings.update(overrides)
-    return score_corpus(space["model"], space["factors"], space["queries"], [space["corpus"]], str(out),
-                        ScoreConfig(**settings), dtype="float64", **extra)
+    return score_corpus(space["model"], space["factors"], space["queries"],
+                        CorpusSource([space["corpus"]], strict=strict), str(out), ScoreConfig(**settings),
+                        ClusterSettings(dtype="float64", **cluster), overwrite=overwrite)
 
 
 def test_fit_equals_the_in_process_fit(workspace):
@@ -54,6 +62,24 @@ def test_fit_equals_the_in_process_fit(workspace):
         torch.testing.assert_close(fitted.eigenvalues[layer.name], expected.eigenvalues[layer.name], **FLOAT64)
         v = torch.randn(layer.d_out, layer.d_in, dtype=torch.float64)
         torch.testing.assert_close(fitted.precondition(layer.name, v), expected.precondition(layer.name, v), **FLOAT64)
+
+
+def test_interrupted_fit_resumes_from_the_saved_sums(workspace, tmp_path):
+    out = tmp_path / "factors"
+    shutil.copytree(workspace["factors"], out)
+    covariance = out / COVARIANCE_SUMS_FILE
+    kept = covariance.stat().st_mtime_ns
+    # An interruption during the correction pass: the covariance sums are saved, nothing after them.
+    for name in (CORRECTION_SUMS_FILE, FACTORS_FILE):
+        (out / name).unlink()
+    run_file = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run_file, "status": "running"}))
+    fit_corpus(workspace["model"], [workspace["corpus"]], str(out), FIT_CONFIG,
+                         ClusterSettings(workers=2, dtype="float64"))
+    assert covariance.stat().st_mtime_ns == kept, "the finished covariance pass is not redone"
+    expected, resumed = Factors.load(workspace["factors"]), Factors.load(out)
+    for name in expected.layer_names:
+        torch.testing.assert_close(resumed.eigenvalues[name], expected.eigenvalues[name], **FLOAT64)
 
 
 def test_score_everything_equals_the_core_engine(workspace, tmp_path):

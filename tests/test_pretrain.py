@@ -51,3 +51,24 @@ def test_pretrain_writes_a_loadable_model_and_report(ray_cluster, corpus, tmp_pa
     # The same arguments again: the finished run is kept. Other arguments: refused without --overwrite.
     assert main(["pretrain", "--corpus", str(corpus), "--out", str(out), *TINY]) == 0
     assert main(["pretrain", "--corpus", str(corpus), "--out", str(out), *TINY, "--seed", "1"]) == 2
+
+
+def test_a_model_directory_is_judged_by_the_arguments_in_its_report(tmp_path):
+    """The demo's model (trained before run directories knew pretrain) is a finished run of its recorded
+    arguments; other arguments, or a directory of other files, are refused without --overwrite."""
+    from pathlib import Path
+
+    from flows.pretrain.output import REPORT_FILE, already_trained
+    from whence.errors import RunStateError
+
+    demo = Path(__file__).resolve().parents[1] / "flows" / "demo_assets" / "model"
+    arguments = json.loads((demo / REPORT_FILE).read_text())["arguments"]
+    assert already_trained(demo, arguments, overwrite=False)
+    assert not already_trained(demo, arguments, overwrite=True)
+    with pytest.raises(RunStateError, match="seed"):
+        already_trained(demo, {**arguments, "seed": 1}, overwrite=False)
+    assert not already_trained(tmp_path / "new", arguments, overwrite=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a model")
+    with pytest.raises(RunStateError, match="not a whence pretrain run"):
+        already_trained(tmp_path / "other", arguments, overwrite=False)

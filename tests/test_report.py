@@ -13,12 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from whence.errors import WhenceError
-from whence.report import (
-    fit_power_law_tail,
-    highlight_tokens_html,
-    load_results,
-    write_report,
-)
+from whence.report import fit_power_law_tail, highlight_tokens_html, write_report
+from whence.results import load_results
 
 LAYERS = [f"model.layers.{i}.mlp.{name}" for i in range(3) for name in ("gate_proj", "up_proj", "down_proj")]
 QUERIES = [
@@ -208,6 +204,66 @@ def test_cli_writes_report_where_asked(tmp_path: Path, capsys: pytest.CaptureFix
     assert "Showing the top 2 of 4 sequences" in page
     # Without scores.parquet the distribution says what it is drawn from.
     assert "Only the top-k scores are available" in page
+
+
+# The summary `whence score` writes (flows/score.py), as the report reads it from manifest.json.
+SCORE_SUMMARY = {
+    "queries": 2,
+    "sequences_scored": 1234,
+    "documents": 120,
+    "bad_rows": 4,
+    "corpus": {"documents": 120, "bad_rows": 4, "bad_by_reason": {"duplicate id": 1, "invalid JSON": 3}},
+    "fragments": 3,
+    "workers": 2,
+    "shards": 1,
+    "seconds": 3725.0,
+    "timings": {"prepare_queries_s": 0.25, "scan_s": 1.5, "tfidf_s": 2.0, "score_s": 125.0,
+                "score_steady_sequences": 0, "score_steady_s": 0.0, "per_token_s": 3.25},
+}
+SUMMARY_LABELS = {
+    "Queries": "2",
+    "Sequences scored": "1,234",
+    "Documents read": "120",
+    "Corpus fragments": "3",
+    "Bad rows skipped": "4",
+    "Bad rows by reason": "duplicate id: 1, invalid JSON: 3",
+    "Workers": "2",
+    "Pipeline stages per worker": "1",
+    "Total time": "1 h 02 min",
+    "Query preparation time": "250 ms",
+    "Corpus scan time": "1.5 s",
+    "TF-IDF filtering time": "2.0 s",
+    "Scoring time": "2 min 05 s",
+    "Per-token scoring time": "3.2 s",
+}
+
+
+def _summary_table(page: str) -> list[tuple[str, str]]:
+    section = re.search(r'<section class="summary"><h2>Summary</h2><table class="kv">(.*?)</table>', page)
+    assert section, "no summary table"
+    return re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", section.group(1))
+
+
+def test_summary_shows_labelled_fields_once(tmp_path: Path) -> None:
+    results_dir = make_results_dir(tmp_path / "results")
+    manifest = json.loads((results_dir / "manifest.json").read_text())
+    (results_dir / "manifest.json").write_text(json.dumps({**manifest, "summary": SCORE_SUMMARY}))
+    rows = _summary_table(write_report(results_dir).read_text(encoding="utf-8"))
+    labels = [label for label, _ in rows]
+    assert len(labels) == len(set(labels)), f"a field shown twice: {labels}"
+    shown = dict(rows)
+    for label, value in SUMMARY_LABELS.items():
+        assert shown.get(label) == value, (label, shown.get(label))
+    # Labels are words, not manifest keys; internal measurements stay out.
+    assert not [label for label in labels if "_" in label or "." in label], labels
+    assert not any("steady" in label.lower() for label in labels)
+
+
+def test_summary_labels_fields_it_does_not_know(tmp_path: Path) -> None:
+    rows = dict(_summary_table(write_report(make_results_dir(tmp_path / "results")).read_text(encoding="utf-8")))
+    assert rows["Sequences scored"] == f"{N_SEQUENCES:,}"
+    assert rows["Skipped rows"] == "2"
+    assert rows["Scoring time"] == "12.5 s" and rows["Filter time"] == "400 ms"
 
 
 def _run_command(argv: list[str]) -> int:

@@ -1,7 +1,8 @@
 """Model shards: factors and scores from a model split into pipeline stages equal the unsharded ones (float64).
 
-In-process (whence.shards.ShardedPipeline) for every family and 1, 2, 3 stages; on Ray (actors.shard) for one
-family, including a stage actor killed in the middle of a pass.
+In-process (whence.shards.ShardedPipeline) for every family and 1, 2, 3 stages; on Ray for one family: the
+ShardedWorker (actors.sharded_worker), including a stage actor killed in the middle of a pass, and the sharded Ray
+Data scoring stage (actors.scorer.ShardedSequenceScorer) against the unsharded one.
 """
 
 import pytest
@@ -201,6 +202,28 @@ def test_unsplittable_models_raise_model_error(tokenizer):
         split_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1)
 
 
+def test_a_family_registers_itself_by_subclassing_architecture(tokenizer):
+    """Adding a family is one Architecture subclass: defining it makes its model types splittable."""
+    from whence.shards import ARCHITECTURES, MODEL_TYPES, architecture_of
+    from whence.shards.families.gpt2 import GPT2
+
+    assert {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+            "qwen3": "llama"}.items() <= MODEL_TYPES.items()
+    model = make_model("gpt2", len(tokenizer), layers=2)
+    model.config.model_type = "renamed_gpt2"
+    with pytest.raises(ModelError, match="renamed_gpt2"):
+        architecture_of(model)
+    try:
+        class RenamedGPT2(GPT2, family="renamed_gpt2", model_types=("renamed_gpt2",)):
+            pass
+
+        assert architecture_of(model) is ARCHITECTURES["renamed_gpt2"]
+        assert [s.block_range for s in split_model(model, 2)] == [(0, 1), (1, 2)]
+    finally:
+        ARCHITECTURES.pop("renamed_gpt2", None)
+        MODEL_TYPES.pop("renamed_gpt2", None)
+
+
 def test_schedule_is_one_forward_one_backward_and_respects_dependencies():
     ids = list(range(6))
     assert stage_order(ids, 2, 3) == [(FORWARD, 0), (BACKWARD, 0), (FORWARD, 1), (BACKWARD, 1), (FORWARD, 2),
@@ -245,7 +268,7 @@ def saved_model(tmp_path_factory, tokenizer):
 def test_stage_actors_on_ray_survive_a_killed_stage(ray_cluster, saved_model, tokenizer):
     ray = ray_cluster
     from actors.hosting import ModelSpec
-    from actors.shard import ShardedWorker, ShardOptions
+    from actors.sharded_worker import ShardedWorker, ShardOptions
     from whence.model import load_causal_lm
 
     model, _ = load_causal_lm(saved_model, device="cpu", dtype="float64")
@@ -293,3 +316,40 @@ def test_stage_actors_on_ray_survive_a_killed_stage(ray_cluster, saved_model, to
     assert all(t["idle_s"] >= 0 and t["busy_s"] > 0 for t in timings)
     assert worker.describe()["fingerprint"] == worker.fingerprint
     worker.shutdown()
+
+
+def test_sharded_ray_data_stage_equals_the_unsharded_one(ray_cluster, saved_model, tokenizer, tmp_path):
+    """actors.scorer: ShardedSequenceScorer (the model over 2 stage actors) gives the columns SequenceScorer
+    gives, marker rows included."""
+    import numpy as np
+
+    from actors.hosting import ModelSpec
+    from actors.scorer import SequenceScorer, ShardedSequenceScorer
+    from actors.sharded_worker import ShardOptions
+    from whence.model import load_causal_lm
+
+    model, _ = load_causal_lm(saved_model, device="cpu", dtype="float64")
+    layers = find_tracked_layers(model, "mlp")
+    queries_path = tmp_path / "queries.safetensors"
+    prepared_queries(model, tokenizer, layers, rank=2).save(queries_path)
+    sequences = list(iter_sequences(tokenizer, enumerate(TEXTS), 12))[:7]
+    rows = len(sequences) + 1  # the last row marks the end of the fragment: no tokens, marker_total >= 0
+    input_ids = np.empty(rows, dtype=object)
+    input_ids[:] = [np.asarray(s.input_ids, dtype=np.int64) for s in sequences] + [np.zeros(0, dtype=np.int64)]
+    batch = {"input_ids": input_ids, "doc_id": np.asarray([str(s.doc_id) for s in sequences] + [""], dtype=object),
+             "chunk": np.asarray([s.chunk for s in sequences] + [-1]), "fragment": np.zeros(rows, dtype=np.int64),
+             "marker_total": np.asarray([-1] * len(sequences) + [len(sequences)])}
+
+    spec = ModelSpec(saved_model, "mlp", "float64")
+    expected = SequenceScorer(spec, str(queries_path), per_token=True, batch_size=3, num_threads=1)(batch)
+    sharded = ShardedSequenceScorer(spec, str(queries_path), per_token=True, shards=2, batch_size=2,
+                                    options=ShardOptions(micro_batch_size=2, num_threads=1))
+    actual = sharded(batch)
+    sharded.worker.shutdown()
+    assert set(actual) == set(expected)
+    for name in ("scores", "layer_scores"):
+        np.testing.assert_allclose(actual[name], expected[name], **FLOAT64)
+    for mine, theirs in zip(actual["token_scores"], expected["token_scores"]):
+        np.testing.assert_allclose(mine, theirs, **FLOAT64)
+    for name in ("fragment", "doc_id", "chunk", "marker_total", "num_tokens"):
+        assert list(actual[name]) == list(expected[name])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -13,6 +12,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from whence.tokenizer import train_bpe_tokenizer
 
 TEXTS = [
     "The whale swam far beyond the harbour, and the sailors watched it go.",
@@ -29,14 +30,7 @@ FAMILIES = ("gpt2", "llama", "neox")
 
 def make_tokenizer(vocab_size: int = 200) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on TEXTS: small and deterministic, with an end-of-text token as BOS/EOS/pad."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(TEXTS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    return train_bpe_tokenizer(TEXTS * 4, vocab_size)
 
 
 def make_model(family: str, vocab_size: int, hidden: int = 16, layers: int = 2, context: int = 64,

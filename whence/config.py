@@ -56,6 +56,7 @@ class ScoreConfig:
     per_token: bool = setting("also compute per-token scores of the top-k sequences", False)
     seq_len: int | None = setting("tokens per training sequence (None: as the factors were fitted)", None)
     batch_size: int = setting("sequences per scoring batch", 8)
+    save_all_scores: bool = setting("also write every (query, sequence) score to scores.parquet", False)
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -15,7 +15,9 @@ Very large layers: A and S may be split block-diagonally into `num_blocks` block
 block has its own eigenbasis, and the basis of the layer is their direct sum.
 
 Sums are kept unnormalised (float64) with their counts, so partial sums from workers add up exactly to a single
-pass over all data; normalisation happens once, at eigendecomposition.
+pass over all data; normalisation happens once, at eigendecomposition. A fit saves each pass's merged sums
+(`save_sums`, `load_sums`, `sums_exist`: COVARIANCE_SUMS_FILE, CORRECTION_SUMS_FILE) so that an interrupted run
+resumes at the next pass; the finished factors go to FACTORS_FILE and MANIFEST_FILE (`Factors.save`, `Factors.load`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 DEFAULT_DAMPING_FACTOR = 0.1  # damping_l = 0.1 x mean(Lambda_l) (DESIGN.md)
 
 # Names of stored factors (safetensors keys are f"{layer}/{NAME}" or f"{layer}/{NAME}/{block}").
-ACTIVATION_COVARIANCE = "activation_covariance"
-GRADIENT_COVARIANCE = "gradient_covariance"
 ACTIVATION_EIGENVECTORS = "activation_eigenvectors"
 ACTIVATION_EIGENVALUES = "activation_eigenvalues"
 GRADIENT_EIGENVECTORS = "gradient_eigenvectors"
@@ -43,6 +43,18 @@ CORRECTED_EIGENVALUES = "corrected_eigenvalues"
 
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
+
+# A pass's merged partial sums, saved beside the unfinished factors. Keys f"{layer}/{ACTIVATION_SUM}/{block}" and
+# f"{layer}/{GRADIENT_SUM}/{block}" (CovarianceSums), f"{layer}/{LAMBDA_SUM}" (LambdaSums), all float64; the
+# metadata holds SUMS_KIND (COVARIANCE_KIND or CORRECTION_KIND) and the counts, as decimal strings.
+COVARIANCE_SUMS_FILE = "covariance.safetensors"
+CORRECTION_SUMS_FILE = "corrections.safetensors"
+ACTIVATION_SUM = "A"
+GRADIENT_SUM = "S"
+LAMBDA_SUM = "L"
+SUMS_KIND = "kind"
+COVARIANCE_KIND = "covariance"
+CORRECTION_KIND = "correction"
 
 
 def block_slices(dim: int, num_blocks: int) -> list[slice]:
@@ -243,6 +255,51 @@ class LambdaSums:
 
     def to(self, device) -> LambdaSums:
         return LambdaSums({n: t.to(device) for n, t in self.sums.items()}, self.sequences)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Partial sums on disk (an interrupted fit resumes at the pass after the last one saved)
+
+
+def save_sums(path: str | Path, sums: CovarianceSums | LambdaSums) -> Path:
+    """Write a pass's merged sums to `path` (COVARIANCE_SUMS_FILE or CORRECTION_SUMS_FILE in a run directory),
+    float64, through a .partial file and a rename so that a crash never leaves half a file that looks finished."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if isinstance(sums, CovarianceSums):
+        tensors = {f"{n}/{ACTIVATION_SUM}/{i}": t for n, blocks in sums.activation.items() for i, t in enumerate(blocks)}
+        tensors |= {f"{n}/{GRADIENT_SUM}/{i}": t for n, blocks in sums.gradient.items() for i, t in enumerate(blocks)}
+        metadata = {SUMS_KIND: COVARIANCE_KIND, "tokens": str(sums.tokens), "sequences": str(sums.sequences)}
+    else:
+        tensors = {f"{n}/{LAMBDA_SUM}": t for n, t in sums.sums.items()}
+        metadata = {SUMS_KIND: CORRECTION_KIND, "sequences": str(sums.sequences)}
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().to("cpu", torch.float64).contiguous() for k, v in tensors.items()}, str(partial),
+              metadata=metadata)
+    partial.replace(path)
+    return path
+
+
+def sums_exist(path: str | Path) -> bool:
+    return Path(path).exists()
+
+
+def load_sums(path: str | Path) -> CovarianceSums | LambdaSums:
+    """The sums save_sums wrote: CovarianceSums or LambdaSums, as the file's SUMS_KIND says (blocks in order)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if metadata[SUMS_KIND] == CORRECTION_KIND:
+        suffix = f"/{LAMBDA_SUM}"
+        return LambdaSums({k.removesuffix(suffix): v for k, v in tensors.items()}, int(metadata["sequences"]))
+    activation, gradient = {}, {}
+    for key in sorted(tensors, key=lambda k: (k.rsplit("/", 2)[0], int(k.rsplit("/", 1)[1]))):
+        layer, kind, _ = key.rsplit("/", 2)  # layer names hold dots, never slashes
+        (activation if kind == ACTIVATION_SUM else gradient).setdefault(layer, []).append(tensors[key])
+    return CovarianceSums(activation, gradient, int(metadata["tokens"]), int(metadata["sequences"]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -107,13 +107,6 @@ class TrackedLayer:
         """True for GPT-2's Conv1D, whose weight is stored (d_in, d_out)."""
         return type(self.module).__name__ == "Conv1D"
 
-    def weight_matrix(self) -> torch.Tensor:
-        """The layer's parameters as one (d_out, d_in) matrix, bias as the last column."""
-        weight = self.module.weight.t() if self.transposed else self.module.weight
-        if self.has_bias:
-            return torch.cat([weight, self.module.bias[:, None]], dim=1)
-        return weight
-
     def describe(self) -> dict:
         return {"name": self.name, "d_in": self.d_in, "d_out": self.d_out, "bias": self.has_bias, "block": self.block}
 

@@ -4,6 +4,10 @@ For query q and layer l, the prepared query is P_l(grad_l f(q)) (d_out, d_in). T
 batch without per-example weight gradients we keep it as a rank-r factorisation (truncated SVD):
     P_l(grad_l f(q)) ~= sum_k  u_qk v_qk^T,    left (Q, r, d_out) = U_r S_r,  right (Q, r, d_in) = V_r
 With rank "full" the matrices are kept exactly.
+
+A prepared-queries file (RESULTS_DIR/queries.safetensors) holds the tensors `{layer}/left`, `{layer}/right` or
+`{layer}/full`, and in its metadata the query ids, layer names and rank (`QueriesHeader`, read and written here
+only).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from whence.tracking import LayerTracker
 
 DEFAULT_QUERY_RANK = 32
 METHODS = ("ekfac", "kfac", "diagonal", "identity", "lissa")
+SEPARATOR = "\x1f"  # joins the query ids and the layer names in a prepared-queries file's metadata
 
 
 @dataclass
@@ -57,8 +62,7 @@ class PreparedQueries:
         tensors = {f"{n}/left": t for n, t in self.left.items()}
         tensors |= {f"{n}/right": t for n, t in self.right.items()}
         tensors |= {f"{n}/full": t for n, t in self.full.items()}
-        metadata = {"query_ids": "\x1f".join(self.query_ids), "layers": "\x1f".join(self.layer_names),
-                    "rank": str(self.rank)}
+        metadata = QueriesHeader(self.query_ids, self.layer_names, self.rank).to_metadata()
         partial = Path(str(path) + ".partial")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
         partial.replace(path)
@@ -68,12 +72,38 @@ class PreparedQueries:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            meta = handle.metadata()
+            header = QueriesHeader.of(handle.metadata())
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         pick = lambda kind: {k.rsplit("/", 1)[0]: v for k, v in tensors.items() if k.endswith("/" + kind)}  # noqa: E731
-        rank = meta["rank"]
-        return cls(meta["query_ids"].split("\x1f"), meta["layers"].split("\x1f"),
-                   rank if rank == "full" else int(rank), pick("left"), pick("right"), pick("full"))
+        return cls(header.query_ids, header.layer_names, header.rank, pick("left"), pick("right"), pick("full"))
+
+
+@dataclass(frozen=True)
+class QueriesHeader:
+    """What a prepared-queries file says about itself, read without loading its tensors: the query ids, the
+    tracked layers (in the order of every layer_scores column) and the rank. Stored in the safetensors
+    metadata as strings; lists joined with SEPARATOR."""
+
+    query_ids: list[str]
+    layer_names: list[str]
+    rank: int | str
+
+    @classmethod
+    def of(cls, metadata: dict[str, str]) -> QueriesHeader:
+        rank = metadata["rank"]
+        return cls(metadata["query_ids"].split(SEPARATOR), metadata["layers"].split(SEPARATOR),
+                   rank if rank == "full" else int(rank))
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"query_ids": SEPARATOR.join(self.query_ids), "layers": SEPARATOR.join(self.layer_names),
+                "rank": str(self.rank)}
+
+    @classmethod
+    def read(cls, path: str | Path) -> QueriesHeader:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return cls.of(handle.metadata())
 
 
 def parse_rank(rank: int | str) -> int | str:

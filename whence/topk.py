@@ -2,6 +2,9 @@
 
 Order: score descending, then doc_id ascending, then chunk ascending. Ties are broken by the sequence's key, so
 the result is the same whatever the number of workers or the order in which batches arrive.
+
+A TopK goes to and from the topk.parquet columns with `to_columns` and `from_table` (whence.results writes and
+reads the files).
 """
 
 from __future__ import annotations
@@ -22,10 +25,31 @@ class TopK:
 
     @classmethod
     def empty(cls, query_ids: list[str], k: int | None, num_layers: int) -> TopK:
-        blank = lambda: {"doc_id": np.empty(0, dtype=object), "chunk": np.empty(0, dtype=np.int64),  # noqa: E731
-                         "score": np.empty(0, dtype=np.float64), "layer_scores": np.empty((0, num_layers)),
-                         "fragment": np.empty(0, dtype=np.int64)}
-        return cls(list(query_ids), k, [blank() for _ in query_ids])
+        return cls(list(query_ids), k, [_blank(num_layers) for _ in query_ids])
+
+    @classmethod
+    def from_table(cls, table, query_ids: list[str], k: int | None, num_layers: int, fragment: int = -1) -> TopK:
+        """The entries of a table in the topk.parquet schema (a pyarrow Table; rows in any order, ranks ignored;
+        rows of other queries dropped), all from corpus fragment `fragment`. One pass over the rows."""
+        n = table.num_rows
+        position = {query_id: q for q, query_id in enumerate(query_ids)}
+        codes = np.fromiter((position.get(query_id, -1) for query_id in table.column("query_id").to_pylist()),
+                            dtype=np.int64, count=n)
+        columns = {
+            "doc_id": np.asarray(table.column("doc_id").to_pylist(), dtype=object),
+            "chunk": table.column("chunk").to_numpy().astype(np.int64),
+            "score": table.column("score").to_numpy().astype(np.float64),
+            # list<float64> flattened row-major: (n, L)
+            "layer_scores": np.asarray(table.column("layer_scores").combine_chunks().flatten().to_numpy(
+                zero_copy_only=False), dtype=np.float64).reshape(n, num_layers),
+            "fragment": np.full(n, fragment, dtype=np.int64),
+        }
+        # Group rows by query with one stable sort: query q's rows are order[bounds[q]:bounds[q + 1]].
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(query_ids) + 1))
+        entries = [_prune({name: values[order[bounds[q] : bounds[q + 1]]] for name, values in columns.items()}, k)
+                   for q in range(len(query_ids))]
+        return cls(list(query_ids), k, entries)
 
     def update(self, doc_ids, chunks, scores: np.ndarray, layer_scores: np.ndarray, fragments=None) -> None:
         """scores (N, Q), layer_scores (N, Q, L) for N sequences."""
@@ -42,6 +66,22 @@ class TopK:
         self.entries = [_prune(_concat(mine, theirs), self.k) for mine, theirs in zip(self.entries, other.entries)]
         return self
 
+    def to_columns(self) -> dict:
+        """Every kept entry in rank order, query by query, as the topk.parquet columns: query_id and doc_id (lists
+        of str), rank, chunk, score (n,) and layer_scores (n, L)."""
+        counts = [len(entry["score"]) for entry in self.entries]
+        entries = self.entries or [_blank(0)]
+        joined = lambda name: np.concatenate([entry[name] for entry in entries])  # noqa: E731
+        return {
+            "query_id": [query_id for query_id, count in zip(self.query_ids, counts) for _ in range(count)],
+            "rank": np.concatenate([np.arange(1, count + 1, dtype=np.int64) for count in counts]
+                                   + [np.empty(0, dtype=np.int64)]),
+            "doc_id": [str(doc_id) for doc_id in joined("doc_id")],
+            "chunk": joined("chunk").astype(np.int64),
+            "score": joined("score").astype(np.float64),
+            "layer_scores": joined("layer_scores").astype(np.float64),
+        }
+
     def rows(self):
         """Yield dicts (query_id, rank, doc_id, chunk, score, layer_scores) in rank order."""
         for query_id, entry in zip(self.query_ids, self.entries):
@@ -49,6 +89,12 @@ class TopK:
                 yield {"query_id": query_id, "rank": rank + 1, "doc_id": str(entry["doc_id"][rank]),
                        "chunk": int(entry["chunk"][rank]), "score": float(entry["score"][rank]),
                        "layer_scores": [float(x) for x in entry["layer_scores"][rank]]}
+
+
+def _blank(num_layers: int) -> dict:
+    return {"doc_id": np.empty(0, dtype=object), "chunk": np.empty(0, dtype=np.int64),
+            "score": np.empty(0, dtype=np.float64), "layer_scores": np.empty((0, num_layers)),
+            "fragment": np.empty(0, dtype=np.int64)}
 
 
 def _concat(a: dict, b: dict) -> dict:

@@ -1,4 +1,4 @@
-"""`whence bench` measurements 5-7: the Ray scoring pipeline (flows.score.score_corpus) against itself.
+"""`whence bench` measurements 5-8: the Ray scoring pipeline (flows.score.score_corpus) against itself.
 
     5. pipeline overhead   score_corpus's throughput once started (sequences after the first scored batch over
                            the seconds they took) over QueryScorer's in this process: same model, queries,
@@ -23,6 +23,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.bench.configs import QUERIES
+from flows.bench.fixtures import Bench, demo_corpus, iter_documents
+from flows.bench.timing import time_call
+
 log = logging.getLogger("whence.bench")
 
 CORPUS_DOCUMENTS = 32  # one-window documents in the 1x corpus
@@ -30,6 +34,8 @@ CORPUS_DOCUMENTS = 32  # one-window documents in the 1x corpus
 # the in-process reference's); 8 files in the 1x corpus are enough to keep Ray Data's readers as busy as on 4x.
 DOCUMENTS_PER_FILE = 4
 QUERY_RANK = 32
+# score_corpus runs: name -> (corpus copies, workers). Each runs once per bench run, whichever figures use it.
+SCORE_RUNS = {"1x_1w": (1, 1), "4x_1w": (4, 1), "4x_2w": (4, 2)}
 
 
 @dataclass
@@ -90,45 +96,53 @@ class PeakMemory:
         self._record()
 
 
-def fixture(bench) -> PipelineFixture:
+def fixture(bench: Bench) -> PipelineFixture:
     """Made once per bench run (bench.pipeline), removed by `cleanup`."""
-    if getattr(bench, "pipeline", None) is not None:
+    if bench.pipeline is not None:
         return bench.pipeline
+    import ray
+
     from flows.cluster import connect
-    from whence.benchmarks import QUERIES, find_corpus, iter_documents
-    from whence.fitting import fit_factors
-    from whence.model import model_fingerprint
 
     bench.ensure_model()
     bench.ensure_tokenizer()
-    config, tokenizer, model = bench.config, bench.tokenizer, bench.model
     root = Path(tempfile.mkdtemp(prefix="whence-bench-"))
     model_dir = root / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    # One window per document: keep a little under seq_len tokens so that re-tokenising the decoded text
-    # cannot spill into a second window.
-    texts = []
-    for doc_id, text in iter_documents(find_corpus(), limit=CORPUS_DOCUMENTS):
-        ids = tokenizer(text, verbose=False)["input_ids"][: config.seq_len - 16]
-        texts.append((doc_id, tokenizer.decode(ids, skip_special_tokens=True)))
+    bench.model.save_pretrained(model_dir)
+    bench.tokenizer.save_pretrained(model_dir)
+    texts = one_window_texts(bench)
     corpora = {copies: _write_corpus(root / f"corpus_{copies}x", texts, copies, DOCUMENTS_PER_FILE)
                for copies in (1, 4)}
     queries_path = root / "queries.jsonl"
     queries_path.write_text("".join(json.dumps({"id": q.id, "prompt": q.prompt, "completion": q.completion}) + "\n"
                                     for q in QUERIES))
-    factors_dir = root / "factors"
-    metadata = {"model_fingerprint": model_fingerprint(model), "model": str(model_dir),
-                "arguments": {"seq_len": config.seq_len, "modules": "mlp", "strategy": "ekfac"}}
-    factors = bench.factors or fit_factors(model, bench.layers, lambda: iter(bench.batches[:1]))
-    factors.metadata.update(metadata)
-    factors.save(factors_dir, {"command": "fit"})
-    import ray
-
+    factors_dir = _save_factors(bench, root / "factors", model_dir)
     started = not ray.is_initialized()
     connect(None)  # Ray starts here, outside every timed run
     bench.pipeline = PipelineFixture(root, model_dir, factors_dir, queries_path, corpora, texts, started_ray=started)
     return bench.pipeline
+
+
+def one_window_texts(bench: Bench) -> list[tuple[str, str]]:
+    """(doc_id, text) of the corpus's first documents, each cut to one window: a little under seq_len tokens,
+    so that re-tokenising the decoded text cannot spill into a second window."""
+    texts = []
+    for doc_id, text in iter_documents(demo_corpus(), limit=CORPUS_DOCUMENTS):
+        ids = bench.tokenizer(text, verbose=False)["input_ids"][: bench.config.seq_len - 16]
+        texts.append((doc_id, bench.tokenizer.decode(ids, skip_special_tokens=True)))
+    return texts
+
+
+def _save_factors(bench: Bench, factors_dir: Path, model_dir: Path) -> Path:
+    """The bench's factors (those of the fitting measurement, else from one batch), saved as `whence fit` would."""
+    from whence.model import model_fingerprint
+
+    bench.ensure_factors()
+    bench.factors.metadata.update({"model_fingerprint": model_fingerprint(bench.model), "model": str(model_dir),
+                                   "arguments": {"seq_len": bench.config.seq_len, "modules": "mlp",
+                                                 "strategy": "ekfac"}})
+    bench.factors.save(factors_dir, {"command": "fit"})
+    return factors_dir
 
 
 def _write_corpus(directory: Path, texts: list[tuple[str, str]], copies: int, per_file: int) -> Path:
@@ -141,18 +155,21 @@ def _write_corpus(directory: Path, texts: list[tuple[str, str]], copies: int, pe
     return directory
 
 
-def run_score(bench, name: str, copies: int, workers: int) -> dict:
-    """score_corpus on the `copies`x corpus with `workers`; its summary plus the run's memory, cached by name."""
+def run_score(bench: Bench, name: str) -> dict:
+    """score_corpus run `name` of SCORE_RUNS; its summary plus the run's memory, cached by name."""
     fx = fixture(bench)
     if name in fx.runs:
         return fx.runs[name]
+    from flows.cluster import ClusterSettings
     from flows.score import score_corpus
     from whence.config import ScoreConfig
 
+    copies, workers = SCORE_RUNS[name]
     config = ScoreConfig(top_k=10, tfidf_candidates=0, query_rank=QUERY_RANK, batch_size=DOCUMENTS_PER_FILE)
     with PeakMemory() as memory:
         summary = score_corpus(str(fx.model_dir), str(fx.factors_dir), str(fx.queries_path), [str(fx.corpora[copies])],
-                               str(fx.root / f"results_{name}"), config, workers=workers, overwrite=True)
+                               str(fx.root / f"results_{name}"), config, cluster=ClusterSettings(workers=workers),
+                               overwrite=True)
     summary = dict(summary, peak_rss=memory.peak_total, peak_process_rss=memory.peak_process,
                    baseline_rss=memory.baseline_total)
     log.debug("score run %s: %s", name, summary)
@@ -160,34 +177,44 @@ def run_score(bench, name: str, copies: int, workers: int) -> dict:
     return summary
 
 
-def in_process_seconds(bench, threads: int) -> tuple[float, int]:
+def corpus_batches(bench: Bench) -> tuple[int, list[dict]]:
+    """(sequences, batches) of the 1x corpus, DOCUMENTS_PER_FILE sequences a batch, as the pipeline cuts them."""
+    from whence.api import sequence_batches
+    from whence.text import iter_sequences
+
+    sequences = list(iter_sequences(bench.tokenizer, fixture(bench).texts, bench.config.seq_len))
+    return len(sequences), [batch for _, batch in sequence_batches(bench.tokenizer, sequences, DOCUMENTS_PER_FILE)]
+
+
+def fixture_queries(bench: Bench):
+    """The fixture's queries prepared in this process with its saved factors, at QUERY_RANK."""
+    from whence.factors import Factors
+    from whence.queries import prepare_queries
+    from whence.text import load_queries
+
+    fx = fixture(bench)
+    return prepare_queries(bench.model, bench.tokenizer, bench.layers, Factors.load(fx.factors_dir),
+                           load_queries(fx.queries_path), rank=QUERY_RANK)
+
+
+def in_process_seconds(bench: Bench, threads: int) -> tuple[float, int]:
     """Best-of-repeats seconds for QueryScorer over the 1x corpus's sequences, with `threads` torch threads."""
     import torch
 
-    from whence.api import sequence_batches
-    from whence.benchmarks import time_call
-    from whence.factors import Factors
-    from whence.queries import prepare_queries
     from whence.scoring import QueryScorer
-    from whence.text import iter_sequences, load_queries
 
-    fx = fixture(bench)
-    sequences = list(iter_sequences(bench.tokenizer, fx.texts, bench.config.seq_len))
-    batches = [batch for _, batch in sequence_batches(bench.tokenizer, sequences, DOCUMENTS_PER_FILE)]
+    count, batches = corpus_batches(bench)
     batches = [{k: v.to(bench.device) for k, v in b.items()} for b in batches]
-    factors = Factors.load(fx.factors_dir)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        prepared = prepare_queries(bench.model, bench.tokenizer, bench.layers, factors, load_queries(fx.queries_path),
-                                   rank=QUERY_RANK)
-        scorer = QueryScorer(bench.model, bench.layers, prepared)
+        scorer = QueryScorer(bench.model, bench.layers, fixture_queries(bench))
         scorer.score(batches[0])  # warm-up
         seconds = min(time_call(lambda: [scorer.score(b) for b in batches], bench.device)
                       for _ in range(max(1, bench.config.repeats - 1)))
     finally:
         torch.set_num_threads(previous)
-    return seconds, len(sequences)
+    return seconds, count
 
 
 def steady_rate(run: dict) -> float:
@@ -195,13 +222,13 @@ def steady_rate(run: dict) -> float:
     return run["timings"]["score_steady_sequences"] / max(run["timings"]["score_steady_s"], 1e-9)
 
 
-def pipeline_overhead(bench) -> tuple[dict, dict]:
+def pipeline_overhead(bench: Bench) -> tuple[dict, dict]:
     """The pipeline's throughput after start-up (sequences arriving after the first scored batch, over the
     seconds they took) against the in-process scorer's, on the 4x and the 1x corpus; and the whole 1x run's
     (start-up, scan and reduction included) for context."""
     from flows.cluster import actor_resources, torch_threads
 
-    one, four = run_score(bench, "1x_1w", 1, 1), run_score(bench, "4x_1w", 4, 1)
+    one, four = run_score(bench, "1x_1w"), run_score(bench, "4x_1w")
     threads = torch_threads(actor_resources(1).get("num_cpus", 1))  # as a lone scoring actor gets
     seconds, count = in_process_seconds(bench, threads)
     reference = count / seconds  # sequences per second in process
@@ -219,69 +246,49 @@ def pipeline_overhead(bench) -> tuple[dict, dict]:
     return figures, details
 
 
-def score_memory(bench) -> tuple[dict, dict]:
-    one, four = run_score(bench, "1x_1w", 1, 1), run_score(bench, "4x_1w", 4, 1)
-    figures = {"score_peak_memory_4x_vs_1x": four["peak_rss"] / one["peak_rss"],
-               "score_largest_process_memory_4x_vs_1x": four["peak_process_rss"] / one["peak_process_rss"]}
-    details = {name: {key: run[key] for key in ("peak_rss", "peak_process_rss", "baseline_rss", "sequences_scored")}
-               for name, run in (("1x", one), ("4x", four))}
-    print(f"  score memory: peak of all processes {one['peak_rss'] / 2**20:.0f} MiB (1x) -> "
-          f"{four['peak_rss'] / 2**20:.0f} MiB (4x), largest process {one['peak_process_rss'] / 2**20:.0f} -> "
-          f"{four['peak_process_rss'] / 2**20:.0f} MiB; {one['sequences_scored']} -> {four['sequences_scored']} "
-          f"sequences")
-    return figures, details
+MEMORY_KEYS = ("peak_rss", "peak_process_rss", "baseline_rss", "sequences_scored")
 
 
-def worker_scaling(bench) -> tuple[dict, dict]:
-    one, two = run_score(bench, "4x_1w", 4, 1), run_score(bench, "4x_2w", 4, 2)
-    rate = {"1": steady_rate(one), "2": steady_rate(two)}
-    figures = {"score_throughput_2_workers_vs_1": rate["2"] / rate["1"]}
-    details = {"sequences_per_s": rate, "score_s": {"1": one["timings"]["score_s"], "2": two["timings"]["score_s"]}}
+def score_memory(bench: Bench) -> tuple[dict, dict]:
+    """Peak memory of the score_corpus runs on the 4x corpus over the 1x corpus (1 worker each)."""
+    runs = {"1x": run_score(bench, "1x_1w"), "4x": run_score(bench, "4x_1w")}
+    mib = {size: (run["peak_rss"] / 2**20, run["peak_process_rss"] / 2**20) for size, run in runs.items()}
+    figures = {"score_peak_memory_4x_vs_1x": runs["4x"]["peak_rss"] / runs["1x"]["peak_rss"],
+               "score_largest_process_memory_4x_vs_1x": runs["4x"]["peak_process_rss"] / runs["1x"]["peak_process_rss"]}
+    print(f"  score memory: peak of all processes {mib['1x'][0]:.0f} MiB (1x) -> {mib['4x'][0]:.0f} MiB (4x), "
+          f"largest process {mib['1x'][1]:.0f} -> {mib['4x'][1]:.0f} MiB; {runs['1x']['sequences_scored']} -> "
+          f"{runs['4x']['sequences_scored']} sequences")
+    return figures, {size: {key: run[key] for key in MEMORY_KEYS} for size, run in runs.items()}
+
+
+def worker_scaling(bench: Bench) -> tuple[dict, dict]:
+    """Throughput after start-up of score_corpus with 2 workers over 1 worker (4x corpus)."""
+    runs = {"1": run_score(bench, "4x_1w"), "2": run_score(bench, "4x_2w")}
+    rate = {workers: steady_rate(run) for workers, run in runs.items()}
     print(f"  workers: {rate['1']:.2f} -> {rate['2']:.2f} sequences/s after start-up (1 -> 2 workers, 4x corpus)")
-    return figures, details
+    return ({"score_throughput_2_workers_vs_1": rate["2"] / rate["1"]},
+            {"sequences_per_s": rate, "score_s": {workers: run["timings"]["score_s"] for workers, run in runs.items()}})
 
 
-def shard_scaling(bench) -> tuple[dict, dict]:
-    """Scoring throughput of the model split into 2 pipeline stages against 1 stage (actors.shard.ShardedWorker,
+def shard_scaling(bench: Bench) -> tuple[dict, dict]:
+    """Scoring throughput of the model split into 2 pipeline stages against 1 stage (ShardedWorker,
     the machinery behind `--shards`), the same torch threads in all, and each stage's idle share: the part of
     its wall time spent waiting for work from its neighbours."""
     import os
 
     import torch
 
-    from actors.shard import ShardedWorker, ShardOptions
-    from whence.api import sequence_batches
-    from whence.benchmarks import time_call
-    from whence.factors import Factors
-    from whence.queries import prepare_queries
-    from whence.text import iter_sequences, load_queries
-
-    fx = fixture(bench)
-    sequences = list(iter_sequences(bench.tokenizer, fx.texts, bench.config.seq_len))
-    batches = [batch for _, batch in sequence_batches(bench.tokenizer, sequences, DOCUMENTS_PER_FILE)]
-    prepared = prepare_queries(bench.model, bench.tokenizer, bench.layers, Factors.load(fx.factors_dir),
-                               load_queries(fx.queries_path), rank=QUERY_RANK)
+    count, batches = corpus_batches(bench)
+    prepared = fixture_queries(bench)
     cores = max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
     rates, idle, details = {}, {}, {}
     for stages in (1, 2):
         # As many threads in all as the machine has cores: one stage gets them all, two stages half each.
-        options = ShardOptions(micro_batch_size=max(1, DOCUMENTS_PER_FILE // 2), num_threads=max(1, cores // stages))
-        worker = ShardedWorker(str(fx.model_dir), stages, batch_size=DOCUMENTS_PER_FILE, options=options)
-        try:
-            worker.set_queries(prepared)
-            worker.score_batches(batches[:1])  # warm-up: every stage has run once
-            best, timings = float("inf"), None
-            for _ in range(max(1, bench.config.repeats - 1)):
-                worker.reset_timing()
-                seconds = time_call(lambda w=worker: w.score_batches(batches), torch.device("cpu"))
-                if seconds < best:
-                    best, timings = seconds, worker.stage_timings()
-        finally:
-            worker.shutdown()
-        rates[stages] = len(sequences) / best
+        seconds, timings, threads = _time_stages(bench, stages, max(1, cores // stages), prepared, batches)
+        rates[stages] = count / seconds
         idle[stages] = [t["idle_s"] / max(t["wall_s"], 1e-9) for t in timings]
-        details[f"{stages}_stages"] = {"seconds": best, "sequences": len(sequences), "stage_timings": timings,
-                                       "threads_per_stage": options.num_threads}
+        details[f"{stages}_stages"] = {"seconds": seconds, "sequences": count, "stage_timings": timings,
+                                       "threads_per_stage": threads}
     figures = {"shards_throughput_2_vs_1": rates[2] / rates[1],
                "shards_stage_idle_share_mean": sum(idle[2]) / len(idle[2]),
                "shards_stage_idle_share_max": max(idle[2])}
@@ -290,10 +297,33 @@ def shard_scaling(bench) -> tuple[dict, dict]:
     return figures, details
 
 
-def cleanup(bench) -> None:
+def _time_stages(bench: Bench, stages: int, threads: int, prepared, batches: list[dict]) -> tuple[float, list, int]:
+    """Best-of-repeats seconds of a ShardedWorker of `stages` stages over `batches`, the stage timings of that
+    best run, and the threads each stage had."""
+    import torch
+
+    from actors.sharded_worker import ShardedWorker, ShardOptions
+
+    options = ShardOptions(micro_batch_size=max(1, DOCUMENTS_PER_FILE // 2), num_threads=threads)
+    worker = ShardedWorker(str(fixture(bench).model_dir), stages, batch_size=DOCUMENTS_PER_FILE, options=options)
+    try:
+        worker.set_queries(prepared)
+        worker.score_batches(batches[:1])  # warm-up: every stage has run once
+        best, timings = float("inf"), None
+        for _ in range(max(1, bench.config.repeats - 1)):
+            worker.reset_timing()
+            seconds = time_call(lambda w=worker: w.score_batches(batches), torch.device("cpu"))
+            if seconds < best:
+                best, timings = seconds, worker.stage_timings()
+    finally:
+        worker.shutdown()
+    return best, timings, options.num_threads
+
+
+def cleanup(bench: Bench) -> None:
     import shutil
 
-    fx = getattr(bench, "pipeline", None)
+    fx = bench.pipeline
     if fx is None:
         return
     if fx.started_ray:
@@ -302,4 +332,3 @@ def cleanup(bench) -> None:
         ray.shutdown()
     shutil.rmtree(fx.root, ignore_errors=True)
     bench.pipeline = None
-

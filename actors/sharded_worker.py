@@ -1,14 +1,10 @@
-"""Model shards on Ray: stage actors that each hold part of a model, its factors and its queries.
+"""ShardedWorker: one model split over N stage actors (actors.stage.StageActor), driven as a pipeline.
 
-    StageActor             one pipeline stage (whence.shards.Stage): its blocks only, the rest of the model freed;
-                           forward / backward / accumulate / score calls keyed by micro-batch id
-    ShardedWorker          launches N StageActors and drives micro-batches through them, several in flight
-                           (1F1B order: micro-batch i + 1 enters stage 0 while i is further down), with the
-                           methods of whence.fitting.FactorFitter and whence.scoring.QueryScorer, over lists of
-                           batches too; plus the FitterActor surface the `whence fit` flow uses
-    ShardedSequenceScorer  the Ray Data scoring stage (actors.scorer.SequenceScorer) over a ShardedWorker
-
-All are plain classes: `ray.remote` is applied where they are launched (the worker launches its stage actors).
+It launches the stage actors and sends micro-batches through them several at a time, in the 1F1B order of
+whence.shards.schedule (micro-batch i + 1 enters stage 0 while i is further down), with the methods of
+whence.fitting.FactorFitter and whence.scoring.QueryScorer, over lists of batches too; plus the FitterActor
+surface the `whence fit` flow uses (describe, covariance_pass, correction_pass, eigendecompose, progress).
+A plain class: `ray.remote` is applied where it is launched; it launches its stage actors itself.
 
 Fault tolerance. A stage actor that dies is restarted by Ray (max_restarts) and reloads its stage; its kept
 graphs and partial sums are lost. The worker notices (failed calls, or a new `incarnation` in the stage's state),
@@ -20,30 +16,17 @@ since the last time it collected the stages' sums; it collects every `checkpoint
 
 from __future__ import annotations
 
-import functools
-import gc
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
-import torch
-
-from actors.hosting import (
-    ModelSpec,
-    gpu_share,
-    maybe_fail,
-    quiet_model_loading,
-    rows_to_batch,
-    sequence_rows_mask,
-)
-from actors.scorer import SequenceScorer
+from actors.hosting import ModelSpec, gpu_share, pad_id_of, rows_to_batch, sequence_rows_mask
+from actors.stage import CONSUMERS, CORRECTION, COVARIANCE, SCORE, StageActor
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
-from whence.fitting import eigendecompose
-from whence.model import default_device, find_tracked_layers, load_causal_lm, model_fingerprint, parse_dtype
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores
+from whence.settings import setting
 from whence.shards import (
     FORWARD,
     concat_scores,
@@ -53,46 +36,38 @@ from whence.shards import (
     pipeline_schedule,
     select_layers,
     split_batch,
-    split_model,
 )
 
 log = logging.getLogger("whence.shards")
 
-COVARIANCE, CORRECTION, SCORE = "covariance", "correction", "score"
-# What each stage does with a micro-batch after its backward pass.
-CONSUMERS = {COVARIANCE: "accumulate_covariance", CORRECTION: "accumulate_corrections", SCORE: "score"}
 # Re-run rounds before giving up on micro-batches that keep failing while stages keep restarting.
 MAX_RECOVERY_ROUNDS = 8
 # How long a call waits for a stage actor that is restarting (it reloads the model).
 STAGE_RESTART_TIMEOUT_S = 600.0
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class ShardOptions:
-    """How a ShardedWorker runs its stages."""
+    """How a ShardedWorker runs its stages (help text: whence.settings.help_for(ShardOptions, name))."""
 
-    micro_batch_size: int | None = _help("cut each batch into micro-batches of at most this many sequences "
-                                         "(None: every batch is one micro-batch)", None)
-    max_in_flight: int | None = _help("micro-batches inside the pipeline at once (None: the number of stages); "
-                                      "each stage keeps at most this many graphs", None)
-    stage_cpus: float = _help("CPUs each stage actor reserves; 0 lets stages share CPUs (they mostly wait on "
-                              "each other)", 0.0)
-    stage_gpus: float | None = _help("GPUs each stage actor reserves (None: 1 when the cluster has a GPU per "
-                                     "stage, an equal share of them when it has fewer, 0 without GPUs; a fraction "
-                                     "puts several stages on one GPU)", None)
-    num_threads: int | None = _help("torch threads in each stage actor (None: torch's default, which follows the "
-                                    "OMP_NUM_THREADS that Ray sets from the actor's CPUs, at least 1)", None)
-    max_restarts: int = _help("times Ray restarts a dead stage actor", 3)
-    max_task_retries: int = _help("times Ray retries a call lost with a stage's process; 0 (default) lets the "
-                                  "worker re-run the lost micro-batches itself, from the first stage", 0)
-    checkpoint_every: int = _help("collect the stages' partial sums every this many micro-batches, so a restarted "
-                                  "stage re-runs at most that many", 256)
-    group_size: int | None = _help("batches of a Ray Data split submitted together in the *_pass methods "
-                                   "(None: 4 x the number of stages)", None)
+    micro_batch_size: int | None = setting("cut each batch into micro-batches of at most this many sequences "
+                                           "(None: every batch is one micro-batch)", None)
+    max_in_flight: int | None = setting("micro-batches inside the pipeline at once (None: the number of stages); "
+                                        "each stage keeps at most this many graphs", None)
+    stage_cpus: float = setting("CPUs each stage actor reserves; 0 lets stages share CPUs (they mostly wait on "
+                                "each other)", 0.0)
+    stage_gpus: float | None = setting("GPUs each stage actor reserves (None: 1 when the cluster has a GPU per "
+                                       "stage, an equal share of them when it has fewer, 0 without GPUs; a "
+                                       "fraction puts several stages on one GPU)", None)
+    num_threads: int | None = setting("torch threads in each stage actor (None: torch's default, which follows "
+                                      "the OMP_NUM_THREADS that Ray sets from the actor's CPUs, at least 1)", None)
+    max_restarts: int = setting("times Ray restarts a dead stage actor", 3)
+    max_task_retries: int = setting("times Ray retries a call lost with a stage's process; 0 (default) lets the "
+                                    "worker re-run the lost micro-batches itself, from the first stage", 0)
+    checkpoint_every: int = setting("collect the stages' partial sums every this many micro-batches, so a "
+                                    "restarted stage re-runs at most that many", 256)
+    group_size: int | None = setting("batches of a Ray Data split submitted together in the *_pass methods "
+                                     "(None: 4 x the number of stages)", None)
 
     def __post_init__(self):
         for name in ("micro_batch_size", "max_in_flight", "num_threads", "group_size"):
@@ -101,135 +76,6 @@ class ShardOptions:
                 raise ValueError(f"{name} must be positive or None, got {value}")
         if self.stage_cpus < 0 or (self.stage_gpus or 0) < 0 or self.max_restarts < 0 or self.checkpoint_every < 1:
             raise ValueError("stage_cpus, stage_gpus and max_restarts must be >= 0 and checkpoint_every >= 1")
-
-    @staticmethod
-    def help() -> dict[str, str]:
-        return {f.name: f.metadata["help"] for f in fields(ShardOptions)}
-
-
-def _as_spec(spec: ModelSpec | str) -> ModelSpec:
-    return ModelSpec(spec) if isinstance(spec, str) else spec
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One stage
-
-
-def _timed(method):
-    """Add the call's duration to the actor's busy time (idle = wall time - busy time)."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._busy_s += time.perf_counter() - start
-
-    return wrapper
-
-
-class StageActor:
-    """Holds stage `stage_index` of `num_stages` of the model at `spec.path`, on this process's device.
-
-    The whole model is loaded on the CPU, split, and every module outside this stage is freed before the stage
-    moves to the device, so the device only ever holds this stage.
-    """
-
-    def __init__(self, spec: ModelSpec | str, stage_index: int, num_stages: int, fisher: str = "true",
-                 num_blocks: int = 1, num_threads: int | None = None):
-        spec = _as_spec(spec)
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.incarnation = uuid.uuid4().hex  # new after every restart: the worker re-sends bases and queries
-        device = default_device()
-        quiet_model_loading()
-        model, _ = load_causal_lm(spec.path, device="cpu", dtype=parse_dtype(spec.dtype, device))
-        layers = find_tracked_layers(model, spec.modules)
-        self.fingerprint = model_fingerprint(model)
-        self.model_layers = [layer.describe() for layer in layers]
-        self.stage = split_model(model, num_stages, layers, fisher=fisher, num_blocks=num_blocks)[stage_index]
-        del model, layers  # the other stages' modules go with the model: only this stage's references remain
-        gc.collect()
-        self.stage.to(device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.backwards_done = 0
-        self.reset_timing()
-
-    # -- description and accounting --------------------------------------------------------------------------
-    def describe(self) -> dict:
-        return {**self.stage.describe(), "incarnation": self.incarnation, "fingerprint": self.fingerprint,
-                "model_layers": self.model_layers, "dtype": str(self.stage.dtype)}
-
-    def state(self) -> dict:
-        stats = self.stage.statistics
-        return {"incarnation": self.incarnation, COVARIANCE: set(stats.covariance_ids),
-                CORRECTION: set(stats.correction_ids)}
-
-    def memory_report(self) -> dict:
-        """Bytes of weights, factors and queries this stage holds."""
-        return self.stage.memory_report()
-
-    def reset_timing(self) -> None:
-        self._busy_s = 0.0
-        self._clock = time.perf_counter()
-
-    def timing(self) -> dict:
-        """Seconds since reset_timing: wall, busy (in forward/backward/accumulate/score) and idle (waiting)."""
-        wall = time.perf_counter() - self._clock
-        return {"stage": self.stage.index, "wall_s": wall, "busy_s": self._busy_s, "idle_s": wall - self._busy_s}
-
-    # -- the pipeline protocol (whence.shards.Stage) -----------------------------------------------------------
-    @_timed
-    def forward(self, micro_batch_id: int, inputs: dict, objective: str = "fisher") -> dict:
-        return self.stage.forward(micro_batch_id, inputs, objective)
-
-    @_timed
-    def backward(self, micro_batch_id: int, grad_outputs: dict | None, capture: bool = True) -> dict:
-        result = self.stage.backward(micro_batch_id, grad_outputs, capture)
-        self.backwards_done += 1
-        maybe_fail(self.backwards_done)  # fault injection for tests (WHENCE_FAULT_AFTER_BATCHES)
-        return result
-
-    @_timed
-    def accumulate_covariance(self, micro_batch_id: int, batch_key: int | None = None) -> None:
-        self.stage.accumulate_covariance(micro_batch_id, batch_key)
-
-    @_timed
-    def accumulate_corrections(self, micro_batch_id: int, batch_key: int | None = None) -> None:
-        self.stage.accumulate_corrections(micro_batch_id, batch_key)
-
-    @_timed
-    def score(self, micro_batch_id: int, per_token: bool = False) -> BatchScores:
-        return self.stage.score(micro_batch_id, per_token)
-
-    def discard(self, micro_batch_ids: list[int] | None = None) -> None:
-        self.stage.discard(micro_batch_ids)
-
-    # -- state set by the worker -----------------------------------------------------------------------------
-    def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
-        self.stage.set_bases(bases)
-
-    def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
-        self.stage.set_queries(queries, path)
-
-    def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
-        """Eigenbases of the given layers' sums on this stage's device."""
-        return eigendecompose(covariance, self.stage.device)
-
-    def take(self, kind: str) -> tuple[CovarianceSums | LambdaSums, set[int]]:
-        """(partial sums, the micro-batch ids they include), and reset."""
-        stats = self.stage.statistics
-        if kind == COVARIANCE:
-            ids = set(stats.covariance_ids)
-            return self.stage.take_covariance(), ids
-        ids = set(stats.correction_ids)
-        return self.stage.take_corrections(), ids
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The pipeline of stages
 
 
 class ShardedWorker:
@@ -245,23 +91,10 @@ class ShardedWorker:
         import ray
         from transformers import AutoTokenizer
 
-        from actors.hosting import pad_id_of
-
-        self.spec, self.num_stages = _as_spec(spec), num_stages
+        self.spec, self.num_stages = ModelSpec.of(spec), num_stages
         self.seed, self.batch_size = seed, batch_size
         self.options = options or ShardOptions()
-        cluster_gpus = ray.cluster_resources().get("GPU", 0)
-        stage_gpus = self.options.stage_gpus
-        if stage_gpus is None:  # a GPU per stage, or an equal share when the cluster has fewer GPUs than stages
-            stage_gpus = gpu_share(cluster_gpus, num_stages)
-        if stage_gpus and stage_gpus * num_stages > cluster_gpus:
-            log.warning("%d stages x %g GPU each exceed the cluster's %g GPUs: stages wait until the cluster grows",
-                        num_stages, stage_gpus, cluster_gpus)
-        remote = ray.remote(num_gpus=stage_gpus, num_cpus=self.options.stage_cpus,
-                            max_restarts=self.options.max_restarts,
-                            max_task_retries=self.options.max_task_retries)(StageActor)
-        self.stages = [remote.remote(self.spec, k, num_stages, fisher, num_blocks, self.options.num_threads)
-                       for k in range(num_stages)]
+        self.stages = self._launch_stages(fisher, num_blocks)
         self.stage_info = ray.get([stage.describe.remote() for stage in self.stages])
         self.incarnations = [info["incarnation"] for info in self.stage_info]
         self.layers = self.stage_info[0]["model_layers"]  # TrackedLayer.describe() of every layer, model order
@@ -285,6 +118,23 @@ class ShardedWorker:
             log.info("stage %d (blocks %d-%d, %s) holds %.1f MiB of weights, %.1f MiB of factors, %.1f MiB of queries",
                      report["stage"], report["blocks"][0], report["blocks"][1] - 1, report["device"],
                      report["weights"] / 2**20, report["factors"] / 2**20, report["queries"] / 2**20)
+
+    def _launch_stages(self, fisher: str, num_blocks: int) -> list:
+        """The stage actors (handles), one per stage, with the options' resources and restart policy."""
+        import ray
+
+        num_stages, cluster_gpus = self.num_stages, ray.cluster_resources().get("GPU", 0)
+        stage_gpus = self.options.stage_gpus
+        if stage_gpus is None:  # a GPU per stage, or an equal share when the cluster has fewer GPUs than stages
+            stage_gpus = gpu_share(cluster_gpus, num_stages)
+        if stage_gpus and stage_gpus * num_stages > cluster_gpus:
+            log.warning("%d stages x %g GPU each exceed the cluster's %g GPUs: stages wait until the cluster grows",
+                        num_stages, stage_gpus, cluster_gpus)
+        remote = ray.remote(num_gpus=stage_gpus, num_cpus=self.options.stage_cpus,
+                            max_restarts=self.options.max_restarts,
+                            max_task_retries=self.options.max_task_retries)(StageActor)
+        return [remote.remote(self.spec, k, num_stages, fisher, num_blocks, self.options.num_threads)
+                for k in range(num_stages)]
 
     # -- FactorFitter's methods ------------------------------------------------------------------------------
     def covariance_step(self, batch: dict) -> None:
@@ -596,24 +446,3 @@ class ShardedWorker:
         if group:
             yield group
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Ray Data scoring stage
-
-
-class ShardedSequenceScorer(SequenceScorer):
-    """actors.scorer.SequenceScorer with the model split over `shards` stage actors: each Ray Data batch is cut
-    into micro-batches of `batch_size` sequences that go through the pipeline several at a time."""
-
-    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, shards: int = 2,
-                 batch_size: int = 8, options: ShardOptions | None = None):
-        options = options or ShardOptions(micro_batch_size=batch_size)
-        self.scorer = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
-        queries = PreparedQueries.load(queries_path)
-        self.scorer.set_queries(queries)
-        self.per_token = per_token
-        self.pad_id = self.scorer.pad_id
-        self.num_queries, self.num_layers = queries.num_queries, len(self.scorer.layers)
-        self.batches_done = 0
-        # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
-        self.rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2

@@ -1,0 +1,141 @@
+"""StageActor: one pipeline stage (whence.shards.Stage) in its own process, on its own device.
+
+It holds its stage's blocks only (the rest of the model is freed), its tracked layers' partial sums and its
+queries, and answers the stage protocol's forward / backward / accumulate / score calls keyed by micro-batch id.
+A plain class: actors.sharded_worker.ShardedWorker applies `ray.remote` and drives N of them. Every process
+start gets a new `incarnation`, by which the worker notices a restart and re-sends bases and queries.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import time
+import uuid
+
+import torch
+
+from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading
+from whence.factors import CovarianceSums, LambdaSums, LayerBasis
+from whence.fitting import eigendecompose
+from whence.model import default_device, find_tracked_layers, load_causal_lm, model_fingerprint, parse_dtype
+from whence.queries import PreparedQueries
+from whence.scoring import BatchScores
+from whence.shards import split_model
+
+# The passes a stage runs, and what it does with a micro-batch after its backward pass in each.
+COVARIANCE, CORRECTION, SCORE = "covariance", "correction", "score"
+CONSUMERS = {COVARIANCE: "accumulate_covariance", CORRECTION: "accumulate_corrections", SCORE: "score"}
+
+
+def _timed(method):
+    """Add the call's duration to the actor's busy time (idle = wall time - busy time)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy_s += time.perf_counter() - start
+
+    return wrapper
+
+
+class StageActor:
+    """Holds stage `stage_index` of `num_stages` of the model at `spec.path`, on this process's device.
+
+    The whole model is loaded on the CPU, split, and every module outside this stage is freed before the stage
+    moves to the device, so the device only ever holds this stage.
+    """
+
+    def __init__(self, spec: ModelSpec | str, stage_index: int, num_stages: int, fisher: str = "true",
+                 num_blocks: int = 1, num_threads: int | None = None):
+        spec = ModelSpec.of(spec)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.incarnation = uuid.uuid4().hex  # new after every restart: the worker re-sends bases and queries
+        device = default_device()
+        quiet_model_loading()
+        model, _ = load_causal_lm(spec.path, device="cpu", dtype=parse_dtype(spec.dtype, device))
+        layers = find_tracked_layers(model, spec.modules)
+        self.fingerprint = model_fingerprint(model)
+        self.model_layers = [layer.describe() for layer in layers]
+        self.stage = split_model(model, num_stages, layers, fisher=fisher, num_blocks=num_blocks)[stage_index]
+        del model, layers  # the other stages' modules go with the model: only this stage's references remain
+        gc.collect()
+        self.stage.to(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.backwards_done = 0
+        self.reset_timing()
+
+    # -- description and accounting --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {**self.stage.describe(), "incarnation": self.incarnation, "fingerprint": self.fingerprint,
+                "model_layers": self.model_layers, "dtype": str(self.stage.dtype)}
+
+    def state(self) -> dict:
+        stats = self.stage.statistics
+        return {"incarnation": self.incarnation, COVARIANCE: set(stats.covariance_ids),
+                CORRECTION: set(stats.correction_ids)}
+
+    def memory_report(self) -> dict:
+        """Bytes of weights, factors and queries this stage holds."""
+        return self.stage.memory_report()
+
+    def reset_timing(self) -> None:
+        self._busy_s = 0.0
+        self._clock = time.perf_counter()
+
+    def timing(self) -> dict:
+        """Seconds since reset_timing: wall, busy (in forward/backward/accumulate/score) and idle (waiting)."""
+        wall = time.perf_counter() - self._clock
+        return {"stage": self.stage.index, "wall_s": wall, "busy_s": self._busy_s, "idle_s": wall - self._busy_s}
+
+    # -- the pipeline protocol (whence.shards.Stage) -----------------------------------------------------------
+    @_timed
+    def forward(self, micro_batch_id: int, inputs: dict, objective: str = "fisher") -> dict:
+        return self.stage.forward(micro_batch_id, inputs, objective)
+
+    @_timed
+    def backward(self, micro_batch_id: int, grad_outputs: dict | None, capture: bool = True) -> dict:
+        result = self.stage.backward(micro_batch_id, grad_outputs, capture)
+        self.backwards_done += 1
+        maybe_fail(self.backwards_done)  # fault injection for tests (WHENCE_FAULT_AFTER_BATCHES)
+        return result
+
+    @_timed
+    def accumulate_covariance(self, micro_batch_id: int, batch_key: int | None = None) -> None:
+        self.stage.accumulate_covariance(micro_batch_id, batch_key)
+
+    @_timed
+    def accumulate_corrections(self, micro_batch_id: int, batch_key: int | None = None) -> None:
+        self.stage.accumulate_corrections(micro_batch_id, batch_key)
+
+    @_timed
+    def score(self, micro_batch_id: int, per_token: bool = False) -> BatchScores:
+        return self.stage.score(micro_batch_id, per_token)
+
+    def discard(self, micro_batch_ids: list[int] | None = None) -> None:
+        self.stage.discard(micro_batch_ids)
+
+    # -- state set by the worker -----------------------------------------------------------------------------
+    def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
+        self.stage.set_bases(bases)
+
+    def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
+        self.stage.set_queries(queries, path)
+
+    def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
+        """Eigenbases of the given layers' sums on this stage's device."""
+        return eigendecompose(covariance, self.stage.device)
+
+    def take(self, kind: str) -> tuple[CovarianceSums | LambdaSums, set[int]]:
+        """(partial sums, the micro-batch ids they include), and reset."""
+        stats = self.stage.statistics
+        if kind == COVARIANCE:
+            ids = set(stats.covariance_ids)
+            return self.stage.take_covariance(), ids
+        ids = set(stats.correction_ids)
+        return self.stage.take_corrections(), ids

@@ -1,0 +1,102 @@
+"""A scoring run's per-fragment parts (RESULTS_DIR/parts/) and their reduce into topk.parquet and scores.parquet.
+
+While `whence score` runs, each corpus fragment that completes leaves
+    parts/topk-NNNNNN.parquet    its per-query top-k in the topk.parquet schema (whence.results), with schema
+                                 metadata `fragment` (its index) and `sequences` (how many sequences it scored)
+    parts/scores-NNNNNN.parquet  every (query, sequence) score of it, in the scores.parquet schema (only with
+                                 --save-all-scores)
+The top-k part is written last, so its existence marks the fragment as finished; a resumed run skips it.
+Part paths come from the run directory (flows.run_state.RunDirectory.part_path and .finished_parts); this
+module owns what is in them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from whence.results import scores_table, topk_table, write_table_atomically
+from whence.topk import TopK
+
+TOPK_PART = "topk"
+SCORES_PART = "scores"
+
+
+class FragmentResults:
+    """One fragment's scores as they arrive from the scorers: its per-query top-k, optionally every score."""
+
+    def __init__(self, fragment: int, query_ids: list[str], k: int | None, num_layers: int, keep_all: bool):
+        self.fragment = fragment
+        self.topk = TopK.empty(query_ids, k, num_layers)
+        self.query_ids = list(query_ids)
+        self.keep_all = keep_all
+        self.all_scores: list[dict] = []  # per batch: doc_id (N,), chunk (N,), scores (N, Q)
+        self.received = 0
+        self.expected: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.received == self.expected
+
+    def add(self, batch: dict) -> int:
+        """Take a scored batch of this fragment's rows (its marker row, if there, says how many to expect);
+        returns how many sequences it held."""
+        markers = batch["marker_total"] >= 0
+        if markers.any():
+            self.expected = int(batch["marker_total"][markers][0])
+        rows = ~markers
+        count = int(rows.sum())
+        if count:
+            self.received += count
+            self.topk.update(batch["doc_id"][rows], batch["chunk"][rows], batch["scores"][rows],
+                             batch["layer_scores"][rows], batch["fragment"][rows])
+            if self.keep_all:
+                self.all_scores.append({"doc_id": batch["doc_id"][rows], "chunk": batch["chunk"][rows],
+                                        "scores": batch["scores"][rows]})
+        return count
+
+    def write(self, part_path: Callable[[str, int], Path]) -> None:
+        """Write this fragment's parts to part_path(kind, fragment); the top-k part last."""
+        if self.keep_all:
+            write_table_atomically(self._scores(), part_path(SCORES_PART, self.fragment))
+        table = topk_table(self.topk, {"fragment": str(self.fragment), "sequences": str(self.received)})
+        write_table_atomically(table, part_path(TOPK_PART, self.fragment))
+
+    def _scores(self) -> pa.Table:
+        # Per arrived batch, query-major: its rows for the first query, then for the second, ...
+        columns = {"query_id": [], "doc_id": [], "chunk": [], "score": []}
+        queries = len(self.query_ids)
+        for part in self.all_scores:
+            columns["query_id"] += [query_id for query_id in self.query_ids for _ in range(len(part["doc_id"]))]
+            columns["doc_id"] += [str(doc_id) for doc_id in part["doc_id"]] * queries
+            columns["chunk"].append(np.tile(np.asarray(part["chunk"], dtype=np.int64), queries))
+            columns["score"].append(np.asarray(part["scores"], dtype=np.float64).T.ravel())  # (N, Q) -> Q x N
+        for name in ("chunk", "score"):
+            columns[name] = np.concatenate(columns[name]) if columns[name] else []
+        return scores_table(columns)
+
+
+def part_sequences(path: str | Path) -> int:
+    """How many sequences the fragment of a finished top-k part scored."""
+    return int(pq.read_schema(path).metadata[b"sequences"])
+
+
+def reduce_topk(parts: dict[int, Path], query_ids: list[str], k: int | None, num_layers: int, out: Path) -> TopK:
+    """Merge the finished top-k parts (fragment -> path) into topk.parquet at `out`; returns the merged TopK, whose
+    entries remember their fragment."""
+    merged = TopK.empty(query_ids, k, num_layers)
+    for fragment, path in parts.items():
+        merged.merge(TopK.from_table(pq.read_table(path), query_ids, k, num_layers, fragment=fragment))
+    write_table_atomically(topk_table(merged), out)
+    return merged
+
+
+def concatenate_scores(parts: dict[int, Path], out: Path) -> None:
+    """The scores parts, in fragment order, as scores.parquet at `out`."""
+    tables = [pq.read_table(path) for path in parts.values()]
+    empty = {"query_id": [], "doc_id": [], "chunk": [], "score": []}
+    write_table_atomically(pa.concat_tables(tables) if tables else scores_table(empty), out)

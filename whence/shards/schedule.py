@@ -1,0 +1,68 @@
+"""Micro-batches and their order: batches cut into micro-batches, and the one-forward-one-backward (1F1B)
+schedule that lets micro-batch i + 1 enter stage 0 while micro-batch i is further down the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FORWARD, BACKWARD = "forward", "backward"
+
+
+def split_batch(batch: dict, micro_batch_size: int | None) -> list[dict]:
+    """Row slices of a batch of at most `micro_batch_size` sequences (None: the batch itself). Slices keep the
+    batch's width T, so per-token results concatenate back along the batch dimension."""
+    size = batch["input_ids"].shape[0]
+    if micro_batch_size is None or micro_batch_size >= size:
+        return [batch]
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    return [{k: v[start : start + micro_batch_size] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for start in range(0, size, micro_batch_size)]
+
+
+def stage_order(micro_batch_ids: Sequence[int], stage: int, num_stages: int, max_in_flight: int | None = None
+                ) -> list[tuple[str, int]]:
+    """The order in which one stage runs its calls: `warmup` forwards, then alternately one forward and one
+    backward. warmup = max_in_flight - stage - 1 (default max_in_flight: num_stages) is non-increasing along the
+    pipeline, which keeps the in-order execution of each stage free of deadlock, and bounds the graphs a stage
+    holds at once to warmup + 1."""
+    in_flight = num_stages if max_in_flight is None else max_in_flight
+    if in_flight < 1:
+        raise ValueError(f"max_in_flight must be positive, got {max_in_flight}")
+    ids = list(micro_batch_ids)
+    warmup = min(len(ids), max(0, in_flight - stage - 1))
+    order = [(FORWARD, mb) for mb in ids[:warmup]]
+    for j, mb in enumerate(ids):
+        if warmup + j < len(ids):
+            order.append((FORWARD, ids[warmup + j]))
+        order.append((BACKWARD, mb))
+    return order
+
+
+def pipeline_schedule(micro_batch_ids: Sequence[int], num_stages: int, max_in_flight: int | None = None
+                      ) -> list[tuple[str, int, int]]:
+    """Every call (kind, stage, micro-batch) in an order that respects both each stage's 1F1B order and the data
+    dependencies (forward k after forward k - 1, backward k after backward k + 1). Submitting calls to in-order
+    actors in this order lets micro-batch i + 1 enter stage 0 while micro-batch i is further down the pipeline."""
+    orders = [stage_order(micro_batch_ids, k, num_stages, max_in_flight) for k in range(num_stages)]
+    pointers = [0] * num_stages
+    done: set[tuple[str, int, int]] = set()
+    schedule = []
+    total = sum(len(o) for o in orders)
+    while len(schedule) < total:
+        progressed = False
+        for k in range(num_stages):
+            while pointers[k] < len(orders[k]):
+                kind, mb = orders[k][pointers[k]]
+                before = (FORWARD, k - 1, mb) if kind == FORWARD else (BACKWARD, k + 1, mb)
+                if 0 <= before[1] < num_stages and before not in done:
+                    break
+                done.add((kind, k, mb))
+                schedule.append((kind, k, mb))
+                pointers[k] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError("pipeline schedule has a cycle")  # cannot happen with non-increasing warmups
+    return schedule
