@@ -4,6 +4,7 @@
     layers = find_tracked_layers(model, "mlp")
     factors = fit(model, tokenizer, layers, documents, FitConfig(seq_len=256))
     prepared = prepare(model, tokenizer, layers, factors, queries)
+    refined = prepare(model, tokenizer, layers, factors, queries, ScoreConfig(method="ekfac-cg"), fitting=documents)
     table = score(model, tokenizer, layers, prepared, documents, ScoreConfig(top_k=10))
     table.top("q1")
 
@@ -12,9 +13,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ from whence.config import FitConfig, ScoreConfig
 from whence.factors import Factors
 from whence.fitting import fit_factors
 from whence.model import TrackedLayer, model_fingerprint
-from whence.queries import PreparedQueries, prepare_queries
+from whence.queries import HostedModel, PreparedQueries, prepare_queries
+from whence.refine import RefineSettings, fitted_fisher
 from whence.scoring import QueryScorer
 from whence.task import sequence_seed
 from whence.text import Query, TrainingSequence, collate_sequences, iter_sequences, pad_id_of
@@ -61,11 +63,37 @@ def fit(model, tokenizer, layers: list[TrackedLayer], documents: Iterable, confi
 
 
 def prepare(model, tokenizer, layers: list[TrackedLayer], factors: Factors, queries: Sequence[Query | dict],
-            config: ScoreConfig | None = None) -> PreparedQueries:
+            config: ScoreConfig | None = None, fitting: Iterable | None = None) -> PreparedQueries:
+    """The queries' gradients preconditioned by config.method. ekfac-cg also needs `fitting`: the fitting
+    documents (as for `fit`) or TrainingSequence objects, of which it uses the first config.refine_sequences."""
     config = config or ScoreConfig()
     queries = [q if isinstance(q, Query) else Query(str(q["id"]), q["prompt"], q["completion"]) for q in queries]
     factors.check_compatible(model_fingerprint(model), [layer.describe() for layer in layers])
-    return prepare_queries(model, tokenizer, layers, factors, queries, config.query_rank, config.damping, config.method)
+    batches = None
+    if config.method == "ekfac-cg":
+        if fitting is None:
+            raise ValueError("method ekfac-cg needs the fitting documents: prepare(..., fitting=documents)")
+        batches = refine_batches(tokenizer, factors, fitting, config)
+    return prepare_queries(HostedModel(model, tokenizer, layers), factors, queries, config.query_rank,
+                           config.damping, config.method, batches, RefineSettings(config.refine_steps,
+                                                                                  config.refine_tolerance))
+
+
+def refine_batches(tokenizer, factors: Factors, fitting: Iterable, config: ScoreConfig) -> Callable[[], Iterator[dict]]:
+    """ekfac-cg's fitting batches, a fresh iterator per call: the first config.refine_sequences sequences of
+    `fitting` (documents cut with the factors' seq_len, or TrainingSequence objects as they are), labels
+    seeded with the factors' seed as fitting seeds them."""
+    iterator = iter(fitting)
+    first = next(iterator, None)
+    items = chain([] if first is None else [first], iterator)
+    arguments = factors.metadata.get("arguments") or {}
+    sequences = items if isinstance(first, TrainingSequence) else iter_sequences(
+        tokenizer, as_documents(items), config.seq_len or int(arguments.get("seq_len", 512)))
+    kept = list(islice(sequences, config.refine_sequences))  # token ids only: streamed through the model per pass
+    if not kept:
+        raise ValueError("ekfac-cg: no fitting sequences in `fitting` (empty, or documents under two tokens)")
+    seed = fitted_fisher(factors)[1]
+    return lambda: (batch for _, batch in sequence_batches(tokenizer, kept, config.batch_size, seed))
 
 
 @dataclass

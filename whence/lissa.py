@@ -74,27 +74,27 @@ def lissa_inverse_hvp(
     return {n: t / scale for n, t in x.items()}, steps
 
 
-def lissa_prepare_queries(model, tokenizer, layers, factors, queries, batches, rank, damping="heuristic",
-                          iterations: int = 200, fisher: str = "true"):
+def lissa_prepare_queries(hosted, factors, queries, batches, rank, damping="heuristic", iterations: int = 200,
+                          fisher: str = "true"):
     """PreparedQueries preconditioned by stochastic LiSSA: one mini-batch of training `batches` (collated, with
-    seeds) per step, cycled. Damping per layer as for EK-FAC (`factors` supply the heuristic's eigenvalues)."""
+    seeds) per step, cycled. `hosted`: a whence.queries.HostedModel. Damping per layer as for EK-FAC (`factors`
+    supply the heuristic's eigenvalues)."""
     from itertools import cycle
 
     from whence.queries import factorise, query_gradients
-    from whence.task import LanguageModelingTask
     from whence.tracking import LayerTracker
 
-    task = LanguageModelingTask()
+    task, layers = hosted.task, hosted.layers
     tracker = LayerTracker(layers)
     products = []
     for batch in batches:  # per-sequence gradients of each mini-batch, kept for the recursion
-        captures = tracker.capture(model, batch, lambda logits, b: task.fisher_objective(logits, b, fisher),
+        captures = tracker.capture(hosted.model, batch, lambda logits, b: task.fisher_objective(logits, b, fisher),
                                    task.forward)
         products.append(fisher_product({layer.name: c.per_sequence_gradients().to(torch.float64)
                                         for layer, c in zip(layers, captures)}))
     if not products:
         raise ValueError("LiSSA needs at least one training batch")
-    vectors = query_gradients(model, tokenizer, layers, queries)
+    vectors = query_gradients(hosted.model, hosted.tokenizer, layers, queries, task=task)
     damping_by_layer = {layer.name: factors.damping(layer.name, damping) for layer in layers}
     scale = 1.5 * (max(top_eigenvalue(p, vectors) for p in products[:4]) + max(damping_by_layer.values()))
     solved, _ = lissa_inverse_hvp(vectors, cycle(products), damping_by_layer, scale, iterations)
