@@ -1,56 +1,77 @@
-"""FitterActor: holds a model replica and accumulates partial factor sums over its share of the stream.
+"""FitterActor: holds a model replica, accumulates partial factor sums over its share of the sequences, and owns
+a set of layers (actors.owner.LayerOwner): it reduces, eigendecomposes and writes their factors itself.
 
-A plain class: `flows.fit` makes it remote (with its resources and restart policy) and hands each actor one
-iterator of `Dataset.streaming_split`. Partial sums come back to the driver and are added up there.
+A plain class: `flows.fit_pool` makes it remote (with its resources and restart policy) and hands each actor a
+Ray Dataset of its fragments (a fixed assignment, so that every run sums the same parts). Passes return counts
+only; the sums stay here until their owners fetch them.
 """
 
 from __future__ import annotations
 
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
-from whence.factors import CovarianceSums, LayerBasis
-from whence.fitting import FactorFitter, eigendecompose
+from actors.owner import LayerOwner
+from whence.factor_owners import CORRECTION, COVARIANCE
+from whence.fitting import FactorFitter
 from whence.model import model_fingerprint
 
 
-class FitterActor:
+class FitterActor(LayerOwner):
     def __init__(self, spec: ModelSpec, fisher: str, num_blocks: int, seed: int, batch_size: int,
                  num_threads: int | None = None):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
+        self.fisher, self.num_blocks = fisher, num_blocks
         self.fitter = FactorFitter(self.model, self.layers, fisher, num_blocks)
         self.seed = seed
         self.batch_size = batch_size
         self.pad_id = pad_id_of(self.tokenizer)
         self.batches_done = 0
         self.sequences_done = 0
+        self.held = {}
 
     def describe(self) -> dict:
         return {"layers": [layer.describe() for layer in self.layers], "fingerprint": model_fingerprint(self.model),
                 "dtype": str(next(self.model.parameters()).dtype), "device": str(self.fitter.device)}
 
-    def _batches(self, split):
-        for rows in split.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+    def ready(self) -> bool:
+        return True
+
+    def _batches(self, dataset):
+        if dataset is None:  # more workers than fragments: this one has none
+            return
+        for rows in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             keep = sequence_rows_mask(rows)
             if keep.any():
                 yield rows_to_batch(rows, keep, self.pad_id, self.seed), int(keep.sum())
 
-    def covariance_pass(self, split):
-        """Covariance sums over this actor's split: (CovarianceSums, sequences)."""
-        for batch, sequences in self._batches(split):
+    def _track(self, names: list[str]) -> None:
+        """Accumulate the layers `names` only (a resumed fit skips the finished ones); sums start at zero."""
+        self.held = {}
+        self.fitter = FactorFitter(self.model, [layer for layer in self.layers if layer.name in set(names)],
+                                   self.fisher, self.num_blocks)
+
+    def covariance_pass(self, dataset, names: list[str]) -> dict:
+        """Covariance sums of the layers `names` over this actor's sequences, kept here: returns the counts."""
+        self._track(names)
+        for batch, sequences in self._batches(dataset):
             self.fitter.covariance_step(batch)
             self._count(sequences)
-        return self.fitter.take_covariance()
+        sums = self.held[COVARIANCE] = self.fitter.take_covariance()
+        return {"tokens": sums.tokens, "sequences": sums.sequences}
 
-    def correction_pass(self, split, bases: dict[str, LayerBasis | None]):
-        """Eigenvalue-correction sums over this actor's split, in the given bases."""
-        self.fitter.set_bases(bases)
-        for batch, sequences in self._batches(split):
+    def correction_pass(self, dataset, names: list[str], bases_refs: list) -> dict:
+        """Eigenvalue-correction sums of `names` in the owners' bases (bases_refs: ObjectRefs of {name: basis},
+        fetched here from the object store; a layer without one uses the identity basis: diagonal)."""
+        self._track(names)
+        self.fitter.set_bases(fetch_bases(names, bases_refs))  # cast to the compute dtype; the fetched copies go
+        for batch, sequences in self._batches(dataset):
             self.fitter.correction_step(batch)
             self._count(sequences)
-        return self.fitter.take_corrections()
+        self.fitter.set_bases(dict.fromkeys(names))  # the bases are not needed any more
+        sums = self.held[CORRECTION] = self.fitter.take_corrections()
+        return {"tokens": 0, "sequences": sums.sequences}
 
-    def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
-        """Eigenbases of the given layers' sums, on this actor's device (its GPU, when it has one)."""
-        return eigendecompose(covariance, self.fitter.device)
+    def eigh_device(self):
+        return self.fitter.device  # its GPU, when it has one
 
     def progress(self) -> int:
         """Sequences processed so far by this actor (answered while a pass runs: max_concurrency=2)."""
@@ -60,3 +81,13 @@ class FitterActor:
         self.batches_done += 1
         self.sequences_done += sequences
         maybe_fail(self.batches_done)
+
+
+def fetch_bases(names: list[str], bases_refs: list) -> dict:
+    """{name: basis or None} for `names`, from the owners' objects (their other layers dropped)."""
+    import ray
+
+    bases = dict.fromkeys(names)
+    for part in ray.get(list(bases_refs)):
+        bases.update({name: basis for name, basis in part.items() if name in bases})
+    return bases

@@ -3,7 +3,8 @@
 It launches the stage actors and sends micro-batches through them several at a time, in the 1F1B order of
 whence.shards.schedule (micro-batch i + 1 enters stage 0 while i is further down), with the methods of
 whence.fitting.FactorFitter and whence.scoring.QueryScorer, over lists of batches too; plus the FitterActor
-surface the `whence fit` flow uses (describe, covariance_pass, correction_pass, eigendecompose, progress).
+surface the `whence fit` flow uses (describe, covariance_pass, correction_pass, progress) and, as a LayerOwner,
+reduces and writes the factors of the layers it owns (actors.owner).
 A plain class: `ray.remote` is applied where it is launched; it launches its stage actors itself.
 
 Fault tolerance. A stage actor that dies is restarted by Ray (max_restarts) and reloads its stage; its kept
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from actors.hosting import ModelSpec, gpu_share, pad_id_of, rows_to_batch, sequence_rows_mask
+from actors.owner import LayerOwner
 from actors.stage import CONSUMERS, CORRECTION, COVARIANCE, SCORE, StageActor
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.queries import PreparedQueries
@@ -78,7 +80,7 @@ class ShardOptions:
             raise ValueError("stage_cpus, stage_gpus and max_restarts must be >= 0 and checkpoint_every >= 1")
 
 
-class ShardedWorker:
+class ShardedWorker(LayerOwner):
     """N StageActors that together hold one model; FactorFitter's and QueryScorer's methods over them.
 
     spec: the model (a ModelSpec, or a path: MLP layers, dtype "auto"). num_stages: pipeline stages (at most the
@@ -113,6 +115,7 @@ class ShardedWorker:
         self._next_attempt = 0  # ids of runs of micro-batches (a lost one is run again under a new id)
         self.sequences_done = 0
         self.restarts_seen = 0
+        self.held: dict = {}  # the last passes' sums, until their owners take them (LayerOwner)
         self.memory_reports = self.memory_report()
         for report in self.memory_reports:
             log.info("stage %d (blocks %d-%d, %s) holds %.1f MiB of weights, %.1f MiB of factors, %.1f MiB of queries",
@@ -212,17 +215,29 @@ class ShardedWorker:
                      "layers": [layer["name"] for layer in i["layers"]]} for i in self.stage_info],
                 "memory": self.memory_reports}
 
-    def covariance_pass(self, split) -> CovarianceSums:
-        """Covariance sums over a Ray Data split (iterator of sequence rows), as FitterActor.covariance_pass."""
-        for group in self._split_groups(split):
-            self.covariance_steps(group)
-        return self.take_covariance()
+    def ready(self) -> bool:
+        return True
 
-    def correction_pass(self, split, bases: dict[str, LayerBasis | None]) -> LambdaSums:
-        self.set_bases(bases)
-        for group in self._split_groups(split):
+    def covariance_pass(self, dataset, names: list[str] | None = None) -> dict:
+        """Covariance sums over a Ray Dataset of sequence rows (None: no rows), kept here for their owners
+        (actors.owner.LayerOwner); returns the counts. The stages accumulate every tracked layer; `names` only
+        says which the owners will ask for."""
+        self._take(COVARIANCE)  # nothing left over from a pass that failed
+        for group in self._split_groups(dataset):
+            self.covariance_steps(group)
+        sums = self.held[COVARIANCE] = self.take_covariance()
+        return {"tokens": sums.tokens, "sequences": sums.sequences}
+
+    def correction_pass(self, dataset, names: list[str] | None = None, bases_refs: list = ()) -> dict:
+        """Correction sums in the owners' bases (ObjectRefs of {name: basis}; a layer without one: identity)."""
+        from actors.fitter import fetch_bases
+
+        self.set_bases(fetch_bases(self.layer_names, bases_refs))
+        self._take(CORRECTION)
+        for group in self._split_groups(dataset):
             self.correction_steps(group)
-        return self.take_corrections()
+        sums = self.held[CORRECTION] = self.take_corrections()
+        return {"tokens": 0, "sequences": sums.sequences}
 
     def progress(self) -> int:
         """Sequences processed so far (answered while a pass runs when the worker has max_concurrency=2)."""
@@ -436,6 +451,8 @@ class ShardedWorker:
         """Batches of a Ray Data split (sequence rows; marker rows skipped), in groups submitted together."""
         size = self.options.group_size or 4 * self.num_stages
         group = []
+        if split is None:
+            return
         for rows in split.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             keep = sequence_rows_mask(rows)
             if keep.any():

@@ -1,15 +1,17 @@
 """`whence fit`: fit EK-FAC factors of a causal LM on a corpus with Ray.
 
     scan         read every fragment once: bad rows, duplicate ids, sequences per fragment
-    covariance   Ray Data streams sequences to W FitterActors (streaming_split); partial sums add up
-    eigh         the tracked layers dealt out over the fitting actors, on their devices, in parallel
-    correction   the same stream again, in the eigenbases
-    write        factors.safetensors + manifest.json, once
-Each pass's merged sums are saved as soon as it ends (whence.factors.save_sums: covariance.safetensors,
-corrections.safetensors), so an interrupted run resumes at the next pass.
+    plan         fragments dealt to the W fitting actors, layers to their owners (whence.fit_plan); the memory
+                 each process will need estimated and checked against the cluster's (flows.memory_check)
+    covariance   each actor reads its fragments and keeps its partial sums; each layer's owner adds the parts
+                 (in worker order, through the object store), eigendecomposes in float64 and writes the basis
+    correction   the same data again, in the owners' bases (object store); owners write the corrected eigenvalues
+    manifest     written by the driver, listing every layer's files and checksums (whence.factor_files)
+The driver holds plans, counts and ObjectRefs only (flows.fit_pool). A layer whose files are written is finished:
+an interrupted run resumes with the layers that are not, and a dead actor costs its pass, never results.
 
     run          the command line: options -> FitConfig, CorpusSource, ClusterSettings -> fit_corpus
-    fit_corpus   the run directory, then plan_corpus (scan), FitterPool, fit_passes, the factors written
+    fit_corpus   the run directory, then plan_corpus (scan), FitterPool, fit_layers, the manifest
 """
 
 from __future__ import annotations
@@ -25,11 +27,9 @@ from flows.options import add_model_and_corpus, corpus_from_args, positive_int, 
 from flows.provenance import versions
 from whence.config import FitConfig, help_for
 from whence.corpus import CorpusSource, CorpusTally, Fragment
-from whence.factors import CORRECTION_SUMS_FILE, COVARIANCE_SUMS_FILE, STRATEGIES
+from whence.factors import STRATEGIES
 
 log = logging.getLogger("whence.fit")
-
-PASS_ATTEMPTS = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequences", type=positive_int, default=None, help=help_for(FitConfig, "max_sequences"))
     parser.add_argument("--seed", type=int, default=0, help=help_for(FitConfig, "seed"))
     parser.add_argument("--num-blocks", type=positive_int, default=1, help=help_for(FitConfig, "num_blocks"))
+    parser.add_argument("--factor-dtype", default="float64", choices=["float32", "float64"],
+                        help=help_for(FitConfig, "factor_dtype"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +63,8 @@ class PlannedCorpus:
     plan: FragmentPlan
     total: int
     tally: CorpusTally
+    counts: dict[int, int]  # fragment -> sequences it contributes
+    scan_cached: bool = False  # the scan came from flows.scan_cache
 
 
 @surface_user_errors
@@ -71,9 +75,11 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
     from actors.hosting import ModelSpec
     from flows.cluster import connect
     from flows.run_state import RunDirectory
-    from whence.model import check_model_source
+    from whence.model import check_finite_checkpoint, check_model_source
+    from whence.text import check_window
 
-    check_model_source(model)  # before any Ray work: a clear error naming the path
+    check_window(check_model_source(model)[0], config.seq_len, model)  # before any Ray work: errors name the path
+    check_finite_checkpoint(model)
     started = time.monotonic()
     corpus = CorpusSource.of(corpus)
     source = corpus.to_arguments()  # the run.json keys, in the order they have always been written
@@ -83,82 +89,121 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
     if state.reuse_or_open(overwrite):
         return state.saved_summary()
     connect(cluster.address)
+    from flows.memory_check import check_fit_memory, fit_shape
+
+    estimate = check_fit_memory(fit_shape(model, config.modules, config, cluster))  # before any work
     corpus_plan = plan_corpus(corpus, ReadSettings.for_corpus(model, config.seq_len, corpus), config.max_sequences)
+
+    from flows.fit_pool import FitterPool
 
     pool = FitterPool(ModelSpec(model, config.modules, cluster.dtype), config, cluster)
     description = pool.describe()
-    names = [layer["name"] for layer in description["layers"]]
-    log.info("tracking %d layers on %d worker(s): %s ...", len(names), cluster.workers, ", ".join(names[:3]))
+    layers = description["layers"]
+    log.info("tracking %d layers on %d worker(s): %s ...", len(layers), cluster.workers,
+             ", ".join(layer["name"] for layer in layers[:3]))
     for stage, held in enumerate(description.get("memory", [])):  # with --shards: what each stage holds
         log.info("stage %d holds %s", stage, held)
-    covariance, bases, corrections, timings = fit_passes(pool, state, config, corpus_plan, names, started)
+    pool.sequences_total = corpus_plan.total
+    records, counts, timings = fit_layers(pool, state, config, corpus_plan, layers)
 
-    from whence.factors import assemble_factors
+    from whence.factor_files import write_factors_manifest
 
+    memory = measured_memory(pool, estimate)
     tally = corpus_plan.tally
-    summary = {"layers": len(names), "sequences": corpus_plan.total, "documents": tally.documents,
+    summary = {"memory": memory, "layers": len(layers), "sequences": corpus_plan.total, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "seconds": time.monotonic() - started,
-               **timings}
-    metadata = {"model_fingerprint": description["fingerprint"], "model": model, "arguments": arguments,
-                "tokens": covariance.tokens if covariance else None, "sequences": corpus_plan.total,
-                "summary": summary, "versions": versions()}
-    factors = assemble_factors(config.strategy, description["layers"], covariance, bases, corrections, metadata)
-    factors.save(out, {"command": "fit"})
+               **timings, "scan_cached": corpus_plan.scan_cached}
+    metadata = {"command": "fit", "model_fingerprint": description["fingerprint"], "model": model,
+                "arguments": arguments, "tokens": counts.get("tokens"), "sequences": corpus_plan.total,
+                "summary": summary, "versions": versions(), "factor_dtype": config.factor_dtype}
+    write_factors_manifest(state.path, config.strategy, layers, records, metadata)
     state.finish(summary)
     log.info("wrote %s in %.1fs", out, summary["seconds"])
     return summary
 
 
+def measured_memory(pool, estimate) -> dict:
+    """Peak resident bytes of the driver and of each fitting actor so far, beside the estimate."""
+    import ray
+
+    from actors.owner import peak_rss
+
+    return {"estimate": {"driver": estimate.driver, "actors": estimate.actors, "stages": estimate.stages,
+                         "factors": estimate.factors},
+            "peak_rss": {"driver": peak_rss(), "actors": ray.get([a.peak_rss.remote() for a in pool.actors])}}
+
+
 def plan_corpus(corpus: CorpusSource, settings: ReadSettings, max_sequences: int | None) -> PlannedCorpus:
     """Scan every fragment once (bad rows, duplicate ids, sequences per fragment) and plan the passes."""
-    from flows.corpus_pipeline import reduce_scans, run_scan
+    from flows.corpus_pipeline import reduce_scans
+    from flows.scan_cache import cached_scan
     from whence.corpus import list_fragments
     from whence.errors import CorpusError
 
     fragments = list_fragments(corpus.paths)
-    tally, skip, counts, _ = reduce_scans(run_scan(fragments, settings))
+    scans, scan_cached = cached_scan(fragments, settings)
+    tally, skip, counts, _ = reduce_scans(scans)
     plan = FragmentPlan(skip_lines=skip, quota=_quotas(counts, max_sequences))
     total = sum(plan.quota.values()) if plan.quota is not None else sum(counts.values())
     if total == 0:
         raise CorpusError(f"no training sequences in {', '.join(corpus.paths)} ({tally.total_bad} bad rows)")
     log.info("corpus: %d fragments, %d documents, %d bad rows, %d sequences to fit on",
              len(fragments), tally.documents, tally.total_bad, total)
-    return PlannedCorpus(fragments, settings, plan, total, tally)
+    return PlannedCorpus(fragments, settings, plan, total, tally,
+                         plan.quota if plan.quota is not None else counts, scan_cached)
 
 
-def fit_passes(pool: FitterPool, state, config: FitConfig, corpus: PlannedCorpus, names: list[str],
-               started: float):
-    """(covariance, bases, corrections, timings): the passes the strategy needs, each pass's merged sums saved
-    in the run directory as soon as it ends and loaded instead of recomputed when a resumed run finds them."""
-    import ray
-
-    from whence.factors import load_sums, save_sums, sums_exist
+def fit_layers(pool, state, config: FitConfig, corpus: PlannedCorpus, layers: list[dict]):
+    """(records {layer: {kind: file record}}, counts, timings): the passes the strategy needs, over the layers
+    whose files are not written yet, each finished by the layers' owners."""
+    from flows.corpus_pipeline import sequences_dataset
+    from whence.factor_files import BASIS, LAMBDA, finished, kinds_for
+    from whence.factor_owners import CORRECTION, COVARIANCE, FinishJob
+    from whence.fit_plan import assign_fragments, plan_owners
     from whence.fitting import needs_correction, needs_covariance
 
-    def saved_or_run(kind: str, name: str, bases=None):
-        path = state.path / name
-        if sums_exist(path):
-            log.info("resuming: %s pass already done (%s)", kind, name)
-            return load_sums(path), False
-        sums = pool.run_pass(kind, corpus, None if bases is None else ray.put(bases))
-        save_sums(path, sums)
-        return sums, True
-
-    timings = {}
-    covariance, bases, corrections = None, dict.fromkeys(names), None
+    names = [layer["name"] for layer in layers]
+    owners = plan_owners(layers, len(pool.actors), config.num_blocks)
+    by_index = {fragment.index: fragment for fragment in corpus.fragments}
+    datasets = []
+    for indices in assign_fragments(corpus.counts, len(pool.actors)):
+        dataset = sequences_dataset([by_index[i] for i in indices], corpus.settings, corpus.plan) if indices else None
+        if dataset is not None:  # rows in corpus order: the same batches, and so the same sums, in every run
+            dataset.context.execution_options.preserve_order = True
+        datasets.append(dataset)
+    kinds = kinds_for(config.strategy)
+    records = {name: {k: r for k in kinds if (r := finished(state.path, name, k)) is not None} for name in names}
+    counts = state.read_json(COUNTS_FILE) or {}
+    job = FinishJob(str(state.path), config.strategy, config.factor_dtype, counts.get("tokens", 0),
+                    counts.get("sequences", 0))
+    timings, tick = {}, time.monotonic()
     if needs_covariance(config.strategy):
-        covariance, _ = saved_or_run("covariance", COVARIANCE_SUMS_FILE)
-        timings["covariance_s"] = time.monotonic() - started
-        tick = time.monotonic()
-        bases = pool.eigendecompose(covariance)
-        timings["eigendecomposition_s"] = time.monotonic() - tick
+        todo = [n for n in names if BASIS not in records[n] or LAMBDA not in records[n] and config.strategy == "kfac"]
+        if todo:
+            written, counts = pool.step(COVARIANCE, datasets, todo, owners, job)
+            state.write_json(COUNTS_FILE, counts)
+            job = FinishJob(job.directory, job.strategy, job.factor_dtype, counts["tokens"], counts["sequences"])
+            for name, layer_records in written.items():
+                records[name].update(layer_records)
+            timings["covariance_s"] = time.monotonic() - tick
+        else:
+            log.info("resuming: every layer's basis is already written")
     if needs_correction(config.strategy):
-        tick = time.monotonic()
-        pass_bases = bases if config.strategy == "ekfac" else dict.fromkeys(names)
-        corrections, computed = saved_or_run("correction", CORRECTION_SUMS_FILE, pass_bases)
-        if computed:
+        todo = [n for n in names if LAMBDA not in records[n]]
+        skipped = len(names) - len(todo)
+        if skipped:
+            log.info("resuming: %d of %d layers already finished", skipped, len(names))
+        if todo:
+            tick = time.monotonic()
+            bases_from = str(state.path) if config.strategy == "ekfac" else None
+            written, _ = pool.step(CORRECTION, datasets, todo, owners, job, bases_from)
+            for name, layer_records in written.items():
+                records[name].update(layer_records)
             timings["correction_s"] = time.monotonic() - tick
-    return covariance, bases, corrections, timings
+    return records, counts, timings
+
+
+COUNTS_FILE = "covariance_counts.json"  # the covariance pass's tokens and sequences, for a resumed run
 
 
 def _quotas(counts: dict[int, int], max_sequences: int | None) -> dict[int, int] | None:
@@ -170,90 +215,3 @@ def _quotas(counts: dict[int, int], max_sequences: int | None) -> dict[int, int]
         quotas[fragment] = min(counts[fragment], remaining)
         remaining -= quotas[fragment]
     return quotas
-
-
-class FitterPool:
-    """W FitterActors (or sharded pipelines), each fed one iterator of a streaming split of the sequences."""
-
-    def __init__(self, spec, config: FitConfig, cluster: ClusterSettings):
-        import ray
-
-        from actors.fitter import FitterActor
-        from flows.cluster import actor_resources, gpu_share, torch_threads
-
-        workers, shards = cluster.workers, cluster.shards
-        self.workers, self.shards = workers, shards
-        resources = actor_resources(workers)
-        # Restarted up to twice (a restart reloads the model); a pass is retried as a whole (run_pass).
-        policy = dict(max_restarts=2, max_task_retries=0, max_concurrency=2)
-        if cluster.actor_env:
-            policy["runtime_env"] = {"env_vars": dict(cluster.actor_env)}
-        if shards > 1:
-            from actors.sharded_worker import ShardedWorker, ShardOptions
-
-            remote = ray.remote(ShardedWorker).options(num_cpus=0, **policy)
-            options = ShardOptions(stage_gpus=gpu_share(workers * shards))  # W pipelines x N stages share GPUs
-            self.actors = [remote.remote(spec, shards, config.fisher, config.num_blocks, config.seed,
-                                         config.batch_size, options) for _ in range(workers)]
-        else:
-            threads = torch_threads(resources.get("num_cpus", 1))
-            remote = ray.remote(FitterActor).options(**resources, **policy)
-            self.actors = [remote.remote(spec, config.fisher, config.num_blocks, config.seed, config.batch_size,
-                                         threads) for _ in range(workers)]
-
-    def describe(self) -> dict:
-        import ray
-
-        return ray.get(self.actors[0].describe.remote())
-
-    def eigendecompose(self, covariance):
-        """Every layer's eigenbases in float64, the layers dealt out over the actors so that they run in
-        parallel, each on the device its actor holds (a GPU when the cluster has them: the actors already hold
-        every GPU the run was given, so a separate task would wait for one)."""
-        import ray
-
-        names = list(covariance.activation)
-        shares = [names[i :: len(self.actors)] for i in range(len(self.actors))]
-        for attempt in range(1, PASS_ATTEMPTS + 1):
-            refs = [actor.eigendecompose.remote(covariance.subset(share))
-                    for actor, share in zip(self.actors, shares) if share]
-            try:
-                return {name: basis for part in ray.get(refs) for name, basis in part.items()}
-            except ray.exceptions.RayActorError as error:  # an actor died: Ray restarts it; ask again
-                if attempt == PASS_ATTEMPTS:
-                    raise
-                log.warning("an actor died during the eigendecomposition (%s); retrying", error)
-
-    def run_pass(self, kind: str, corpus: PlannedCorpus, bases_ref=None):
-        """One pass over the sequences; retried from the start if an actor dies (its restart reloads the model)."""
-        import ray
-
-        from flows.corpus_pipeline import sequences_dataset
-        from flows.progress import Progress
-
-        for attempt in range(1, PASS_ATTEMPTS + 1):
-            progress = Progress(f"{kind} pass", corpus.total)
-            splits = sequences_dataset(corpus.fragments, corpus.settings, corpus.plan).streaming_split(self.workers)
-            if kind == "covariance":
-                refs = [actor.covariance_pass.remote(split) for actor, split in zip(self.actors, splits)]
-            else:
-                refs = [actor.correction_pass.remote(split, bases_ref) for actor, split in zip(self.actors, splits)]
-            try:
-                start = sum(ray.get([actor.progress.remote() for actor in self.actors]))
-                while ray.wait(refs, num_returns=len(refs), timeout=5.0)[1]:
-                    done = sum(ray.get([actor.progress.remote() for actor in self.actors])) - start
-                    progress.advance(done - progress.done)
-                parts = ray.get(refs)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-                if attempt == PASS_ATTEMPTS or not isinstance(error, ray.exceptions.RayActorError):
-                    raise
-                log.warning("a fitting actor died during the %s pass (%s); restarting the pass", kind, error)
-                continue
-            merged = parts[0]
-            for part in parts[1:]:
-                merged = merged + part
-            progress.advance(merged.sequences - progress.done)
-            progress.finish()
-            return merged
-        raise RuntimeError("unreachable")
-

@@ -17,7 +17,8 @@ block has its own eigenbasis, and the basis of the layer is their direct sum.
 Sums are kept unnormalised (float64) with their counts, so partial sums from workers add up exactly to a single
 pass over all data; normalisation happens once, at eigendecomposition. A fit saves each pass's merged sums
 (`save_sums`, `load_sums`, `sums_exist`: COVARIANCE_SUMS_FILE, CORRECTION_SUMS_FILE) so that an interrupted run
-resumes at the next pass; the finished factors go to FACTORS_FILE and MANIFEST_FILE (`Factors.save`, `Factors.load`).
+resumes at the next pass; the finished factors go to one file per layer and MANIFEST_FILE (`Factors.save`,
+`Factors.load`; whence.factor_files: the layout, checksums, and the older single FACTORS_FILE).
 """
 
 from __future__ import annotations
@@ -354,64 +355,18 @@ class Factors:
                 + (f": no factors for {', '.join(missing[:8])}" if missing else f": {mine[:3]} ... vs {wanted[:3]} ...")
             )
 
-    def save(self, directory: str | Path, manifest: dict | None = None) -> Path:
-        from safetensors.torch import save_file
+    def save(self, directory: str | Path, manifest: dict | None = None, factor_dtype: str = "float64") -> Path:
+        """One file per layer and kind, each with its checksum, and the manifest (whence.factor_files)."""
+        from whence.factor_files import save_factors
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name in self.layer_names:
-            basis = self.bases.get(name)
-            if basis is not None:
-                for i, q in enumerate(basis.activation_vectors):
-                    tensors[f"{name}/{ACTIVATION_EIGENVECTORS}/{i}"] = q
-                for i, q in enumerate(basis.gradient_vectors):
-                    tensors[f"{name}/{GRADIENT_EIGENVECTORS}/{i}"] = q
-                tensors[f"{name}/{ACTIVATION_EIGENVALUES}"] = basis.activation_values
-                tensors[f"{name}/{GRADIENT_EIGENVALUES}"] = basis.gradient_values
-            if self.eigenvalues.get(name) is not None:
-                tensors[f"{name}/{CORRECTED_EIGENVALUES}"] = self.eigenvalues[name]
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        # Write then rename: a crash never leaves a half-written factors file that looks finished.
-        partial = directory / (FACTORS_FILE + ".partial")
-        save_file(tensors, str(partial), metadata={"strategy": self.strategy})
-        partial.replace(directory / FACTORS_FILE)
-        body = dict(manifest or {})
-        body.update({"strategy": self.strategy, "layers": self.layers, **self.metadata})
-        write_json(directory / MANIFEST_FILE, body)
-        return directory
+        return save_factors(self, directory, manifest, factor_dtype)
 
     @classmethod
-    def load(cls, directory: str | Path, device="cpu") -> Factors:
-        from safetensors.torch import load_file
+    def load(cls, directory: str | Path, device="cpu", layers: list[str] | None = None) -> Factors:
+        """The factors in `directory` (either format, checksums verified); with `layers`, only those layers'."""
+        from whence.factor_files import load_factors
 
-        directory = Path(directory)
-        manifest_path, factors_path = directory / MANIFEST_FILE, directory / FACTORS_FILE
-        for path in (manifest_path, factors_path):
-            if not path.exists():
-                raise FactorsMismatchError(f"{directory}: no {path.name}; is this a directory written by `whence fit`?")
-        manifest = json.loads(manifest_path.read_text())
-        tensors = load_file(str(factors_path), device=str(device))
-        strategy = manifest["strategy"]
-        bases, eigenvalues = {}, {}
-        for layer in manifest["layers"]:
-            name = layer["name"]
-            if f"{name}/{ACTIVATION_EIGENVALUES}" in tensors:
-                bases[name] = LayerBasis(_stored_blocks(tensors, name, ACTIVATION_EIGENVECTORS),
-                                         tensors[f"{name}/{ACTIVATION_EIGENVALUES}"],
-                                         _stored_blocks(tensors, name, GRADIENT_EIGENVECTORS),
-                                         tensors[f"{name}/{GRADIENT_EIGENVALUES}"])
-            else:
-                bases[name] = None
-            eigenvalues[name] = tensors.get(f"{name}/{CORRECTED_EIGENVALUES}")
-        metadata = {k: v for k, v in manifest.items() if k not in ("strategy", "layers")}
-        return cls(strategy, manifest["layers"], bases, eigenvalues, metadata)
-
-
-def _stored_blocks(tensors: dict[str, torch.Tensor], layer: str, kind: str) -> list[torch.Tensor]:
-    """The blocks f"{layer}/{kind}/{i}" in order of i."""
-    keys = [k for k in tensors if k.startswith(f"{layer}/{kind}/")]
-    return [tensors[k] for k in sorted(keys, key=lambda k: int(k.rsplit("/", 1)[1]))]
+        return load_factors(cls, directory, device, layers)
 
 
 def _basis_on(basis: LayerBasis | None, device) -> LayerBasis | None:

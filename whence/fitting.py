@@ -49,8 +49,9 @@ class FactorFitter:
         self.shapes = {layer.name: (layer.d_out, layer.d_in) for layer in layers}
         self.num_blocks = num_blocks
         self.device = next(model.parameters()).device
-        self.covariance = CovarianceSums.zeros(self.shapes, num_blocks, self.device)
-        self.corrections = LambdaSums.zeros(self.shapes, self.device)
+        # Allocated at a pass's first batch: a fitter running one pass never holds the other pass's sums.
+        self.covariance: CovarianceSums | None = None
+        self.corrections: LambdaSums | None = None
         self.bases: dict[str, LayerBasis | None] = dict.fromkeys(self.shapes)
 
     def _captures(self, batch: dict):
@@ -63,6 +64,8 @@ class FactorFitter:
 
     def covariance_step(self, batch: dict) -> None:
         captures, tokens, sequences = self._captures(batch)
+        if self.covariance is None:
+            self.covariance = CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
         self.covariance.accumulate(captures, tokens, sequences)
 
     def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
@@ -74,18 +77,20 @@ class FactorFitter:
 
     def correction_step(self, batch: dict) -> None:
         captures, _, sequences = self._captures(batch)
+        if self.corrections is None:
+            self.corrections = LambdaSums.zeros(self.shapes, self.device)
         self.corrections.accumulate(captures, self.bases, sequences)
 
     def take_covariance(self) -> CovarianceSums:
         """The partial sums so far (on CPU), and reset."""
-        result = self.covariance.to("cpu")
-        self.covariance = CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
-        return result
+        result = self.covariance or CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
+        self.covariance = None
+        return result.to("cpu")
 
     def take_corrections(self) -> LambdaSums:
-        result = self.corrections.to("cpu")
-        self.corrections = LambdaSums.zeros(self.shapes, self.device)
-        return result
+        result = self.corrections or LambdaSums.zeros(self.shapes, self.device)
+        self.corrections = None
+        return result.to("cpu")
 
 
 def basis_to(basis: LayerBasis | None, device, dtype: torch.dtype | None = None) -> LayerBasis | None:
