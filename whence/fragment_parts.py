@@ -5,13 +5,16 @@ While `whence score` runs, each corpus fragment that completes leaves
                                  metadata `fragment` (its index) and `sequences` (how many sequences it scored)
     parts/scores-NNNNNN.parquet  every (query, sequence) score of it, in the scores.parquet schema (only with
                                  --save-all-scores)
-The top-k part is written last, so its existence marks the fragment as finished; a resumed run skips it.
+Each part has a sha256 sidecar (whence.checksums), written once the part is in place. The top-k part is written
+last, so its existence marks the fragment as finished; a resumed run skips it if it and its scores part match
+their checksums (`verified_parts`), and scores the fragment again otherwise, with a warning naming the part.
 Part paths come from the run directory (flows.run_state.RunDirectory.part_path and .finished_parts); this
 module owns what is in them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from whence.checksums import checksum_problem, remove_with_checksum, write_checksum
+from whence.errors import WhenceError
 from whence.results import scores_table, topk_table, write_table_atomically
 from whence.topk import TopK
+
+log = logging.getLogger("whence.score")
 
 TOPK_PART = "topk"
 SCORES_PART = "scores"
@@ -62,9 +69,9 @@ class FragmentResults:
     def write(self, part_path: Callable[[str, int], Path]) -> None:
         """Write this fragment's parts to part_path(kind, fragment); the top-k part last."""
         if self.keep_all:
-            write_table_atomically(self._scores(), part_path(SCORES_PART, self.fragment))
+            write_part(self._scores(), part_path(SCORES_PART, self.fragment))
         table = topk_table(self.topk, {"fragment": str(self.fragment), "sequences": str(self.received)})
-        write_table_atomically(table, part_path(TOPK_PART, self.fragment))
+        write_part(table, part_path(TOPK_PART, self.fragment))
 
     def _scores(self) -> pa.Table:
         # Per arrived batch, query-major: its rows for the first query, then for the second, ...
@@ -80,23 +87,62 @@ class FragmentResults:
         return scores_table(columns)
 
 
+def write_part(table: pa.Table, path: Path) -> None:
+    """A part, written atomically, then its checksum."""
+    write_table_atomically(table, path)
+    write_checksum(path)
+
+
+def verified_parts(finished: dict[int, Path], part_path: Callable[[str, int], Path], with_scores: bool
+                   ) -> dict[int, Path]:
+    """The finished top-k parts (fragment -> path) whose files, and scores parts when `with_scores`, match their
+    checksums. A damaged or unverifiable fragment's parts are deleted with a warning naming the file, so that the
+    fragment is scored again: a damaged part costs time, not results."""
+    kept = {}
+    for fragment, path in finished.items():
+        files = [path] + ([part_path(SCORES_PART, fragment)] if with_scores else [])
+        problems = [(file, problem) for file in files if (problem := checksum_problem(file)) is not None]
+        if not problems:
+            kept[fragment] = path
+            continue
+        for file, problem in problems:
+            log.warning("%s: %s; scoring fragment %d again", file, problem, fragment)
+        for file in files:
+            remove_with_checksum(file)
+    return kept
+
+
+def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise WhenceError(f"{path} is damaged ({error}); rerun the same command to score its fragment again"
+                          ) from error
+
+
 def part_sequences(path: str | Path) -> int:
     """How many sequences the fragment of a finished top-k part scored."""
-    return int(pq.read_schema(path).metadata[b"sequences"])
+    try:
+        return int(pq.read_schema(path).metadata[b"sequences"])
+    except (pa.ArrowInvalid, OSError, KeyError, TypeError) as error:
+        raise WhenceError(f"{path} is damaged ({error}); rerun the same command to score its fragment again"
+                          ) from error
 
 
-def reduce_topk(parts: dict[int, Path], query_ids: list[str], k: int | None, num_layers: int, out: Path) -> TopK:
-    """Merge the finished top-k parts (fragment -> path) into topk.parquet at `out`; returns the merged TopK, whose
-    entries remember their fragment."""
+def reduce_topk(parts: dict[int, Path], query_ids: list[str], k: int | None, num_layers: int, out: Path,
+                fisher_sequences: int | None = None) -> TopK:
+    """Merge the finished top-k parts (fragment -> path) into topk.parquet at `out` (with its predicted_change
+    column from `fisher_sequences`, whence.results.topk_table); returns the merged TopK, whose entries remember
+    their fragment."""
     merged = TopK.empty(query_ids, k, num_layers)
     for fragment, path in parts.items():
-        merged.merge(TopK.from_table(pq.read_table(path), query_ids, k, num_layers, fragment=fragment))
-    write_table_atomically(topk_table(merged), out)
+        merged.merge(TopK.from_table(_read_part(path), query_ids, k, num_layers, fragment=fragment))
+    write_table_atomically(topk_table(merged, fisher_sequences=fisher_sequences), out)
     return merged
 
 
 def concatenate_scores(parts: dict[int, Path], out: Path) -> None:
     """The scores parts, in fragment order, as scores.parquet at `out`."""
-    tables = [pq.read_table(path) for path in parts.values()]
+    tables = [_read_part(path) for path in parts.values()]
     empty = {"query_id": [], "doc_id": [], "chunk": [], "score": []}
     write_table_atomically(pa.concat_tables(tables) if tables else scores_table(empty), out)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from whence.errors import ModelError
+from whence.errors import ModelError, NonFiniteError
 
 # Where the transformer blocks live, by family. Anything else falls back to "the ModuleList whose length is
 # config.num_hidden_layers", which covers most decoder-only models on the Hub.
@@ -55,6 +55,8 @@ def check_model_source(path_or_id: str):
     local = Path(path_or_id)
     if local.exists() and not (local / "config.json").exists():
         raise ModelError(f"{path_or_id}: not a Hugging Face model directory (no config.json)")
+    if local.is_dir() and not any(any(local.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.index.json")):
+        raise ModelError(f"{path_or_id}: no model weights (model.safetensors or pytorch_model.bin) beside config.json")
     try:
         config = AutoConfig.from_pretrained(path_or_id)
     except (OSError, ValueError) as error:
@@ -82,8 +84,41 @@ def load_causal_lm(path_or_id: str, device: torch.device | str | None = None, dt
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=parse_dtype(dtype, device))
     except (OSError, ValueError) as error:
         raise ModelError(f"{path_or_id}: cannot load a {config.model_type} causal LM from it: {error}") from error
+    check_finite_parameters(model, path_or_id)
     model.to(device).eval()
     return model, tokenizer
+
+
+def check_finite_checkpoint(path_or_id: str) -> None:
+    """NonFiniteError naming the first tensor of a local model directory's *.safetensors files that holds NaN
+    or inf, read one tensor at a time (memory-mapped) on the driver, before any Ray work. Hub ids and other
+    weight formats are checked when the model loads (load_causal_lm)."""
+    from safetensors import safe_open
+
+    local = Path(path_or_id)
+    if not local.is_dir():
+        return
+    for file in sorted(local.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    nans, infs = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+                    raise NonFiniteError(f"{file}: parameter {key} {tuple(tensor.shape)} holds {nans} NaN and "
+                                         f"{infs} infinite value(s); the checkpoint is damaged or diverged",
+                                         layer=key)
+
+
+def check_finite_parameters(model: nn.Module, source: str = "the model") -> None:
+    """NonFiniteError naming the first parameter that holds NaN or inf (and how many of its values do), before
+    any fitting or scoring: such a weight makes every factor and score NaN."""
+    for name, parameter in model.named_parameters():
+        if not parameter.is_floating_point() or bool(torch.isfinite(parameter).all()):
+            continue
+        values = parameter.detach()
+        nans, infs = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        raise NonFiniteError(f"{source}: parameter {name} {tuple(parameter.shape)} holds {nans} NaN and {infs} "
+                             "infinite value(s); the checkpoint is damaged or diverged", layer=name)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -190,17 +225,29 @@ def _module_listing(model: nn.Module, limit: int = 60) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A stable hash of the architecture and weights: config, parameter names, shapes and a strided sample of
-    every parameter's values (the full weights would take seconds to hash for large models)."""
+    """A stable hash of the architecture and of every weight: config, parameter names, shapes and the bytes of
+    every parameter's values (a changed value anywhere changes it; about a second per GB of weights).
+
+    Values are hashed as float32 when that is exact (float32, bfloat16 and float16 weights, and float64 weights
+    that are float32 values), else as float64, so the same checkpoint loaded with --dtype float32 or float64
+    has one fingerprint."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
         keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "n_embd", "n_layer")
         digest.update(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
     for name, parameter in model.named_parameters():
-        flat = parameter.detach().reshape(-1)
-        stride = max(1, flat.numel() // 4096)
-        sample = flat[::stride][:4096].to("cpu", torch.float64)
         digest.update(f"{name}:{tuple(parameter.shape)}".encode())
-        digest.update(sample.numpy().round(6).tobytes())
+        digest.update(_canonical_bytes(parameter.detach()))
     return digest.hexdigest()[:32]
+
+
+def _canonical_bytes(values: torch.Tensor) -> bytes:
+    """The tensor's values as float32 bytes when float32 holds them exactly, else as float64 bytes (CPU)."""
+    values = values.to("cpu").reshape(-1)
+    if not values.is_floating_point():
+        return values.numpy().tobytes()
+    single = values.to(torch.float32)
+    if values.dtype == torch.float64 and not torch.equal(single.to(torch.float64), values):
+        return values.numpy().tobytes()
+    return single.numpy().tobytes()

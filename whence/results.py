@@ -5,7 +5,7 @@ A results directory:
     manifest.json       command, arguments, tracked layers, queries, model, method, summary, versions
     queries.safetensors the preconditioned queries (whence.queries.PreparedQueries)
     candidates.parquet  query_id, rank, doc_id, chunk, bm25                   (TF-IDF filtering)
-    topk.parquet        query_id, rank, doc_id, chunk, score, layer_scores   (always)
+    topk.parquet        query_id, rank, doc_id, chunk, score, layer_scores, predicted_change   (always)
     tokens.parquet      query_id, rank, doc_id, chunk, tokens, token_ids, token_scores   (--per-token)
     scores.parquet      query_id, doc_id, chunk, score                       (--save-all-scores)
     documents.parquet   doc_id, title                                        (optional, provided by the user)
@@ -15,6 +15,12 @@ A results directory:
 Writing: `topk_table`, `scores_table`, `tokens_table`, `candidates_table` build tables in these schemas and
 `write_table_atomically` writes one. Reading: `load_results` gives a `Results` whose rows are `Influence`s;
 `read_table` gives one file as a pyarrow Table (for pandas in notebooks). Pure pyarrow and numpy: no Ray.
+
+predicted_change (float64, nats; null when the factors do not record N) is what a score means
+(whence.evaluation.interpret): the first-order change of log p(completion | prompt) if the sequence were added
+once more to the N training sequences the Fisher was averaged over, score / N; N is manifest.json's
+"fisher_sequences". Directories written before the column existed are read with it computed from N when the
+manifest has it, else None.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ DOCUMENTS_FILE = "documents.parquet"
 REPORT_FILE = "report.html"
 
 TOPK_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("doc_id", pa.string()),
-                         ("chunk", pa.int64()), ("score", pa.float64()), ("layer_scores", pa.list_(pa.float64()))])
+                         ("chunk", pa.int64()), ("score", pa.float64()), ("layer_scores", pa.list_(pa.float64())),
+                         ("predicted_change", pa.float64())])
 SCORES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("chunk", pa.int64()),
                            ("score", pa.float64())])
 TOKENS_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("doc_id", pa.string()),
@@ -53,8 +60,11 @@ TOKENS_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("do
 CANDIDATES_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("doc_id", pa.string()),
                                ("chunk", pa.int64()), ("bm25", pa.float64())])
 
-# The columns the reader needs from each file (a file may carry more).
-TOPK_COLUMNS = tuple(TOPK_SCHEMA.names)
+# The columns the reader needs from each file (a file may carry more; topk.parquet's predicted_change is
+# optional, as older directories lack it).
+TOPK_COLUMNS = ("query_id", "rank", "doc_id", "chunk", "score", "layer_scores")
+PREDICTED_CHANGE = "predicted_change"
+FISHER_SEQUENCES = "fisher_sequences"  # manifest.json: N, the sequences the Fisher was averaged over
 TOKENS_COLUMNS = ("query_id", "rank", "tokens", "token_scores")
 SCORES_COLUMNS = ("query_id", "score")
 DOCUMENTS_COLUMNS = ("doc_id", "title")
@@ -70,15 +80,21 @@ def table_of(schema: pa.Schema, columns: dict) -> pa.Table:
     return pa.table({name: pa.array(columns[name], schema.field(name).type) for name in schema.names}, schema=schema)
 
 
-def topk_table(topk: TopK, metadata: dict[str, str] | None = None) -> pa.Table:
-    """The topk.parquet table of a TopK (rank order, query by query); parts add `metadata` to its schema."""
+def topk_table(topk: TopK, metadata: dict[str, str] | None = None, fisher_sequences: int | None = None
+               ) -> pa.Table:
+    """The topk.parquet table of a TopK (rank order, query by query); parts add `metadata` to its schema.
+    fisher_sequences: N for the predicted_change column (score / N nats); None leaves the column null."""
+    from whence.evaluation.interpret import predicted_change
+
     columns = topk.to_columns()
     layer_scores = columns["layer_scores"]  # (n, L)
     n, width = layer_scores.shape
-    arrays = [pa.array(columns[name], TOPK_SCHEMA.field(name).type) for name in TOPK_SCHEMA.names[:-1]]
+    arrays = [pa.array(columns[name], TOPK_SCHEMA.field(name).type) for name in TOPK_COLUMNS[:-1]]
     # Row i's layer scores are values[offsets[i]:offsets[i + 1]]: a list column without a Python loop.
     arrays.append(pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * width),
                                            pa.array(layer_scores.ravel(), pa.float64())))
+    change = predicted_change(columns["score"], fisher_sequences) if fisher_sequences else None
+    arrays.append(pa.array(change, pa.float64()) if change is not None else pa.nulls(n, pa.float64()))
     table = pa.Table.from_arrays(arrays, schema=TOPK_SCHEMA)
     return table.replace_schema_metadata(metadata) if metadata else table
 
@@ -128,6 +144,7 @@ class Influence:
     title: str | None = None
     tokens: list[str] | None = None
     token_scores: np.ndarray | None = None  # (T,) sums to `score`
+    predicted_change: float | None = None  # nats: score / N, N the Fisher's sequences (None: N unknown)
 
     def highlight_html(self, *, standalone: bool = True) -> str:
         """The sequence's text with tokens coloured by influence; '' when there are no per-token scores."""
@@ -143,9 +160,13 @@ class Influence:
         name = html.escape(self.title or self.doc_id)
         header = (
             f"<div><b>#{self.rank}</b> {name} <code>{html.escape(self.doc_id)}</code> "
-            f"chunk {self.chunk}, score {format_score(self.score)}</div>"
+            f"chunk {self.chunk}, score {format_score(self.score)}{_change_note(self.predicted_change)}</div>"
         )
         return header + (self.highlight_html() or "<div><i>no per-token scores</i></div>")
+
+
+def _change_note(change: float | None) -> str:
+    return "" if change is None else f" (predicted change {change:+.3g} nats)"
 
 
 @dataclass
@@ -164,6 +185,13 @@ class Results:
     @property
     def method(self) -> str:
         return str(self.manifest.get("method", "unknown"))
+
+    @property
+    def fisher_sequences(self) -> int | None:
+        """N, the training sequences the Fisher was averaged over (each row's predicted_change is score / N);
+        None when the manifest does not say."""
+        count = self.manifest.get(FISHER_SEQUENCES)
+        return int(count) if count else None
 
     def query(self, query_id: str) -> Query:
         for query in self.queries:
@@ -218,7 +246,8 @@ def load_results(results_dir: str | Path) -> Results:
     layers = [str(name) for name in manifest.get("layers", [])]
     titles = _read_titles(results_dir / DOCUMENTS_FILE)
     tokens = _read_tokens(results_dir / TOKENS_FILE)
-    influences = _read_influences(results_dir / TOPK_FILE, len(layers), titles, tokens)
+    influences = _read_influences(results_dir / TOPK_FILE, len(layers), titles, tokens,
+                                  manifest.get(FISHER_SEQUENCES))
     if not layers and influences:  # an older manifest without layer names: number them
         width = next(iter(influences.values()))[0].layer_scores.shape[0]
         layers = [f"layer {i}" for i in range(width)]
@@ -241,11 +270,17 @@ def read_table(results_dir: str | Path, name: str) -> pa.Table:
 
 
 def _read_influences(path: Path, num_layers: int, titles: dict[str, str],
-                     tokens: dict[tuple[str, int], tuple[list[str], np.ndarray]] | None) -> dict[str, list[Influence]]:
-    """topk.parquet's rows grouped by query, sorted by rank; num_layers 0 when the manifest names no layers."""
-    topk = _read_table(path, TOPK_COLUMNS, required=True)
+                     tokens: dict[tuple[str, int], tuple[list[str], np.ndarray]] | None,
+                     fisher_sequences: int | None = None) -> dict[str, list[Influence]]:
+    """topk.parquet's rows grouped by query, sorted by rank; num_layers 0 when the manifest names no layers.
+    predicted_change from its column, or (older files) score / fisher_sequences when the manifest gives N."""
+    topk = _read_table(path, TOPK_COLUMNS, required=True, every_column=True)
     influences: dict[str, list[Influence]] = {}
     columns = {name: topk.column(name).to_pylist() for name in TOPK_COLUMNS}
+    if PREDICTED_CHANGE in topk.column_names:
+        changes = topk.column(PREDICTED_CHANGE).to_pylist()
+    else:
+        changes = [score / int(fisher_sequences) if fisher_sequences else None for score in columns["score"]]
     for i in range(topk.num_rows):
         query_id, rank = str(columns["query_id"][i]), int(columns["rank"][i])
         layer_scores = np.asarray(columns["layer_scores"][i] or [], dtype=np.float64)
@@ -260,6 +295,7 @@ def _read_influences(path: Path, num_layers: int, titles: dict[str, str],
             query_id=query_id, rank=rank, doc_id=doc_id, chunk=int(columns["chunk"][i]),
             score=float(columns["score"][i]), layer_scores=layer_scores, title=titles.get(doc_id),
             tokens=token_row[0] if token_row else None, token_scores=token_row[1] if token_row else None,
+            predicted_change=changes[i],
         ))
     for rows in influences.values():
         rows.sort(key=lambda row: row.rank)

@@ -7,17 +7,22 @@ Two ways to evaluate it, and we take the cheaper per layer (counting multiply-ad
   gradient  dW_b = s_b^T a_b, then <P_ql, dW_b> as one GEMM               ~ B*T * d_out*d_in + B * Q*d_out*d_in
 Neither forms a per-example weight gradient for more than the current batch, and no parameter gradient is
 ever computed (the backward pass stops at the tracked layers' outputs).
+
+Values are checked where they are made: prepared queries (`check_finite_queries`, before they are saved) and
+every batch's scores, so that a NaN or inf becomes a NonFiniteError naming where, never a NaN in the results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from whence.errors import NonFiniteError
 from whence.factors import Factors, compute_dtype
 from whence.model import TrackedLayer
-from whence.queries import PreparedQueries
+from whence.queries import PreparedQueries, QueriesHeader
 from whence.task import LanguageModelingTask
 from whence.tracking import LayerCapture, LayerTracker
 
@@ -100,6 +105,7 @@ class QueryScorer:
             else:
                 per_layer.append(self._gradient_scores(layer.name, s, a))
         stacked = torch.stack(per_layer, dim=-1).to(torch.float64)  # (Q, B, L)
+        check_finite_scores(stacked, self.queries.query_ids, [layer.name for layer in self.layers])
         return BatchScores(stacked.sum(dim=-1), stacked,
                            per_token_sum.to(torch.float64) if per_token_sum is not None else None)
 
@@ -133,3 +139,46 @@ class QueryScorer:
             values = (preconditioned * gradients).sum(dim=(1, 2))
             total = values if total is None else total + values
         return total
+
+
+def check_finite_scores(per_layer: torch.Tensor, query_ids: list[str], layer_names: list[str]) -> None:
+    """NonFiniteError unless every (Q, B, L) per-layer score is finite (one device sync per batch); names the
+    first query, layer and batch rows affected (the caller adds the sequences' doc ids)."""
+    if bool(torch.isfinite(per_layer).all()):
+        return
+    bad = ~torch.isfinite(per_layer)  # (Q, B, L)
+    q, _, layer = (int(i) for i in torch.nonzero(bad)[0])
+    rows = torch.nonzero(bad.any(dim=(0, 2))).flatten().tolist()
+    raise NonFiniteError(f"non-finite score for query {query_ids[q]!r} at layer {layer_names[layer]}",
+                         layer=layer_names[layer], rows=rows)
+
+
+def check_finite_queries(prepared: PreparedQueries) -> None:
+    """NonFiniteError naming the layer and queries whose preconditioned gradients hold NaN or inf (non-finite
+    factors, damping or model outputs), before such queries are saved and scored."""
+    for name in prepared.layer_names:
+        tensors = [t for kind in (prepared.left, prepared.right, prepared.full) if (t := kind.get(name)) is not None]
+        bad = [q for q in range(prepared.num_queries) if not all(bool(torch.isfinite(t[q]).all()) for t in tensors)]
+        if bad:
+            ids = ", ".join(repr(prepared.query_ids[q]) for q in bad[:5])
+            raise NonFiniteError(f"the prepared gradients of queries {ids} hold NaN or inf at layer {name}; are "
+                                 "the factors or the damping finite?", layer=name)
+
+
+def prepared_queries_problem(path: str | Path, query_ids: list[str]) -> tuple[str | None, bool]:
+    """(None, False) when the prepared-queries file at `path` matches its checksum and holds `query_ids` in
+    order. Otherwise (what is wrong, whether it was made for other queries: results scored with it are stale)."""
+    from safetensors import SafetensorError
+
+    from whence.checksums import checksum_problem
+
+    problem = checksum_problem(path)
+    if problem is not None:
+        return problem, False
+    try:
+        header = QueriesHeader.read(path)
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        return f"unreadable ({error})", False
+    if header.query_ids != list(query_ids):
+        return f"made for other queries ({len(header.query_ids)} ids, {header.query_ids[:3]} ...)", True
+    return None, False

@@ -5,6 +5,10 @@ For a linear layer y_t = W a_t, the gradient of a sequence's objective with resp
 so (a, s) per token is all that covariances, eigenvalue corrections and scores need. We backpropagate to the
 layers' outputs only: parameters are frozen while tracking, so autograd never computes a weight gradient.
 Padded positions are zeroed in both a and s, so they contribute nothing.
+
+Every capture is checked for NaN and inf (`check_finite_captures`): one reduction per layer and a single device
+sync per batch. A bfloat16 forward pass that overflows, or a model with a non-finite weight, stops with a
+NonFiniteError naming the layer and the batch rows instead of filling sums, factors or scores with NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from whence.errors import NonFiniteError
 from whence.model import TrackedLayer
 
 
@@ -116,5 +121,29 @@ class LayerTracker:
                 grads = torch.autograd.grad(total, outputs, allow_unused=True)
         mask = batch["attention_mask"].to(inputs[0].device)  # (B, T)
         padded = not bool(mask.all())
-        return [layer_capture(layer, a, s, out, mask, padded)
-                for layer, a, s, out in zip(self.layers, inputs, grads, outputs)]
+        captures = [layer_capture(layer, a, s, out, mask, padded)
+                    for layer, a, s, out in zip(self.layers, inputs, grads, outputs)]
+        check_finite_captures(self.layers, captures)
+        return captures
+
+
+def check_finite_captures(layers: Sequence[TrackedLayer], captures: Sequence[LayerCapture]) -> None:
+    """NonFiniteError naming where NaN or inf first appears, and the batch rows where it does (`rows`; callers
+    that know the sequences name them with NonFiniteError.naming): the first layer, in forward order, whose
+    activations hold one, else the last whose output gradients do (where the backward pass went wrong)."""
+    if not captures:  # a pipeline stage without tracked layers
+        return
+    finite = torch.stack([torch.stack([torch.isfinite(c.activations).all(), torch.isfinite(c.output_grads).all()])
+                          for c in captures])  # (L, 2) on the captures' device: one sync below
+    if bool(finite.all()):
+        return
+    finite = finite.cpu()
+    bad_activations = torch.nonzero(~finite[:, 0]).flatten().tolist()
+    index = bad_activations[0] if bad_activations else torch.nonzero(~finite[:, 1]).flatten().tolist()[-1]
+    where = "activations" if bad_activations else "output gradients"
+    values = captures[index].activations if bad_activations else captures[index].output_grads
+    rows = torch.nonzero(~torch.isfinite(values).flatten(1).all(dim=1)).flatten().tolist()  # batch rows
+    raise NonFiniteError(
+        f"NaN or inf in the {where} of layer {layers[index].name} (batch rows {rows[:8]}): a non-finite weight, "
+        "or a forward pass that overflows its dtype (bfloat16: try --dtype float32)", layer=layers[index].name,
+        rows=rows)

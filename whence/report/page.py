@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from whence.redact import redact_text
 from whence.report.highlight import HIGHLIGHT_CSS, format_score, stylesheet
 from whence.report.plots import WIDE_LAYER_PLOT_FROM, plot_layer_influence, plot_score_distribution
 from whence.report.summary import flatten, format_value, summary_rows
@@ -85,8 +86,8 @@ def _summary_section(results: Results) -> str:
     for key, heading in (("arguments", "Arguments"), ("versions", "Versions")):
         if manifest.get(key):
             inner = "".join(
-                f"<tr><th>{html.escape(k)}</th><td>{html.escape(format_value(v))}</td></tr>"
-                for k, v in flatten(manifest[key])
+                f"<tr><th>{html.escape(k)}</th><td>{html.escape(redact_text(format_value(v)))}</td></tr>"
+                for k, v in flatten(manifest[key])  # redact_text: a run written before redaction may hold secrets
             )
             details += f'<details><summary>{heading}</summary><table class="kv">{inner}</table></details>'
     if results.layers:
@@ -152,7 +153,10 @@ def _query_section(
 
 
 def _topk_table(rows: Sequence[Influence], anchor: str, linked: bool) -> str:
+    """The top-k rows; with a "predicted change" column (nats of log p(completion | prompt) from one more copy
+    of the sequence, score / N) when the results record N."""
     limit = max((abs(row.score) for row in rows), default=0.0) or 1.0
+    changes = any(row.predicted_change is not None for row in rows)
     body = []
     for row in rows:
         name = html.escape(row.title) if row.title else ""
@@ -164,13 +168,21 @@ def _topk_table(rows: Sequence[Influence], anchor: str, linked: bool) -> str:
         body.append(
             f'<tr><td class="num">{row.rank}</td><td>{doc}{"<br>" + name if name else ""}</td>'
             f'<td class="num">{row.chunk}</td><td class="num">{html.escape(format_score(row.score))}</td>'
-            f'<td class="barcell"><span class="bar {sign}" style="width:{width:.1f}%"></span></td></tr>'
+            + (f'<td class="num">{html.escape(_format_change(row.predicted_change))}</td>' if changes else "")
+            + f'<td class="barcell"><span class="bar {sign}" style="width:{width:.1f}%"></span></td></tr>'
         )
     return (
         '<table class="topk"><thead><tr><th class="num rank">rank</th><th>document</th>'
         '<th class="num chunk">chunk</th><th class="num score">score</th>'
-        f'<th class="barcell"></th></tr></thead><tbody>{"".join(body)}</tbody></table>'
+        + ('<th class="num change" title="predicted change of log p(completion | prompt), in nats, if the '
+           'sequence were added once more to the training set (score / N)">&Delta; log p (nats)</th>'
+           if changes else "")
+        + f'<th class="barcell"></th></tr></thead><tbody>{"".join(body)}</tbody></table>'
     )
+
+
+def _format_change(change: float | None) -> str:
+    return "" if change is None else f"{change:+.3g}"
 
 
 def _sequence_block(row: Influence, anchor: str) -> str:

@@ -45,6 +45,9 @@ def summary_rows(results: Results) -> list[tuple[str, str]]:
         ("Top-k rows", f"{n_rows:,}"),
         ("Per-token scores", "yes" if results.has_tokens else "no (score with --per-token)"),
     ]
+    if results.fisher_sequences:
+        rows.append(("Fisher averaged over (N)", f"{results.fisher_sequences:,} sequences; predicted change = "
+                     "score / N nats of log p(completion | prompt) from one more copy of a sequence"))
     if results.all_scores is not None:
         total = sum(scores.shape[0] for scores in results.all_scores.values())
         rows.append(("Saved scores (query, sequence)", f"{total:,}"))
