@@ -17,7 +17,9 @@ import logging
 import os
 import sys
 
+from flows.options import check_local_output
 from whence.errors import WhenceError
+from whence.redact import redact_text
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("flows.pretrain", "pretrain a small causal LM on a corpus with Ray Train (the demo's model)"),
     "bench": ("flows.bench", "measure speed and memory as ratios taken in one run"),
     "demo": ("flows.demo", "the main job on the bundled corpus: fit, filter, score, report"),
-    "eval": ("flows.eval", "measure how right the influences are: fact tracing, exact influence"),
+    "eval": ("flows.eval", "measure how right the influences are: LDS, fact tracing, exact influence"),
 }
 
 
@@ -59,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        check_local_output(getattr(args, "out", None))  # every command's --out
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun with the same arguments resumes", file=sys.stderr)
         return 130
     except WhenceError as error:
-        print(f"whence {args.command}: error: {error}", file=sys.stderr)
+        print(f"whence {args.command}: error: {redact_text(str(error))}", file=sys.stderr)
         return 2
 
 if __name__ == "__main__":

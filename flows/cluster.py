@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,11 @@ class ClusterSettings:
     actor_env: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
+        from whence.errors import SettingsError
+
         for name in ("workers", "shards"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}", name)
 
     @classmethod
     def from_args(cls, args) -> ClusterSettings:
@@ -37,7 +40,13 @@ class ClusterSettings:
 
 def connect(address: str | None = None):
     """ray.init unless already connected (notebooks, tests). Without an address: the job's cluster when run by
-    `ray job submit` (RAY_ADDRESS is set), else a new local one; `--address auto` joins a running cluster."""
+    `ray job submit` (RAY_ADDRESS is set), else a new local one; `--address auto` joins a running cluster.
+
+    A local cluster is private to this machine: every Ray process binds 127.0.0.1 (local_only_node), runs no
+    dashboard, and is stopped at exit, on SIGTERM and SIGHUP too (stop_on_signals). Ray's own messages (worker
+    logs, Ray Data's notices, the core worker's C++ log) stay out of the terminal unless the root logger is at
+    DEBUG (`whence --verbose`); they remain in Ray's session logs. A start that times out (a busy machine) is
+    retried once, then a ClusterError says so."""
     import ray
 
     if ray.is_initialized():
@@ -47,22 +56,152 @@ def connect(address: str | None = None):
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # Not "auto": a stale /tmp/ray/ray_current_cluster would make ray.init wait on a cluster long gone.
         address = "local"
-    env = dict(WORKER_ENV)
-    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env},
-             logging_level=logging.WARNING, configure_logging=True)
-    quiet_data_progress()
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    options = dict(address=address, log_to_driver=verbose, runtime_env={"env_vars": dict(WORKER_ENV)},
+                   logging_level=logging.INFO if verbose else logging.WARNING, configure_logging=True)
+    if address == "local":
+        options.update(include_dashboard=False)
+    if not verbose and "RAY_BACKEND_LOG_LEVEL" not in os.environ:
+        # The driver's core worker logs to stderr; there, only fatal errors (its ERROR lines are notices such as
+        # Ray Data's actors' "constructor arguments in the object store and max_restarts > 0"). The level is read
+        # when ray.init starts the core worker; the workers log at Ray's default level to their files.
+        options["runtime_env"]["env_vars"]["RAY_BACKEND_LOG_LEVEL"] = "info"
+        with _environment(RAY_BACKEND_LOG_LEVEL="fatal"):
+            _init_with_retry(ray, options)
+    else:
+        _init_with_retry(ray, options)
+    if address == "local":
+        stop_on_signals(ray)
+    quiet_data_progress(verbose)
     log.info("ray: %s", ray.cluster_resources())
     return ray
 
 
-def quiet_data_progress() -> None:
-    """Ray Data's per-operator progress bars drown our own progress lines; keep them off."""
+# A busy machine can take longer than Ray's start-up waits (its GCS port wait defaults to 30 s; raised here).
+GCS_PORT_WAIT_S = "120"
+START_ATTEMPTS = 2
+
+
+def _init_with_retry(ray, options: dict) -> None:
+    """ray.init(**options); a start that times out is shut down and tried once more, then a ClusterError."""
+    from whence.errors import ClusterError
+
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", GCS_PORT_WAIT_S)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        before = _child_pids()
+        try:
+            with local_only_node(options["address"] == "local"):
+                ray.init(**options)
+            return
+        except Exception as error:  # Ray raises a bare Exception when its node does not come up in time
+            if not _is_start_up_failure(error):
+                raise
+            ray.shutdown()
+            _stop_children(_child_pids() - before)  # the GCS and raylet a failed start leaves running
+            if attempt == START_ATTEMPTS:
+                where = "a local Ray cluster" if options["address"] == "local" else f"Ray at {options['address']}"
+                raise ClusterError(f"could not start or join {where} after {START_ATTEMPTS} attempts ({error}); "
+                                   "the machine may be overloaded: retry when it is quieter, or start Ray with "
+                                   "`ray start --head` and pass --address auto") from None
+            log.warning("ray did not start (%s); retrying once", error)
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _stop_children(pids: set[int]) -> None:
+    """Terminate these processes of ours (then kill those still running after a few seconds)."""
+    import psutil
+
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+            processes[-1].terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+
+
+def _is_start_up_failure(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, (TimeoutError, ConnectionError)) or "timed out" in text or "timeout" in text
+
+
+@contextmanager
+def local_only_node(enabled: bool):
+    """While a local cluster starts, Ray's single-machine mode (what it uses on macOS and Windows): the node's
+    address is 127.0.0.1, so the GCS, raylet, agents and workers listen on the loopback interface only.
+    (ray.init's _node_ip_address="127.0.0.1" is rewritten to the machine's external address by Ray.)"""
+    if not enabled:
+        yield
+        return
+    import ray._private.ray_constants as ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER  # read from the variable when Ray was imported
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _environment(**{ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+@contextmanager
+def _environment(**variables: str):
+    """os.environ with `variables` set, restored afterwards (the processes started meanwhile keep them)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def stop_on_signals(ray) -> None:
+    """SIGTERM and SIGHUP end the process through SystemExit, so Ray's atexit shutdown stops the local cluster
+    (its agents would otherwise outlive a killed run for minutes). Only where no handler is installed yet."""
+    import atexit
+    import signal
+    import threading
+
+    atexit.register(ray.shutdown)  # also registered by Ray; explicit, as the signals below rely on it
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def exit_on(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, exit_on)
+
+
+def quiet_data_progress(verbose: bool = False) -> None:
+    """Ray Data's per-operator progress bars drown our own progress lines; keep them off, and (unless verbose) its
+    console notices too ("Progress bars disabled", "execution finished"): they still go to its ray-data.log."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
+    if not verbose:
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+                handler.setLevel(logging.ERROR)
 
 
 def cluster_gpus() -> int:

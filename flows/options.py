@@ -5,10 +5,12 @@ in flows.cluster, the cluster (ClusterSettings.from_args)."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import fields
 
 from whence.config import FitConfig, help_for
 from whence.corpus import CorpusSource
+from whence.errors import SettingsError
 
 
 def positive_int(text: str) -> int:
@@ -46,6 +48,31 @@ def corpus_from_args(args: argparse.Namespace) -> CorpusSource:
 
 
 def settings_from_args(settings_class, args: argparse.Namespace):
-    """A settings dataclass (FitConfig, ScoreConfig) filled from the options named like its fields."""
-    return settings_class(**{f.name: getattr(args, f.name) for f in fields(settings_class) if hasattr(args, f.name)})
+    """A settings dataclass (FitConfig, ScoreConfig) filled from the options named like its fields; a value out of
+    range is a SettingsError naming the option and the value (`--damping nan: damping must be ...`)."""
+    values = {f.name: getattr(args, f.name) for f in fields(settings_class) if hasattr(args, f.name)}
+    try:
+        return settings_class(**values)
+    except SettingsError as error:
+        if error.setting not in values:
+            raise
+        raise SettingsError(f"{option_name(error.setting)} {values[error.setting]}: {error}", error.setting) from None
+
+
+def option_name(setting: str) -> str:
+    """The command-line option of a settings field: seq_len -> --seq-len."""
+    return "--" + setting.replace("_", "-")
+
+
+# A scheme (s3://, gs://, file://, hdfs://, ...) at the start of a path; one slash too, as pathlib.Path("s3://b")
+# prints "s3:/b" (options parsed with type=Path).
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def check_local_output(path: str | None, option: str = "--out") -> None:
+    """Outputs are written with local file operations: a URI would become a local directory named `s3:`.
+    Refuse it (SettingsError) rather than write somewhere the user did not ask for."""
+    if path is not None and URI.match(str(path)):
+        raise SettingsError(f"{option} {path}: outputs must be local paths (URIs such as s3:// or gs:// are read "
+                            "for corpora only); write locally and copy the directory to object storage", "out")
 

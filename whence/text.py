@@ -98,12 +98,50 @@ def collate_sequences(sequences: Sequence[TrainingSequence], pad_id: int) -> dic
 
 
 def context_length(model) -> int | None:
-    config = model.config
+    """The context window (max_position_embeddings, n_positions or n_ctx) of a model or of its config."""
+    config = getattr(model, "config", model)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if value:
             return int(value)
     return None
+
+
+def check_window(model_config, seq_len: int, model: str) -> None:
+    """SettingsError when training windows of seq_len tokens would not fit the model's context (positions past
+    it have no embedding, or are extrapolated silently)."""
+    from whence.errors import SettingsError
+
+    limit = context_length(model_config)
+    if limit is not None and seq_len > limit:
+        raise SettingsError(f"--seq-len {seq_len}: longer than the context window of {model} ({limit} tokens, "
+                            "max_position_embeddings); use --seq-len " + str(limit) + " or less", "seq_len")
+
+
+def token_pieces(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """One string per token whose concatenation is tokenizer.decode(token_ids): the text each token adds.
+
+    Decoding tokens one at a time breaks characters that byte-level BPE splits over several tokens (CJK, emoji)
+    into U+FFFD. Here piece t is decode(ids[:t+1]) minus decode(ids[:t]) (prefix differences), and while a prefix
+    ends inside a character (it decodes to a trailing U+FFFD) the character waits: it lands on the token that
+    completes it, and the tokens before get "". Differences also keep SentencePiece's leading spaces, which a
+    token decoded alone loses. Costs T decodes of up to T tokens (T <= seq_len)."""
+    ids = [int(t) for t in token_ids]
+    full = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    pieces, done = [], ""
+    for end in range(1, len(ids) + 1):
+        text = full if end == len(ids) else tokenizer.decode(ids[:end], clean_up_tokenization_spaces=False)
+        if end < len(ids) and (text.endswith("\ufffd") or not text.startswith(done)):
+            pieces.append("")  # inside a character (or a prefix the next tokens rewrite): wait for its end
+            continue
+        back = len(pieces)
+        while not text.startswith(done):  # the last token rewrote earlier text: that text moves onto it
+            back -= 1
+            done = done[: len(done) - len(pieces[back])]
+            pieces[back] = ""
+        pieces.append(text[len(done):])
+        done = text
+    return pieces
 
 
 def encode_query(tokenizer, query: Query, max_length: int | None) -> tuple[list[int], int]:
@@ -128,32 +166,50 @@ def collate_queries(tokenizer, queries: Sequence[Query], max_length: int | None)
     return collate([t for t, _ in encoded], pad_id_of(tokenizer), [p for _, p in encoded])
 
 
+def _query_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a queries file; QueryError naming the file (and line) when it is missing, a directory,
+    unreadable, or not UTF-8."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise QueryError(f"{path}: queries file not found") from None
+    except IsADirectoryError:
+        raise QueryError(f"{path}: is a directory; --queries takes a JSON-lines file") from None
+    except OSError as error:
+        raise QueryError(f"{path}: cannot read the queries file: {error.strerror or error}") from None
+    for line_number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            yield line_number, raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a BOM is not JSON
+        except UnicodeDecodeError as error:
+            raise QueryError(f"{path}:{line_number}: not UTF-8 text (byte {error.start + 1} of the line); "
+                             "save the queries file as UTF-8") from None
+
+
 def load_queries(path: str | Path) -> list[Query]:
     """Queries from JSON lines {"id", "prompt", "completion"}; errors name the file and line."""
     queries, seen = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise QueryError(f"{where}: invalid JSON: {error.msg}") from error
-            if not isinstance(row, dict):
-                raise QueryError(f"{where}: expected a JSON object with id, prompt and completion")
-            for field in ("id", "prompt", "completion"):
-                if field not in row:
-                    raise QueryError(f"{where}: missing field {field!r}")
-            if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
-                raise QueryError(f"{where}: prompt and completion must be strings")
-            query = Query(str(row["id"]), row["prompt"], row["completion"])
-            if query.id in seen:
-                raise QueryError(f"{where}: duplicate query id {query.id!r}")
-            if not query.completion.strip():
-                raise QueryError(f"{where}: query {query.id!r} has an empty completion")
-            seen.add(query.id)
-            queries.append(query)
+    for line_number, line in _query_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise QueryError(f"{where}: invalid JSON: {error.msg}") from error
+        if not isinstance(row, dict):
+            raise QueryError(f"{where}: expected a JSON object with id, prompt and completion")
+        for field in ("id", "prompt", "completion"):
+            if field not in row:
+                raise QueryError(f"{where}: missing field {field!r}")
+        if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
+            raise QueryError(f"{where}: prompt and completion must be strings")
+        query = Query(str(row["id"]), row["prompt"], row["completion"])
+        if query.id in seen:
+            raise QueryError(f"{where}: duplicate query id {query.id!r}")
+        if not query.completion.strip():
+            raise QueryError(f"{where}: query {query.id!r} has an empty completion")
+        seen.add(query.id)
+        queries.append(query)
     if not queries:
         raise QueryError(f"{path}: no queries")
     return queries
