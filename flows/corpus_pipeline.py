@@ -8,7 +8,11 @@ Three kinds of pass over the fragments (whence.corpus.Fragment: a file, or a Par
   sequences   a stream of sequence rows {fragment, doc_id, chunk, input_ids, marker_total} for the actors.
               After a fragment's last sequence comes one marker row (marker_total = how many sequences the
               fragment produced), so a consumer knows when a fragment is finished, with constant memory.
-Every pass skips the same rows (bad rows, later duplicates) and so sees the same sequences.
+Every pass skips the same rows (bad rows, later duplicates) and so sees the same sequences. Each pass tokenises
+each document once, through whence.fast_tokens (the tokenizer's own ids and decoded texts, several times faster
+for byte-level BPE); the TF-IDF passes hash TERM_BATCH windows' texts per call; a sequences pass with a key
+filter tokenises only the documents that hold a wanted sequence. flows.scan_cache keeps a scan's results for
+the next run on the same corpus.
 What travels to the reading tasks: ReadSettings (how a fragment becomes sequences; ReadSettings.for_corpus from a
 whence.corpus.CorpusSource), FragmentPlan (which of them the sequences pass emits) and CandidateSelection (what
 the candidates pass compares them with).
@@ -23,11 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from whence.corpus import BadRow, CorpusSource, CorpusTally, Document, Fragment, id_hashes, read_fragment
-from whence.text import TrainingSequence, document_sequences
+from whence.text import MIN_SEQUENCE_TOKENS, TrainingSequence
 
 # marker_total of an ordinary sequence row
 NOT_A_MARKER = -1
 ROWS_PER_BLOCK = 64
+# Sequence texts hashed into TF-IDF terms per vectoriser call (the candidates are the same for any batching).
+TERM_BATCH = 2048
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class FragmentPlan:
     quota: dict[int, int] | None = None  # fragment -> emit at most this many sequences (max_sequences)
     keys: set[tuple[str, int]] | None = None  # emit only these (doc_id, chunk) keys (TF-IDF candidates, top-k)
 
+    def doc_ids(self) -> set[str] | None:
+        """The documents `keys` names (None: no key filter)."""
+        return None if self.keys is None else {doc_id for doc_id, _ in self.keys}
+
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
@@ -73,6 +83,23 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+@functools.lru_cache(maxsize=4)
+def load_document_tokenizer(path: str):
+    """The tokenizer wrapped for whole documents (whence.fast_tokens: the same ids and texts, faster)."""
+    from whence.fast_tokens import DocumentTokenizer
+
+    return DocumentTokenizer(load_tokenizer(path))
+
+
+def window_bounds(num_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, end) of a document's windows: those of whence.text.chunk_tokens (consecutive, non-overlapping,
+    at most seq_len tokens, a trailing window shorter than MIN_SEQUENCE_TOKENS dropped)."""
+    if seq_len < MIN_SEQUENCE_TOKENS:
+        raise ValueError(f"seq_len must be at least {MIN_SEQUENCE_TOKENS}, got {seq_len}")
+    bounds = [(start, min(start + seq_len, num_tokens)) for start in range(0, num_tokens, seq_len)]
+    return [(start, end) for start, end in bounds if end - start >= MIN_SEQUENCE_TOKENS]
 
 
 def fragment_documents(fragment: Fragment, settings: ReadSettings, tally: CorpusTally | None = None,
@@ -85,41 +112,71 @@ def fragment_documents(fragment: Fragment, settings: ReadSettings, tally: Corpus
         yield row
 
 
-def fragment_sequences(fragment: Fragment, settings: ReadSettings, skip_lines=frozenset()
-                       ) -> Iterator[TrainingSequence]:
-    tokenizer = load_tokenizer(settings.tokenizer_path)
+def fragment_sequences(fragment: Fragment, settings: ReadSettings, skip_lines=frozenset(),
+                       doc_ids: set[str] | None = None) -> Iterator[TrainingSequence]:
+    """The fragment's training sequences in order; with `doc_ids`, only those documents are tokenised."""
+    tokenizer = load_document_tokenizer(settings.tokenizer_path)
     for document in fragment_documents(fragment, settings, skip_lines=skip_lines):
-        yield from document_sequences(tokenizer, document.doc_id, document.text, settings.seq_len)
+        if doc_ids is not None and document.doc_id not in doc_ids:
+            continue
+        ids = tokenizer.encode(document.text)
+        for chunk, (start, end) in enumerate(window_bounds(len(ids), settings.seq_len)):
+            yield TrainingSequence(document.doc_id, chunk, tuple(ids[start:end]))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # scan
 
 
-def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: int = 0) -> dict:
-    """Tally, id hashes and sequence counts per document; document frequencies when tfidf_features > 0."""
-    from whence.tfidf import DocumentFrequencies, TermHasher
+class _TermBatches:
+    """Window texts gathered over documents and hashed TERM_BATCH at a time (one vectoriser call per batch):
+    `flush` hands each batch's rows (n, F), with the doc ids and chunks offered alongside, to `consume`."""
 
-    tokenizer = load_tokenizer(settings.tokenizer_path)
+    def __init__(self, n_features: int, consume):
+        from whence.tfidf import TermHasher
+
+        self.hasher, self.consume = TermHasher(n_features), consume
+        self.texts: list[str] = []
+        self.doc_ids: list[str] = []
+        self.chunks: list[int] = []
+
+    def add(self, doc_id: str, texts: list[str]) -> None:
+        self.texts.extend(texts)
+        self.doc_ids.extend([doc_id] * len(texts))
+        self.chunks.extend(range(len(texts)))
+        if len(self.texts) >= TERM_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.texts:
+            self.consume(self.hasher.transform(self.texts), self.doc_ids, self.chunks)
+            self.texts, self.doc_ids, self.chunks = [], [], []
+
+
+def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: int = 0) -> dict:
+    """Tally, id hashes and sequence counts per document; document frequencies when tfidf_features > 0.
+    Each document is tokenised once; its windows are decoded to text only when frequencies are asked for."""
+    from whence.tfidf import DocumentFrequencies
+
+    tokenizer = load_document_tokenizer(settings.tokenizer_path)
     tally = CorpusTally()
     lines, ids, counts, tokens = [], [], [], 0
     frequencies = DocumentFrequencies.zeros(tfidf_features) if tfidf_features else None
-    hasher = TermHasher(tfidf_features) if tfidf_features else None
+    terms = _TermBatches(tfidf_features, lambda rows, *_: frequencies.update(rows)) if tfidf_features else None
     for document in fragment_documents(fragment, settings, tally):
-        sequences = document_sequences(tokenizer, document.doc_id, document.text, settings.seq_len)
+        token_ids = tokenizer.encode(document.text)
+        bounds = window_bounds(len(token_ids), settings.seq_len)
         lines.append(document.line)
         ids.append(document.doc_id)
-        counts.append(len(sequences))
-        tokens += sum(len(s.input_ids) for s in sequences)
-        if frequencies is not None and sequences:
-            frequencies.update(hasher.transform(sequence_texts(tokenizer, sequences)))
+        counts.append(len(bounds))
+        tokens += sum(end - start for start, end in bounds)
+        if terms is not None and bounds:
+            terms.add(document.doc_id, tokenizer.window_texts(document.text, token_ids, bounds))
+    if terms is not None:
+        terms.flush()
     return {"fragment": fragment.index, "tally": tally, "lines": np.asarray(lines, dtype=np.int64),
             "hashes": id_hashes(ids), "sequence_counts": np.asarray(counts, dtype=np.int64), "tokens": tokens,
             "frequencies": frequencies}
-
-
-def sequence_texts(tokenizer, sequences: list[TrainingSequence]) -> list[str]:
-    return tokenizer.batch_decode([list(s.input_ids) for s in sequences], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,25 +186,21 @@ def sequence_texts(tokenizer, sequences: list[TrainingSequence]) -> list[str]:
 def select_fragment_candidates(fragment: Fragment, settings: ReadSettings, skip_lines,
                                selection: CandidateSelection):
     """This fragment's per-query top-N sequences by BM25 (a mergeable CandidateSelector)."""
-    from whence.tfidf import CandidateSelector, TermHasher, bm25_scores
+    from whence.tfidf import CandidateSelector, bm25_scores
 
-    tokenizer = load_tokenizer(settings.tokenizer_path)
-    hasher = TermHasher(selection.n_features)
+    tokenizer = load_document_tokenizer(settings.tokenizer_path)
     selector = CandidateSelector(selection.query_ids, selection.num_candidates)
-    batch: list[TrainingSequence] = []
 
-    def flush():
-        if batch:
-            terms = hasher.transform(sequence_texts(tokenizer, batch))
-            scores = bm25_scores(selection.query_terms, terms, selection.idf)
-            selector.update(scores, [s.doc_id for s in batch], [s.chunk for s in batch])
-            batch.clear()
+    def offer(rows, doc_ids, chunks):
+        selector.update(bm25_scores(selection.query_terms, rows, selection.idf), doc_ids, chunks)
 
-    for sequence in fragment_sequences(fragment, settings, skip_lines):
-        batch.append(sequence)
-        if len(batch) >= 256:
-            flush()
-    flush()
+    terms = _TermBatches(selection.n_features, offer)
+    for document in fragment_documents(fragment, settings, skip_lines=skip_lines):
+        token_ids = tokenizer.encode(document.text)
+        bounds = window_bounds(len(token_ids), settings.seq_len)
+        if bounds:
+            terms.add(document.doc_id, tokenizer.window_texts(document.text, token_ids, bounds))
+    terms.flush()
     return selector
 
 
@@ -161,7 +214,10 @@ def sequence_rows(fragment: Fragment, settings: ReadSettings, plan: FragmentPlan
     rows: list[TrainingSequence] = []
     emitted = 0
     if quota != 0:
-        for sequence in fragment_sequences(fragment, settings, plan.skip_lines.get(fragment.index, frozenset())):
+        # With a key filter, only documents holding a wanted sequence are tokenised.
+        doc_ids = None if plan.keys is None else plan.doc_ids()
+        for sequence in fragment_sequences(fragment, settings, plan.skip_lines.get(fragment.index, frozenset()),
+                                           doc_ids):
             if plan.keys is not None and (sequence.doc_id, sequence.chunk) not in plan.keys:
                 continue
             rows.append(sequence)
@@ -197,14 +253,21 @@ def fragments_dataset(fragments: list[Fragment]):
     import ray.data
 
     # One block per fragment so fragments are read in parallel.
-    items = [{"index": f.index, "path": f.path, "format": f.format,
-              "row_group": -1 if f.row_group is None else f.row_group} for f in fragments]
+    items = [fragment_item(f) for f in fragments]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
 
 
+def fragment_item(fragment: Fragment) -> dict:
+    """A fragment as a Ray Data row of plain values (None as -1); `_fragment_of` reads it back."""
+    return {"index": fragment.index, "path": fragment.path, "format": fragment.format,
+            "row_group": -1 if fragment.row_group is None else fragment.row_group, "start": fragment.start,
+            "end": -1 if fragment.end is None else fragment.end, "first_line": fragment.first_line}
+
+
 def _fragment_of(row) -> Fragment:
-    row_group = int(row["row_group"])
-    return Fragment(int(row["index"]), str(row["path"]), str(row["format"]), None if row_group < 0 else row_group)
+    row_group, end = int(row["row_group"]), int(row["end"])
+    return Fragment(int(row["index"]), str(row["path"]), str(row["format"]), None if row_group < 0 else row_group,
+                    int(row["start"]), None if end < 0 else end, int(row["first_line"]))
 
 
 def _scan_batch(batch: dict, settings: ReadSettings, tfidf_features: int) -> dict:

@@ -285,3 +285,68 @@ def test_unreadable_file_raises_corpus_error(tmp_path):
     path.write_bytes(gzip.compress(b'{"id": "a", "text": "b"}\n' * 100)[:40])  # truncated
     with pytest.raises(CorpusError, match=f"{path}: cannot read"):
         read_all([path])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Byte-range fragments of one JSON-lines file
+
+
+def rows_of(fragments, **kwargs):
+    return [(type(r).__name__, r.path, r.line, getattr(r, "doc_id", None), getattr(r, "text", None),
+             getattr(r, "reason", None)) for f in fragments for r in read_fragment(f, **kwargs)]
+
+
+@pytest.fixture
+def long_messy_jsonl(tmp_path):
+    """Good rows of varied lengths, every bad-row kind, blank lines and CRLF, no newline at the end."""
+    rng = random.Random(3)
+    lines = []
+    for i in range(120):
+        lines.append(json.dumps({"id": f"d{i}", "text": "word " * rng.randint(1, 40)}).encode())
+        if i % 9 == 0:
+            lines.append(BAD_LINES[i % len(BAD_LINES)][0])
+        if i % 13 == 0:
+            lines.append(b"")
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b"\r\n".join(lines[:60]) + b"\r\n" + b"\n".join(lines[60:]))
+    return path
+
+
+@pytest.mark.parametrize("fragment_bytes", [1, 64, 500, 3000])
+def test_byte_range_fragments_give_exactly_the_whole_file(long_messy_jsonl, fragment_bytes):
+    whole = [Fragment(0, str(long_messy_jsonl), "jsonl")]
+    fragments = list_fragments([str(long_messy_jsonl)], fragment_bytes=fragment_bytes)
+    size = long_messy_jsonl.stat().st_size
+    assert len(fragments) > 1 and [f.index for f in fragments] == list(range(len(fragments)))
+    data = long_messy_jsonl.read_bytes()
+    for before, after in zip(fragments, fragments[1:]):
+        assert before.end == after.start and data[after.start - 1 : after.start] == b"\n"  # cut at line starts
+        assert after.first_line == data[: after.start].count(b"\n") + 1
+    assert fragments[0].start == 0 and fragments[-1].end is None and fragments[-1].start < size
+    assert rows_of(fragments) == rows_of(whole)
+
+
+def test_small_files_and_gzip_stay_one_fragment(tmp_path, long_messy_jsonl):
+    packed = tmp_path / "long.jsonl.gz"
+    packed.write_bytes(gzip.compress(long_messy_jsonl.read_bytes()))
+    assert list_fragments([str(packed)], fragment_bytes=64) == [Fragment(0, str(packed), "jsonl")]
+    assert len(list_fragments([str(long_messy_jsonl)])) == 1  # far below FRAGMENT_BYTES
+
+
+def test_strict_error_in_a_later_fragment_names_file_and_line(long_messy_jsonl):
+    fragments = list_fragments([str(long_messy_jsonl)], fragment_bytes=200)
+    expected = next(r for r in rows_of([Fragment(0, str(long_messy_jsonl), "jsonl")]) if r[0] == "BadRow"
+                    and r[2] > fragments[3].first_line)
+    late = [f for f in fragments if f.first_line <= expected[2]][-1]  # the fragment holding that line
+    assert late.index > 0
+    with pytest.raises(CorpusError, match=rf"{long_messy_jsonl}:{expected[2]}: {expected[5][:12]}"):
+        list(read_fragment(late, strict=True))
+
+
+def test_fragments_travel_to_reading_tasks_unchanged(long_messy_jsonl, tmp_path):
+    from flows.corpus_pipeline import _fragment_of, fragment_item
+
+    parquet = write_parquet(tmp_path / "p.parquet", docs(10), row_group_size=4)
+    fragments = list_fragments([str(long_messy_jsonl), str(parquet)], fragment_bytes=300)
+    assert {f.format for f in fragments} == {"jsonl", "parquet"}
+    assert [_fragment_of(fragment_item(f)) for f in fragments] == fragments

@@ -7,11 +7,12 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.cli import main
-from flows.demo import ASSETS
+from flows.demo import ASSETS, STAGES
 from tests.tiny import make_model, make_tokenizer
 
 
-def test_demo_on_a_corpus_slice(tmp_path, ray_cluster, capsys):
+def test_demo_on_a_corpus_slice(tmp_path, ray_cluster, capsys, monkeypatch):
+    monkeypatch.setenv("WHENCE_CACHE", str(tmp_path / "cache"))
     tokenizer = make_tokenizer(300)
     model = make_model("llama", len(tokenizer), hidden=32, context=512, dtype=torch.float32)
     model.save_pretrained(tmp_path / "model")
@@ -44,6 +45,16 @@ def test_demo_on_a_corpus_slice(tmp_path, ray_cluster, capsys):
     assert {row["query"] for row in summary["verbatim"]} == {q["id"] for q in queries if q["kind"] in ("verbatim", "flipped")}
     assert all(set(row) >= {"ekfac_rank", "tfidf_rank", "identity_rank"} for row in summary["verbatim"])
     assert "report:" in printed
+    # A line per stage with its seconds, in the terminal and in demo_summary.json.
+    assert list(summary["stage_seconds"]) == list(STAGES)
+    assert all(isinstance(summary["stage_seconds"][stage], float) for stage in STAGES)
+    for stage in STAGES:
+        assert f"   {stage} " in printed
+    # The corpus is scanned once: the fit, the EK-FAC run and the identity baseline reuse the scan.
+    for run in ("results", "results-identity"):
+        assert json.loads((out / run / "manifest.json").read_text())["summary"]["timings"]["scan_cached"] is True
+    assert json.loads((out / "factors" / "manifest.json").read_text())["summary"]["scan_cached"] is True
+    assert len(list((tmp_path / "cache" / "scans").glob("*.pkl"))) == 1
 
     # A second run reuses every finished stage.
     assert main(["demo", "--out", str(out), "--model", str(tmp_path / "model"), "--docs", "25",

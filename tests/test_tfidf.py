@@ -221,3 +221,82 @@ def test_end_to_end_filter_finds_the_relevant_sequence():
     selector = CandidateSelector(["q"], num_candidates=1)
     selector.update(scores, ["s0", "s1", "s2"], [0, 0, 0])
     assert selector.all_keys() == {("s2", 0)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The corpus passes' TF-IDF facts are those of decoding every sequence one document at a time (as it used to be)
+
+
+DEMO = __import__("pathlib").Path(__file__).resolve().parent.parent / "flows" / "demo_assets"
+DEMO_DOCS, DEMO_CHARS, DEMO_SEQ_LEN, DEMO_CANDIDATES = 40, 4000, 64, 7
+
+
+@pytest.fixture(scope="module")
+def demo_slice(tmp_path_factory):
+    """The demo corpus's first documents (cut short) as two byte-range fragments, and the demo's queries."""
+    import gzip
+    import json
+
+    from whence.corpus import list_fragments
+
+    rows = []
+    for shard in sorted((DEMO / "corpus").glob("*.jsonl.gz")):
+        rows += [json.loads(line) for line in gzip.open(shard, "rt", encoding="utf-8")]
+        if len(rows) >= DEMO_DOCS:
+            break
+    path = tmp_path_factory.mktemp("demo") / "slice.jsonl"
+    path.write_text("".join(json.dumps({"id": r["id"], "text": r["text"][:DEMO_CHARS]}) + "\n"
+                            for r in rows[:DEMO_DOCS]), encoding="utf-8")
+    fragments = list_fragments([str(path)], fragment_bytes=path.stat().st_size // 2)
+    queries = [json.loads(line) for line in open(DEMO / "queries.jsonl", encoding="utf-8") if line.strip()]
+    return path, fragments, queries
+
+
+def per_document_terms(path, tokenizer):
+    """(doc_ids, chunks, term rows) the old way: tokenizer(text), chunk_tokens, batch_decode per document."""
+    from whence.corpus import list_fragments, read_fragment
+    from whence.text import document_sequences
+
+    hasher, ids, chunks, rows = TermHasher(), [], [], []
+    for fragment in list_fragments([str(path)]):
+        for doc in read_fragment(fragment):
+            sequences = document_sequences(tokenizer, doc.doc_id, doc.text, DEMO_SEQ_LEN)
+            texts = tokenizer.batch_decode([list(s.input_ids) for s in sequences], skip_special_tokens=True)
+            rows.append(hasher.transform(texts))
+            ids += [s.doc_id for s in sequences]
+            chunks += [s.chunk for s in sequences]
+    return ids, chunks, sp.vstack(rows).tocsr()
+
+
+def test_scan_and_candidates_equal_decoding_each_document(demo_slice):
+    from flows.corpus_pipeline import (
+        CandidateSelection,
+        ReadSettings,
+        load_tokenizer,
+        scan_fragment,
+        select_fragment_candidates,
+    )
+    from whence.tfidf import DEFAULT_FEATURES
+
+    path, fragments, queries = demo_slice
+    assert len(fragments) == 2
+    settings = ReadSettings(str(DEMO / "model"), DEMO_SEQ_LEN)
+    ids, chunks, rows = per_document_terms(path, load_tokenizer(settings.tokenizer_path))
+    expected = DocumentFrequencies.zeros(DEFAULT_FEATURES)
+    expected.update(rows)
+
+    scans = [scan_fragment(f, settings, DEFAULT_FEATURES) for f in fragments]
+    frequencies = scans[0]["frequencies"] + scans[1]["frequencies"]
+    assert frequencies.num_documents == expected.num_documents == len(ids)
+    np.testing.assert_array_equal(frequencies.counts, expected.counts)
+    assert sum(int(s["sequence_counts"].sum()) for s in scans) == len(ids)
+
+    query_ids = [q["id"] for q in queries]
+    query_terms = TermHasher().transform([f"{q['prompt']} {q['completion']}" for q in queries])
+    reference = CandidateSelector(query_ids, DEMO_CANDIDATES)
+    reference.update(bm25_scores(query_terms, rows, expected.idf()), ids, chunks)
+    selection = CandidateSelection(query_ids, query_terms, expected.idf(), DEMO_CANDIDATES, DEFAULT_FEATURES)
+    parts = [select_fragment_candidates(f, settings, frozenset(), selection) for f in fragments]
+    merged = parts[0].merge(parts[1])
+    for q in range(len(query_ids)):
+        assert merged.candidates(q) == reference.candidates(q)  # same keys, same order, same float scores

@@ -1,9 +1,14 @@
 """Reading corpus files: JSON lines (optionally gzipped) and Parquet, local or in object storage, streamed.
 
-The unit of parallel reading and of resuming is a `Fragment`: one JSON-lines file, or one row group of a Parquet
-file. `list_fragments` expands the user's paths into fragments numbered 0..n-1 in a deterministic order (paths in
-the order given; directories walked recursively in sorted order; Parquet row groups in file order). That order,
-then the line (or row) number within a file, is "corpus order".
+The unit of parallel reading and of resuming is a `Fragment`: a byte range of an uncompressed JSON-lines file
+(files over FRAGMENT_BYTES are split at line starts, so one large file is read by several tasks), a whole
+gzipped JSON-lines file (gzip cannot be split: a gzip stream can only be decompressed from its start, so a
+`.jsonl.gz` file is always one fragment; ship a large corpus as several shards or as Parquet), or one row group
+of a Parquet file. `list_fragments` expands the user's paths into fragments numbered 0..n-1 in a deterministic
+order (paths in the order given; directories walked recursively in sorted order; byte ranges and Parquet row
+groups in file order). That order, then the line (or row) number within a file, is "corpus order"; a byte-range
+fragment knows the line number it starts at (newlines counted before it when listing), so its rows, line
+numbers and errors are exactly those of reading the whole file.
 
 `read_fragment` streams one fragment and yields a `Document` per good row and a `BadRow` per malformed one (or
 raises `CorpusError` at the first malformed row when `strict=True`). Nothing here loads a whole file in memory.
@@ -37,6 +42,9 @@ SUFFIX_FORMATS = ((".jsonl.gz", JSONL), (".jsonl", JSONL), (".parquet", PARQUET)
 DUPLICATE_ID = "duplicate id"  # the tally reason for rows dropped by `find_duplicate_rows`
 
 _READ_CHUNK_BYTES = 1 << 20  # bytes read from a JSON-lines stream at a time
+# An uncompressed JSON-lines file is split into fragments of about this many bytes (each ends at a line end):
+# a few seconds of tokenising each, small next to a task's start-up, many per file for parallel reads.
+FRAGMENT_BYTES = 8 << 20
 _PARQUET_BATCH_ROWS = 1024  # rows decoded from a Parquet row group at a time
 
 
@@ -63,8 +71,11 @@ class CorpusSource:
         return corpus if isinstance(corpus, CorpusSource) else cls(corpus)
 
     def to_arguments(self) -> dict:
-        """The run-directory arguments that identify this corpus (the keys run.json has always used)."""
-        return {"corpus": list(self.paths), "id_field": self.id_field, "text_field": self.text_field,
+        """The run-directory arguments that identify this corpus (the keys run.json has always used); credentials
+        in a URI are redacted (whence.redact), as these are written to run.json, manifest.json and the report."""
+        from whence.redact import redact_uri
+
+        return {"corpus": [redact_uri(p) for p in self.paths], "id_field": self.id_field, "text_field": self.text_field,
                 "strict": self.strict}
 
 
@@ -73,13 +84,18 @@ class Fragment:
     """One unit of parallel reading: a whole JSON-lines file, or one row group of a Parquet file.
 
     `index` is the fragment's position in corpus order (0..n-1); `path` is an absolute local path or a URI;
-    `format` is "jsonl" or "parquet"; `row_group` is the Parquet row group (None for JSON lines).
+    `format` is "jsonl" or "parquet"; `row_group` is the Parquet row group (None for JSON lines). A byte range
+    of an uncompressed JSON-lines file: bytes [start, end) (end None: to the end of the file), its first line
+    being line `first_line` of the file; start, end and first_line are aligned by `list_fragments`.
     """
 
     index: int
     path: str
     format: str
     row_group: int | None = None
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
 
 
 @dataclass(frozen=True)
@@ -210,11 +226,51 @@ def _open_parquet(path: str) -> Iterator[pq.ParquetFile]:
         yield parquet
 
 
-def list_fragments(paths: Sequence[str]) -> list[Fragment]:
+def file_stamp(path: str) -> tuple[int | None, int | None]:
+    """(size in bytes, modification time in ns) of a corpus file, local or in object storage (None: not known)."""
+    fs, fs_path = _resolve(path)
+    info = fs.get_file_info(fs_path)
+    return info.size, info.mtime_ns
+
+
+def _gzipped(path: str) -> bool:
+    return path.split("?", 1)[0].lower().endswith(".gz")
+
+
+def line_ranges(path: str, fragment_bytes: int = FRAGMENT_BYTES) -> list[tuple[int, int | None, int]]:
+    """(start, end, first_line) of the byte ranges an uncompressed JSON-lines file is read in: ranges of about
+    `fragment_bytes` each ending just after a newline, found by one sequential read that counts newlines."""
+    fs, fs_path = _resolve(path)
+    size = fs.get_file_info(fs_path).size or 0
+    if size <= fragment_bytes:
+        return [(0, None, 1)]
+    starts = [(0, 1)]  # (byte offset of a line start, its 1-based line number)
+    target, offset, newlines = fragment_bytes, 0, 0
+    try:
+        with fs.open_input_stream(fs_path) as stream:
+            while chunk := stream.read(_READ_CHUNK_BYTES):
+                at = max(0, target - 1 - offset)  # a line starting at >= target follows a newline at >= target - 1
+                while (found := chunk.find(b"\n", at)) >= 0:
+                    boundary = offset + found + 1
+                    if boundary >= size:
+                        break
+                    starts.append((boundary, newlines + chunk.count(b"\n", 0, found + 1) + 1))
+                    target = boundary + fragment_bytes
+                    at = max(found + 1, target - 1 - offset)
+                newlines += chunk.count(b"\n")
+                offset += len(chunk)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorpusError(f"{path}: cannot read file: {exc}") from exc
+    ends = [start for start, _ in starts[1:]] + [None]
+    return [(start, end, line) for (start, line), end in zip(starts, ends)]
+
+
+def list_fragments(paths: Sequence[str], fragment_bytes: int = FRAGMENT_BYTES) -> list[Fragment]:
     """Fragments of the corpus named by `paths` (files, directories, URIs), numbered 0..n-1 in corpus order.
 
-    One fragment per JSON-lines file, one per Parquet row group (an empty Parquet file has none). Raises
-    `CorpusError` for a missing path, a directory holding no corpus files, or an unsupported file suffix.
+    One per `fragment_bytes` (or fewer) of an uncompressed JSON-lines file, one per gzipped JSON-lines file, one
+    per Parquet row group (an empty Parquet file has none). Raises `CorpusError` for a missing path, a directory
+    holding no corpus files, or an unsupported file suffix.
     """
     if isinstance(paths, str):
         paths = [paths]
@@ -223,7 +279,9 @@ def list_fragments(paths: Sequence[str]) -> list[Fragment]:
         for file in _expand(path):
             fmt = corpus_format(file)
             if fmt == JSONL:
-                fragments.append(Fragment(len(fragments), file, JSONL, None))
+                ranges = [(0, None, 1)] if _gzipped(file) else line_ranges(file, fragment_bytes)
+                for start, end, first_line in ranges:
+                    fragments.append(Fragment(len(fragments), file, JSONL, None, start, end, first_line))
                 continue
             with _open_parquet(file) as parquet:
                 num_row_groups = parquet.num_row_groups
@@ -273,14 +331,23 @@ def _parse_line(raw: bytes) -> dict | str:
     return record
 
 
-def _stream_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes without the line ending) for every line, read in bounded chunks."""
+def _stream_lines(fragment: Fragment) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes without the line ending) for every line of the fragment's byte range
+    (the whole file when gzipped), read in bounded chunks."""
+    path = fragment.path
     fs, fs_path = _resolve(path)
-    compression = "gzip" if path.split("?", 1)[0].lower().endswith(".gz") else None
+    compression = "gzip" if _gzipped(path) else None
     try:
-        with fs.open_input_stream(fs_path, compression=compression) as stream:
-            number, pieces = 0, []  # pieces: the unfinished line, as read so far
-            while chunk := stream.read(_READ_CHUNK_BYTES):
+        # An uncompressed file is opened for random access, so a byte range starts with a seek.
+        opened = fs.open_input_stream(fs_path, compression="gzip") if compression else fs.open_input_file(fs_path)
+        with opened as stream:
+            if fragment.start and compression is None:
+                stream.seek(fragment.start)
+            left = None if fragment.end is None else fragment.end - fragment.start  # bytes still to read
+            number, pieces = fragment.first_line - 1, []  # pieces: the unfinished line, as read so far
+            while left != 0 and (chunk := stream.read(_READ_CHUNK_BYTES if left is None
+                                                      else min(left, _READ_CHUNK_BYTES))):
+                left = None if left is None else left - len(chunk)
                 parts = chunk.split(b"\n")
                 for part in parts[:-1]:
                     number += 1
@@ -294,7 +361,7 @@ def _stream_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 
 def _jsonl_rows(fragment: Fragment, id_field: str, text_field: str) -> Iterator[Document | BadRow]:
-    for number, raw in _stream_lines(fragment.path):
+    for number, raw in _stream_lines(fragment):
         if not raw.strip():
             continue  # blank lines are not rows
         record = _parse_line(raw)
