@@ -44,7 +44,7 @@ def test_eval_help_lists_the_subcommands(capsys):
         main(["eval", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "trace" in out and "exact" in out
+    assert "trace" in out and "exact" in out and "lds" in out and "bundled" in out
 
 
 def trace_args(space, out, queries=None):

@@ -21,7 +21,7 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-CORPUS = ROOT / "flows" / "demo_assets" / "corpus.jsonl.gz"
+CORPUS = ROOT / "flows" / "demo_assets" / "corpus"
 QUERIES = ROOT / "flows" / "demo_assets" / "queries.jsonl"
 FIRST_DOCS = 30  # plus the documents the queries quote
 CELL_TIMEOUT_S = 300
@@ -105,3 +105,16 @@ def test_notebooks_run_headless(environment, monkeypatch):
     assert 'class="tok"' in "".join(outputs(analysis, "text/html"))
     manifest = json.loads((results / "manifest.json").read_text())
     assert manifest["arguments"]["per_token"] is True and manifest["arguments"]["save_all_scores"] is True
+
+
+def test_evaluation_notebook_shows_the_lds_table_and_scatter(monkeypatch):
+    """notebooks/evaluation.ipynb on the shipped results of the bundled setup (no Ray, no training: seconds)."""
+    notebook = execute("evaluation", {"HF_HUB_OFFLINE": "1"}, monkeypatch)
+    text = "".join(outputs(notebook, "text/plain"))
+    body = json.loads((ROOT / "flows" / "eval_assets" / "results" / "lds.json").read_text())
+    for name in body["methods"]:
+        assert name in text, name
+    assert "retraining noise" in text and "Spearman over subsets" in text
+    example = body["example"]
+    assert f"(lds.json says {example['lds']:.3f})" in text and f"Spearman over subsets {example['lds']:.3f}" in text
+    assert outputs(notebook, "image/png"), "no LDS figure"

@@ -72,3 +72,19 @@ def test_a_model_directory_is_judged_by_the_arguments_in_its_report(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("not a model")
     with pytest.raises(RunStateError, match="not a whence pretrain run"):
         already_trained(tmp_path / "other", arguments, overwrite=False)
+
+
+def test_the_recorded_arguments_are_those_of_the_demo_model():
+    """`whence eval lds`'s data seed is no PretrainConfig field: a rerun of the demo's recipe still finds the demo
+    model's recorded arguments, key for key."""
+    import argparse
+    from pathlib import Path
+
+    from flows.pretrain.settings import add_arguments, config_from_args, run_arguments
+
+    report = Path(__file__).resolve().parent.parent / "flows" / "demo_assets" / "model" / "training_report.json"
+    recorded = json.loads(report.read_text())["arguments"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--corpus", *recorded["corpus"], "--out", "unused", "--time-limit", "20"])
+    assert run_arguments(args, config_from_args(args)) == recorded

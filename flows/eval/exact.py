@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit the factors and the exact Fisher on the first N sequences (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the true Fisher's sampled labels")
     parser.add_argument("--methods", default=",".join(EXACT_METHODS), metavar="LIST",
-                        help=f"comma-separated, from {', '.join(EXACT_METHODS)} (default: all)")
+                        help=f"comma-separated, from {', '.join(EXACT_METHODS)} (default: all) and ekfac-cg")
     parser.add_argument("--damping", type=parse_damping, default="heuristic", metavar="heuristic|FLOAT",
                         help="'heuristic' (0.1 x mean eigenvalue per layer) or an absolute value, for all methods")
     parser.add_argument("--max-parameters", type=positive_int, default=DEFAULT_PARAMETER_BOUND,
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from whence.evaluation.methods import parse_methods
 
     try:
-        methods = tuple(parse_methods(args.methods, EXACT_METHODS))
+        methods = tuple(parse_methods(args.methods, EXACT_METHODS + ("ekfac-cg",)))  # ekfac-cg: when asked for
     except ValueError as error:
         raise WhenceError(str(error)) from error
     settings = ExactSettings(args.modules, args.fisher, args.seq_len, args.max_sequences, args.seed, methods,

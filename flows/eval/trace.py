@@ -71,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise WhenceError(str(error)) from error
     body = trace_corpus(args.model, args.factors, corpus_from_args(args), args.queries, args.out, settings)
-    print(f"fact tracing of {body['queries']} queries over {body['sequences']} sequences -> {args.out}/{TRACE_FILE}")
+    print_trace_table(body, args.out)
+    return 0
+
+
+def print_trace_table(body: dict, out) -> None:
+    print(f"fact tracing of {body['queries']} queries over {body['sequences']} sequences -> {out}/{TRACE_FILE}")
     print(f"{'method':<10} {'recall@1':>9} {'recall@10':>10} {'recall@100':>11} {'mrr':>7}")
     for name, row in body["methods"].items():
         print(f"{name:<10} {row['recall@1']:>9.3f} {row['recall@10']:>10.3f} {row['recall@100']:>11.3f} "
               f"{row['mrr']:>7.3f}")
-    return 0
 
 
 def trace_corpus(model: str, factors_dir: str, corpus, queries_path: str, out: str,
@@ -108,7 +112,7 @@ def trace_corpus(model: str, factors_dir: str, corpus, queries_path: str, out: s
 
 
 @dataclass
-class _Setup:
+class ScoredSequences:
     """A ScoringSetup and the (doc_id, chunk) of its sequences, in order, with their decoded texts."""
 
     scoring: object
@@ -117,7 +121,7 @@ class _Setup:
 
 
 def scoring_setup(model_dir: str, factors, corpus, settings: TraceSettings):
-    """(_Setup, fitting sequences) for the factors' model, tracked layers and sequence length."""
+    """(ScoredSequences, fitting sequences) for the factors' model, tracked layers and sequence length."""
     from whence.evaluation.methods import ScoringSetup
     from whence.model import find_tracked_layers, load_causal_lm
     from whence.text import iter_sequences
@@ -132,10 +136,10 @@ def scoring_setup(model_dir: str, factors, corpus, settings: TraceSettings):
     scoring = ScoringSetup(model, tokenizer, layers, documents, seq_len, settings.batch_size, settings.query_rank,
                            settings.damping)
     fitting = sequences[: arguments.get("max_sequences") or len(sequences)]
-    return _Setup(scoring, [(s.doc_id, s.chunk) for s in sequences], texts), fitting
+    return ScoredSequences(scoring, [(s.doc_id, s.chunk) for s in sequences], texts), fitting
 
 
-def method_score_matrices(setup: _Setup, factors, queries, methods, fitting, settings: TraceSettings) -> dict:
+def method_score_matrices(setup: ScoredSequences, factors, queries, methods, fitting, settings: TraceSettings) -> dict:
     """name -> (Q, N) scores; influence methods NaN outside each query's TF-IDF candidates."""
     import numpy as np
 

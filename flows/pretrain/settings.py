@@ -95,12 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write the model, its tokenizer and training_report.json")
     parser.add_argument("--id-field", default="id", help="corpus field holding the document id (default: id)")
     parser.add_argument("--text-field", default="text", help="corpus field holding the document text (default: text)")
-    _config_options(parser, SHAPE_OPTIONS)
-    length = parser.add_mutually_exclusive_group()
-    for name, type_ in (("steps", int), ("tokens", parse_count)):
-        length.add_argument(f"--{name}", dest=name, type=type_, metavar="N", default=None,
-                            help=help_for(PretrainConfig, name))
-    _config_options(parser, SCHEDULE_OPTIONS)
+    add_recipe_options(parser)
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="Ray Train workers (data-parallel; one GPU each when the cluster has GPUs) (default: 1)")
     parser.add_argument("--address", default=None, metavar="RAY_ADDRESS",
@@ -110,6 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where Ray Train keeps checkpoints: shared storage (s3://..., NFS) on a multi-node "
                              "cluster (default: a temporary local directory, removed at the end)")
     parser.add_argument("--overwrite", action="store_true", help="replace MODEL_DIR if it holds another run")
+
+
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """One option per PretrainConfig field (the recipe), --steps and --tokens mutually exclusive."""
+    _config_options(parser, SHAPE_OPTIONS)
+    length = parser.add_mutually_exclusive_group()
+    for name, type_ in (("steps", int), ("tokens", parse_count)):
+        length.add_argument(f"--{name}", dest=name, type=type_, metavar="N", default=None,
+                            help=help_for(PretrainConfig, name))
+    _config_options(parser, SCHEDULE_OPTIONS)
 
 
 def _config_options(parser: argparse.ArgumentParser, options) -> None:

@@ -51,18 +51,7 @@ def train_on_ray(model_config, config: PretrainConfig, data: PretrainData, clust
         use_gpu = resources.get("GPU", 0) >= 1
         # On CPU, share the cluster's cores among the workers; each worker sets torch's thread count to its share.
         cpus = 1 if use_gpu else max(1, int(resources.get("CPU", 1)) // cluster.workers)
-        loop_config = {
-            "model_config": model_config.to_dict(),
-            "train_ref": ray.put(data.train),
-            "val_ref": ray.put(data.val),
-            "steps": config.total_steps,
-            "time_limit_s": None if config.time_limit is None else 60.0 * config.time_limit,
-            "batch_size": config.batch_size,
-            "lr": config.lr,
-            "seed": config.seed,
-            "log_every": config.log_every,
-            "cpus_per_worker": cpus,
-        }
+        loop_config = loop_config_for(model_config, config, ray.put(data.train), ray.put(data.val), cpus)
         with tempfile.TemporaryDirectory(prefix="whence-pretrain-") as scratch:
             trainer = TorchTrainer(
                 train_loop,
@@ -85,6 +74,23 @@ def train_on_ray(model_config, config: PretrainConfig, data: PretrainData, clust
             ray.shutdown()
 
 
+def loop_config_for(model_config, config: PretrainConfig, train, val, cpus: int) -> dict:
+    """`train_loop`'s settings: the model, the windows (object references, or the Windows themselves for
+    `train_single`), the schedule of `config`, and the threads of each worker on CPU."""
+    return {
+        "model_config": model_config.to_dict(),
+        "train_ref": train,
+        "val_ref": val,
+        "steps": config.total_steps,
+        "time_limit_s": None if config.time_limit is None else 60.0 * config.time_limit,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "log_every": config.log_every,
+        "cpus_per_worker": cpus,
+    }
+
+
 def train_loop(loop_config: dict) -> dict | None:
     """Ray Train's per-worker loop: DDP training, then the validation loss over every validation window.
 
@@ -98,36 +104,36 @@ class WorkerTraining:
     """One Ray Train worker's training: its model (DDP-wrapped), optimizer, clock and the order of windows, and
     how far it has got (step, history, tokens seen), restored from the latest checkpoint after a restart."""
 
-    def __init__(self, loop_config: dict):
+    def __init__(self, loop_config: dict, context: _RayTrainContext | _LocalContext | None = None):
         import numpy as np
-        import ray
-        import ray.train
-        import ray.train.torch
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.context = context = context or _RayTrainContext()
+        self.rank, self.world, self.device = context.rank, context.world, context.device
         if self.device.type == "cpu":
             torch.set_num_threads(int(loop_config["cpus_per_worker"]))
         self.loop_config = loop_config
-        self.train, self.val = ray.get(loop_config["train_ref"]), ray.get(loop_config["val_ref"])
+        self.train, self.val = context.get(loop_config["train_ref"]), context.get(loop_config["val_ref"])
         self.steps, seed = loop_config["steps"], loop_config["seed"]
         self.per_worker = loop_config["batch_size"] // self.world
 
         torch.manual_seed(seed)  # the same initial weights on every worker (DDP also broadcasts rank 0's)
         model = LlamaForCausalLM(LlamaConfig.from_dict(loop_config["model_config"]))
         self.parameters = sum(p.numel() for p in model.parameters())
-        saved = _load_train_state()  # after a restart: weights, optimizer, step, elapsed time, history
+        saved = context.load_state()  # after a restart: weights, optimizer, step, elapsed time, history
         if saved is not None:
             model.load_state_dict(saved["model"])
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = context.prepare_model(model)
         self.optimizer = _optimizer(self.model, loop_config["lr"])
         self.clock = _Clock(self.steps, loop_config["time_limit_s"], self.device, self.world)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.eval_subset = np.arange(min(EVAL_SUBSET_WINDOWS, len(self.val)))
-        self.batches = _global_batches(len(self.train), loop_config["batch_size"], seed)
+        # The window order's seed: the run's seed unless a separate one is given (`whence eval lds` trains
+        # several orders from one initialisation).
+        data_seed = loop_config.get("data_seed")
+        self.batches = _global_batches(len(self.train), loop_config["batch_size"], seed if data_seed is None
+                                       else data_seed)
         self.step, self.history, self.tokens_seen = 0, [], 0
         self.interval_loss, self.interval_steps = 0.0, 0
         if saved is not None:
@@ -144,7 +150,6 @@ class WorkerTraining:
 
     def run(self) -> dict | None:
         import numpy as np
-        import ray.train
 
         self.interval_started = time.time()
         self.model.train()
@@ -155,7 +160,7 @@ class WorkerTraining:
         seconds = self.clock.elapsed()
         val_loss = _evaluate(self.model, self.val, np.arange(len(self.val)), self.device, self.autocast, self.rank,
                              self.world)
-        ray.train.report({"step": self.step, "val_loss": val_loss})
+        self.context.report({"step": self.step, "val_loss": val_loss}, None)
         return self._result(val_loss, seconds) if self.rank == 0 else None
 
     def _train_step(self) -> float:
@@ -196,7 +201,7 @@ class WorkerTraining:
         state = {"model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                  "step": self.step, "history": self.history, "tokens_seen": self.tokens_seen,
                  "elapsed": self.clock.elapsed()}
-        _report_with_checkpoint(metrics, state if self.rank == 0 else None)
+        self.context.report(metrics, state if self.rank == 0 else None)
         self.interval_loss, self.interval_steps, self.interval_started = 0.0, 0, time.time()
 
     def _result(self, val_loss: float, seconds: float) -> dict:
@@ -213,6 +218,73 @@ class WorkerTraining:
             "parameters": self.parameters,
             "device": f"{self.world} x {self.device.type}" + threads,
         }
+
+
+class _RayTrainContext:
+    """A Ray Train worker's place in its group: rank, world size, device, DDP, checkpoints and reports."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @staticmethod
+    def get(ref):
+        import ray
+
+        return ray.get(ref)
+
+    @staticmethod
+    def prepare_model(model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @staticmethod
+    def load_state() -> dict | None:
+        return _load_train_state()
+
+    @staticmethod
+    def report(metrics: dict, state: dict | None) -> None:
+        _report_with_checkpoint(metrics, state)
+
+
+class _LocalContext:
+    """One worker alone, in this process (a plain Ray task, or no Ray at all): no DDP, no checkpoints; the data
+    is passed as it is rather than as object references."""
+
+    rank, world = 0, 1
+
+    def __init__(self):
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @staticmethod
+    def get(value):
+        return value
+
+    def prepare_model(self, model):
+        return model.to(self.device)
+
+    @staticmethod
+    def load_state() -> None:
+        return None
+
+    @staticmethod
+    def report(metrics: dict, state: dict | None) -> None:
+        """Nothing to report to: the history keeps the metrics."""
+
+
+def train_single(loop_config: dict) -> dict:
+    """`train_loop`'s training by one worker in this process, with no Ray Train (for many small models trained
+    side by side as Ray tasks, as `whence eval lds` does). `loop_config` is train_on_ray's, with the windows
+    themselves under "train_ref" and "val_ref", and optionally "data_seed": the seed of the window order
+    (default: "seed", which then drives both the initialisation and the order, as in `whence pretrain`)."""
+    return WorkerTraining(loop_config, _LocalContext()).run()
 
 
 def _unwrap(model):

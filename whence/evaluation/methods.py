@@ -18,7 +18,7 @@ from whence.config import ScoreConfig
 from whence.factors import Factors
 from whence.lissa import lissa_prepare_queries
 from whence.model import TrackedLayer
-from whence.queries import METHODS
+from whence.queries import METHODS, HostedModel
 from whence.text import Query, TrainingSequence
 
 BASELINES = ("tfidf", "random")
@@ -53,17 +53,18 @@ def influence_scores(setup: ScoringSetup, factors: Factors, queries: Sequence[Qu
     """(Q, N) scores of `method` (one of whence.queries.METHODS) for every sequence of the setup's documents.
     LiSSA's Fisher-vector products use the `fitting` sequences with the factors' Fisher and seed."""
     config = ScoreConfig(top_k=None, tfidf_candidates=0, query_rank=setup.query_rank, damping=setup.damping,
-                         method=method, seq_len=setup.seq_len, batch_size=setup.batch_size)
+                         method=method, seq_len=setup.seq_len, batch_size=setup.batch_size,
+                         refine_sequences=max(len(fitting), 1))  # ekfac-cg: the Fisher of every fitting sequence
     if method == "lissa":
         if not fitting:
             raise ValueError("LiSSA needs fitting sequences for its Fisher-vector products")
         arguments = factors.metadata.get("arguments", {})
         batches = [batch for _, batch in sequence_batches(setup.tokenizer, fitting, setup.batch_size,
                                                           int(arguments.get("seed", 0)))]
-        prepared = lissa_prepare_queries(setup.model, setup.tokenizer, setup.layers, factors, list(queries),
-                                         batches, setup.query_rank, setup.damping,
+        prepared = lissa_prepare_queries(HostedModel(setup.model, setup.tokenizer, setup.layers), factors,
+                                         list(queries), batches, setup.query_rank, setup.damping,
                                          fisher=arguments.get("fisher", "true"))
-    else:
-        prepared = prepare(setup.model, setup.tokenizer, setup.layers, factors, list(queries), config)
+    else:  # ekfac-cg's Fisher-vector products use the fitting sequences too
+        prepared = prepare(setup.model, setup.tokenizer, setup.layers, factors, list(queries), config, fitting or None)
     table = score(setup.model, setup.tokenizer, setup.layers, prepared, setup.documents, config)
     return np.ascontiguousarray(table.scores.T)  # (Q, N)
