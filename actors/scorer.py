@@ -16,6 +16,7 @@ import numpy as np
 
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
 from actors.sharded_worker import ShardedWorker, ShardOptions
+from whence.errors import NonFiniteError
 from whence.queries import PreparedQueries
 from whence.scoring import QueryScorer
 
@@ -41,7 +42,10 @@ class RowScorer:
             rows = sequence_rows[start : start + self.rows_per_call]
             chunk = np.zeros(n, dtype=bool)
             chunk[rows] = True
-            result = self.scorer.score(rows_to_batch(batch, chunk, self.pad_id), per_token=self.per_token)
+            try:
+                result = self.scorer.score(rows_to_batch(batch, chunk, self.pad_id), per_token=self.per_token)
+            except NonFiniteError as error:  # name the sequences: doc id and chunk of each batch row
+                raise error.naming([f"{batch['doc_id'][r]}#{batch['chunk'][r]}" for r in rows]) from None
             scores[rows] = result.total.T.cpu().numpy()
             layer_scores[rows] = result.per_layer.permute(1, 0, 2).cpu().numpy()
             if self.per_token:

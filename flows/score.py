@@ -33,6 +33,7 @@ from flows.cluster import ClusterSettings, surface_user_errors
 from flows.options import add_model_and_corpus, positive_int
 from whence.config import ScoreConfig, help_for
 from whence.queries import METHODS
+from whence.refine import DEFAULT_REFINE_SEQUENCES, DEFAULT_REFINE_STEPS, DEFAULT_REFINE_TOLERANCE
 
 if TYPE_CHECKING:
     from actors.hosting import ModelSpec
@@ -75,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-token", action="store_true", help=help_for(ScoreConfig, "per_token"))
     parser.add_argument("--save-all-scores", action="store_true", help=help_for(ScoreConfig, "save_all_scores"))
     parser.add_argument("--seq-len", type=positive_int, default=None, help=help_for(ScoreConfig, "seq_len"))
+    parser.add_argument("--refine-steps", type=positive_int, default=DEFAULT_REFINE_STEPS, metavar="K",
+                        help=help_for(ScoreConfig, "refine_steps"))
+    parser.add_argument("--refine-sequences", type=positive_int, default=DEFAULT_REFINE_SEQUENCES, metavar="M",
+                        help=help_for(ScoreConfig, "refine_sequences"))
+    parser.add_argument("--refine-tolerance", type=float, default=DEFAULT_REFINE_TOLERANCE, metavar="TOL",
+                        help=help_for(ScoreConfig, "refine_tolerance"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,26 +133,31 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: Corpus
     from flows.corpus_pipeline import ReadSettings
     from flows.run_state import RunDirectory
     from whence.corpus import CorpusSource, list_fragments
-    from whence.model import check_model_source
-    from whence.text import load_queries
+    from whence.fingerprints import input_fingerprints
+    from whence.model import check_finite_checkpoint, check_model_source
+    from whence.text import check_window, load_queries
 
-    check_model_source(model)  # before any Ray work: a clear error naming the path
+    model_config, _ = check_model_source(model)  # before any Ray work: a clear error naming the path
+    check_finite_checkpoint(model)
     started = time.monotonic()
     corpus = CorpusSource.of(corpus)
     queries = load_queries(queries_path)
     factors_manifest = _factors_manifest(factors_dir)
     fitted = factors_manifest.get("arguments", {})
     seq_len = config.seq_len or fitted.get("seq_len", 512)
+    check_window(model_config, seq_len, model)
+    fragments = list_fragments(list(corpus.paths))
     arguments = {"model": model, "factors": str(factors_dir), "queries": str(queries_path), **corpus.to_arguments(),
-                 "dtype": cluster.dtype, **config.to_dict(), "seq_len": seq_len, "candidates_from": candidates_from}
+                 "dtype": cluster.dtype, **config.to_dict(), "seq_len": seq_len, "candidates_from": candidates_from,
+                 # What the paths hold: an edited input makes a resume refuse, naming the key (whence.fingerprints).
+                 **input_fingerprints(queries, factors_dir, [fragment.path for fragment in fragments])}
     state = RunDirectory(out, "score", arguments)
     if state.reuse_or_open(overwrite):
         return state.saved_summary()
     connect(cluster.address)
-    run = ScoringRun(state, ModelSpec(model, fitted.get("modules", "mlp"), cluster.dtype),
-                     list_fragments(list(corpus.paths)), ReadSettings.for_corpus(model, seq_len, corpus), config,
-                     cluster, queries)
-    summary, layer_names = _run_passes(run, factors_dir, candidates_from, started)
+    run = ScoringRun(state, ModelSpec(model, fitted.get("modules", "mlp"), cluster.dtype), fragments,
+                     ReadSettings.for_corpus(model, seq_len, corpus), config, cluster, queries)
+    summary, layer_names = _run_passes(run, factors_dir, candidates_from, started, factors_manifest)
     state.write_json("manifest.json", _manifest(run, factors_manifest, layer_names, summary))
     state.finish(summary)
     return summary
@@ -167,11 +179,13 @@ def _timed(timings: dict, name: str):
     timings[name] = time.monotonic() - tick
 
 
-def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, started: float
-                ) -> tuple[dict, list[str]]:
+def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, started: float,
+                factors_manifest: dict) -> tuple[dict, list[str]]:
     """prepare, scan, candidates, score, reduce and per-token, each skipped when its output is already there;
     returns the run's summary and the tracked layers' names."""
-    from flows.corpus_pipeline import FragmentPlan, reduce_scans, run_scan
+    from flows.corpus_pipeline import FragmentPlan, reduce_scans
+    from flows.scan_cache import cached_scan
+    from flows.score_checks import discard_damaged_queries, fisher_sequences
     from whence.fragment_parts import SCORES_PART, TOPK_PART, concatenate_scores, reduce_topk
     from whence.queries import QueriesHeader
     from whence.results import CANDIDATES_FILE, SCORES_FILE, TOPK_FILE
@@ -179,6 +193,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
 
     state, config, timings = run.state, run.config, {}
     candidates_file = state.path / CANDIDATES_FILE
+    discard_damaged_queries(run)
     if candidates_from and not candidates_file.exists():
         shutil.copyfile(Path(candidates_from) / CANDIDATES_FILE, candidates_file)
     if not run.queries_file.exists():
@@ -188,10 +203,16 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     # Document frequencies are needed only to select candidates, not when a candidate list is already there.
     need_frequencies = tfidf and not candidates_file.exists()
     with _timed(timings, "scan_s"):
-        tally, skip, counts, frequencies = reduce_scans(
-            run_scan(run.fragments, run.settings, DEFAULT_FEATURES if need_frequencies else 0))
+        scans, timings["scan_cached"] = cached_scan(run.fragments, run.settings,
+                                                    DEFAULT_FEATURES if need_frequencies else 0)
+        tally, skip, counts, frequencies = reduce_scans(scans)
     log.info("corpus: %d fragments, %d documents, %d bad rows, %d sequences",
              len(run.fragments), tally.documents, tally.total_bad, sum(counts.values()))
+    if sum(counts.values()) == 0:  # as `whence fit` does: an empty top-k would look like a finished run
+        from whence.errors import CorpusError
+
+        raise CorpusError(f"no sequences to score in {', '.join(run.state.arguments['corpus'])} "
+                          f"({tally.total_bad} bad rows)")
     keys = None
     if tfidf:
         with _timed(timings, "tfidf_s"):
@@ -205,7 +226,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     timings["score_steady_sequences"], timings["score_steady_s"] = steady
 
     topk = reduce_topk(state.finished_parts(TOPK_PART), run.query_ids, config.top_k, len(layer_names),
-                       state.path / TOPK_FILE)
+                       state.path / TOPK_FILE, fisher_sequences(factors_manifest))
     if config.save_all_scores:
         concatenate_scores(state.finished_parts(SCORES_PART), state.path / SCORES_FILE)
     if config.per_token:
@@ -220,6 +241,9 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
 
 def _manifest(run: ScoringRun, factors_manifest: dict, layer_names: list[str], summary: dict) -> dict:
     from flows.provenance import versions
+    from flows.score_checks import fisher_sequences
+    from whence.refine import REFINE_FILE
+    from whence.results import FISHER_SEQUENCES
 
     arguments = run.state.arguments
     return {
@@ -227,6 +251,8 @@ def _manifest(run: ScoringRun, factors_manifest: dict, layer_names: list[str], s
         "queries": [{"id": q.id, "prompt": q.prompt, "completion": q.completion} for q in run.queries],
         "model": {"path": arguments["model"], "fingerprint": factors_manifest.get("model_fingerprint")},
         "factors": {"path": arguments["factors"], "strategy": factors_manifest.get("strategy")},
+        FISHER_SEQUENCES: fisher_sequences(factors_manifest),
+        "refine": run.state.read_json(REFINE_FILE),  # ekfac-cg: residual norms per step (whence.refine)
         "summary": summary, "versions": versions(),
     }
 
@@ -248,23 +274,32 @@ def _prepare_remotely(run: ScoringRun, factors_dir: str) -> None:
 def prepare_queries_task(run: ScoringRun, factors_dir: str) -> None:
     """Write run.queries_file: the queries' gradients preconditioned by run.config.method (whence.queries)."""
     from actors.hosting import host_model
+    from flows.refine_source import refinement
+    from whence.checksums import write_checksum
     from whence.factors import Factors
     from whence.model import model_fingerprint
-    from whence.queries import prepare_queries
+    from whence.queries import HostedModel, prepare_queries
+    from whence.refine import REFINE_FILE
+    from whence.scoring import check_finite_queries
 
     config = run.config
-    model, tokenizer, layers = host_model(run.spec)
+    hosted = HostedModel(*host_model(run.spec))
     factors = Factors.load(factors_dir)
-    factors.check_compatible(model_fingerprint(model), [layer.describe() for layer in layers])
+    factors.check_compatible(model_fingerprint(hosted.model), [layer.describe() for layer in hosted.layers])
     if config.method == "lissa":
         from whence.lissa import lissa_prepare_queries
 
-        prepared = lissa_prepare_queries(model, tokenizer, layers, factors, run.queries,
-                                         _lissa_batches(tokenizer, run), config.query_rank, config.damping)
-    else:
-        prepared = prepare_queries(model, tokenizer, layers, factors, run.queries, config.query_rank, config.damping,
-                                   config.method)
+        prepared = lissa_prepare_queries(hosted, factors, run.queries, _lissa_batches(hosted.tokenizer, run),
+                                         config.query_rank, config.damping)
+    else:  # ekfac-cg streams the fitting sequences (flows.refine_source) for its Fisher-vector products
+        batches, refine, notes = refinement(hosted.tokenizer, run, factors)
+        prepared = prepare_queries(hosted, factors, run.queries, config.query_rank, config.damping, config.method,
+                                   batches, refine)
+    check_finite_queries(prepared)
+    if prepared.diagnostics:
+        run.state.write_json(REFINE_FILE, {**notes, **prepared.diagnostics})
     prepared.save(run.queries_file)
+    write_checksum(run.queries_file)  # a resume verifies the file against it (flows.score_checks)
 
 
 def _lissa_batches(tokenizer, run: ScoringRun) -> list[dict]:
@@ -360,9 +395,9 @@ def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expec
     """Stream every pending fragment through the scorers; write each fragment's parts when it completes.
     Returns the sequences scored in all (resumed parts included) and Progress.steady() of this run."""
     from flows.progress import Progress
-    from whence.fragment_parts import TOPK_PART, FragmentResults, part_sequences
+    from whence.fragment_parts import TOPK_PART, FragmentResults, part_sequences, verified_parts
 
-    done = run.state.finished_parts(TOPK_PART)
+    done = verified_parts(run.state.finished_parts(TOPK_PART), run.state.part_path, run.config.save_all_scores)
     pending = [f for f in run.fragments if f.index not in done]
     already = sum(part_sequences(path) for path in done.values())
     if not pending:
@@ -398,6 +433,7 @@ def _per_token(run: ScoringRun, skip: dict[int, set[int]], topk: TopK) -> None:
     """Score the top-k sequences again, token by token, and write tokens.parquet."""
     from flows.corpus_pipeline import FragmentPlan, load_tokenizer
     from whence.results import TOKENS_FILE, TOKENS_SCHEMA, tokens_table, write_table_atomically
+    from whence.text import token_pieces
 
     wanted: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (doc_id, chunk) -> [(query index, rank)]
     for q, entry in enumerate(topk.entries):
@@ -412,7 +448,7 @@ def _per_token(run: ScoringRun, skip: dict[int, set[int]], topk: TopK) -> None:
         for i in np.flatnonzero(batch["marker_total"] < 0):
             key = (str(batch["doc_id"][i]), int(batch["chunk"][i]))
             ids = [int(t) for t in batch["input_ids"][i]]
-            pieces = [tokenizer.decode([t]) for t in ids]
+            pieces = token_pieces(tokenizer, ids)  # joined, they are the decoded text (CJK and emoji whole)
             for q, rank in wanted.get(key, []):
                 rows.append((q, rank, *key, pieces, ids, batch["token_scores"][i][q].tolist()))
     rows.sort(key=lambda row: row[:2])  # query order, then rank

@@ -9,6 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Scan caches go to a directory of this test session's own, never the user's ~/.cache/whence.
+if "WHENCE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["WHENCE_CACHE"] = tempfile.mkdtemp(prefix="whence-test-cache-")
 
 from tests.tiny import FAMILIES, make_model, make_tokenizer  # noqa: E402
 

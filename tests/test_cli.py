@@ -96,3 +96,29 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
     finally:
         os.killpg(head.pid, 15)
         head.wait(timeout=60)
+
+
+def test_healthy_run_keeps_ray_chatter_out_of_stderr(tmp_path):
+    """A healthy fit and score (one local cluster, as `whence` starts it) print no ERROR line and none of Ray's
+    notices: no core_worker "constructor arguments in the object store", no "Progress bars disabled"."""
+    space = write_workspace(tmp_path)
+    factors, out = tmp_path / "factors", tmp_path / "results"
+    script = (
+        "import sys\nfrom flows.cli import main\n"
+        f"assert main(['fit', '--model', {space['model']!r}, '--corpus', {space['corpus']!r}, '--out', "
+        f"{str(factors)!r}, '--seq-len', '16', '--max-sequences', '24']) == 0\n"
+        f"sys.exit(main(['score', '--model', {space['model']!r}, '--factors', {str(factors)!r}, '--queries', "
+        f"{space['queries']!r}, '--corpus', {space['corpus']!r}, '--out', {str(out)!r}, '--top-k', '2', "
+        "'--tfidf-candidates', '0', '--per-token']))\n"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    noisy = [line for line in run.stderr.splitlines()
+             if "ERROR" in line or "core_worker" in line or "Progress bars" in line or "Traceback" in line]
+    assert not noisy, "\n".join(noisy)
+    assert len(pq.read_table(out / "topk.parquet")) == 2 * len(QUERIES)
+    pieces = pq.read_table(out / "tokens.parquet").column("tokens").to_pylist()
+    assert pieces and not any("\ufffd" in piece for row in pieces for piece in row)

@@ -281,3 +281,17 @@ def _escaped(text: str) -> str:
     import html
 
     return html.escape(text)
+
+
+def test_report_shows_the_predicted_change_when_n_is_known(tmp_path: Path) -> None:
+    results_dir = make_results_dir(tmp_path / "results")
+    page = write_report(results_dir).read_text(encoding="utf-8")
+    assert "&Delta; log p (nats)" not in page, "an older directory without N: no column"
+    manifest = json.loads((results_dir / "manifest.json").read_text())
+    (results_dir / "manifest.json").write_text(json.dumps({**manifest, "fisher_sequences": 1000}))
+    page = write_report(results_dir).read_text(encoding="utf-8")
+    assert page.count("&Delta; log p (nats)") == len(QUERIES)
+    first = load_results(results_dir).top(QUERIES[0]["id"])[0]
+    assert first.predicted_change == first.score / 1000
+    assert f'<td class="num">{first.score / 1000:+.3g}</td>' in page
+    assert "Fisher averaged over (N)" in page and "1,000 sequences" in page

@@ -20,6 +20,7 @@ from whence.topk import TopK
 QUERY_IDS = ["q0", "q1", "q2"]
 NUM_LAYERS = 4
 K = 5
+FISHER_N = 50  # fitting sequences: predicted_change = score / N
 
 
 def scored_fragment(rng: np.random.Generator, fragment: int, sequences: int) -> dict:
@@ -55,11 +56,11 @@ def test_reduced_parts_equal_one_top_k_over_everything(tmp_path: Path) -> None:
 
     parts = {index: part_path(TOPK_PART, index) for index in range(len(batches))}
     assert [part_sequences(path) for path in parts.values()] == [7, 3, 12]
-    merged = reduce_topk(parts, QUERY_IDS, K, NUM_LAYERS, tmp_path / "topk.parquet")
+    merged = reduce_topk(parts, QUERY_IDS, K, NUM_LAYERS, tmp_path / "topk.parquet", fisher_sequences=FISHER_N)
     table = pq.read_table(tmp_path / "topk.parquet")
     assert table.schema.equals(TOPK_SCHEMA)
-    assert table.equals(topk_table(expected))
-    assert table.to_pylist() == list(expected.rows())
+    assert table.equals(topk_table(expected, fisher_sequences=FISHER_N))
+    assert table.to_pylist() == [{**row, "predicted_change": row["score"] / FISHER_N} for row in expected.rows()]
     for mine, theirs in zip(merged.entries, expected.entries):
         np.testing.assert_array_equal(mine["fragment"], theirs["fragment"])
 

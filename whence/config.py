@@ -6,10 +6,13 @@ help so the two never drift apart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+from whence.errors import SettingsError
 from whence.factors import STRATEGIES
 from whence.queries import DEFAULT_QUERY_RANK, METHODS, parse_rank
+from whence.refine import DEFAULT_REFINE_SEQUENCES, DEFAULT_REFINE_STEPS, DEFAULT_REFINE_TOLERANCE
 from whence.settings import help_for, setting
 from whence.task import FISHER_MODES
 
@@ -27,19 +30,20 @@ class FitConfig:
     batch_size: int = setting("sequences per forward/backward pass", 8)
     seed: int = setting("seed for the true Fisher's sampled labels", 0)
     num_blocks: int = setting("split A and S block-diagonally into this many blocks (very large layers)", 1)
+    factor_dtype: str = setting("dtype of the stored eigenbases and eigenvalues: 'float64', or 'float32' (half the "
+                                "bytes; sums still accumulate and eigh still runs in float64)", "float64")
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.fisher not in FISHER_MODES:
-            raise ValueError(f"fisher must be one of {FISHER_MODES}, got {self.fisher!r}")
+        _require(self.factor_dtype in ("float32", "float64"), "factor_dtype",
+                 f"must be 'float32' or 'float64', got {self.factor_dtype!r}")
+        _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
+        _require(self.fisher in FISHER_MODES, "fisher", f"must be one of {FISHER_MODES}, got {self.fisher!r}")
         for name in ("seq_len", "batch_size", "num_blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError("seq_len must be at least 2 (a sequence needs one predicted token)")
-        if self.max_sequences is not None and self.max_sequences < 1:
-            raise ValueError(f"max_sequences must be positive, got {self.max_sequences}")
+            _require(getattr(self, name) >= 1, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.seq_len >= 2, "seq_len",
+                 f"must be at least 2 (a sequence needs one predicted token), got {self.seq_len}")
+        _require(self.max_sequences is None or self.max_sequences >= 1, "max_sequences",
+                 f"must be positive, got {self.max_sequences}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,21 +61,46 @@ class ScoreConfig:
     seq_len: int | None = setting("tokens per training sequence (None: as the factors were fitted)", None)
     batch_size: int = setting("sequences per scoring batch", 8)
     save_all_scores: bool = setting("also write every (query, sequence) score to scores.parquet", False)
+    refine_steps: int = setting("ekfac-cg: conjugate-gradient steps at most", DEFAULT_REFINE_STEPS)
+    refine_sequences: int = setting("ekfac-cg: fitting sequences its Fisher-vector products average over",
+                                    DEFAULT_REFINE_SEQUENCES)
+    refine_tolerance: float = setting("ekfac-cg: stop once every query's relative residual is below this",
+                                      DEFAULT_REFINE_TOLERANCE)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        self.query_rank = parse_rank(self.query_rank)
+        _require(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
+        try:
+            self.query_rank = parse_rank(self.query_rank)
+        except ValueError as error:
+            raise SettingsError(f"query_rank: {error}", "query_rank") from None
         if self.damping != "heuristic":
-            self.damping = float(self.damping)
-            if self.damping < 0:
-                raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be positive or None, got {self.top_k}")
-        if self.tfidf_candidates < 0:
-            raise ValueError(f"tfidf_candidates must be >= 0, got {self.tfidf_candidates}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+            self.damping = _finite_float(self.damping, "damping")
+            # NaN makes every score NaN and inf makes every score 0: neither is a damping.
+            _require(self.damping >= 0, "damping", f"must be 'heuristic' or a finite number >= 0, got {self.damping}")
+        _require(self.top_k is None or self.top_k >= 1, "top_k", f"must be positive or None, got {self.top_k}")
+        _require(self.tfidf_candidates >= 0, "tfidf_candidates",
+                 f"must be >= 0 (0: score every sequence), got {self.tfidf_candidates}")
+        _require(self.seq_len is None or self.seq_len >= 2, "seq_len",
+                 f"must be at least 2 (a sequence needs one predicted token), got {self.seq_len}")
+        _require(self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}")
+        if self.refine_steps < 1 or self.refine_sequences < 1 or self.refine_tolerance < 0:
+            raise ValueError(f"refine_steps and refine_sequences must be positive and refine_tolerance >= 0, got "
+                             f"{self.refine_steps}, {self.refine_sequences}, {self.refine_tolerance}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    """SettingsError "name must ..." naming the field (the command line names its option) unless condition."""
+    if not condition:
+        raise SettingsError(f"{name} {message}", name)
+
+
+def _finite_float(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be a number, got {value!r}", name) from None
+    _require(math.isfinite(number), name, f"must be a finite number, got {value!r}")
+    return number

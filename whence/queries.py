@@ -13,7 +13,7 @@ only).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,8 +26,9 @@ from whence.text import Query, collate_queries, context_length
 from whence.tracking import LayerTracker
 
 DEFAULT_QUERY_RANK = 32
-METHODS = ("ekfac", "kfac", "diagonal", "identity", "lissa")
-SEPARATOR = "\x1f"  # joins the query ids and the layer names in a prepared-queries file's metadata
+METHODS = ("ekfac", "kfac", "diagonal", "identity", "lissa", "ekfac-cg")
+FITTING_METHODS = ("lissa", "ekfac-cg")  # need the fitting sequences' Fisher-vector products to prepare
+SEPARATOR = "\x1f"  # joined the query ids and the layer names in older prepared-queries files' metadata
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PreparedQueries:
     left: dict[str, torch.Tensor]  # (Q, r, d_out) per layer; empty when rank == "full"
     right: dict[str, torch.Tensor]  # (Q, r, d_in)
     full: dict[str, torch.Tensor]  # (Q, d_out, d_in) per layer when rank == "full"
+    diagnostics: dict = field(default_factory=dict)  # what preparation measured (ekfac-cg: residuals); not saved
 
     @property
     def num_queries(self) -> int:
@@ -82,7 +84,8 @@ class PreparedQueries:
 class QueriesHeader:
     """What a prepared-queries file says about itself, read without loading its tensors: the query ids, the
     tracked layers (in the order of every layer_scores column) and the rank. Stored in the safetensors
-    metadata as strings; lists joined with SEPARATOR."""
+    metadata as strings: the lists as JSON arrays (keys "query_ids.json", "layers.json"), so an id may hold any
+    character; files written before that joined them with SEPARATOR (keys "query_ids", "layers") and still read."""
 
     query_ids: list[str]
     layer_names: list[str]
@@ -90,12 +93,19 @@ class QueriesHeader:
 
     @classmethod
     def of(cls, metadata: dict[str, str]) -> QueriesHeader:
+        import json
+
         rank = metadata["rank"]
-        return cls(metadata["query_ids"].split(SEPARATOR), metadata["layers"].split(SEPARATOR),
-                   rank if rank == "full" else int(rank))
+        if "query_ids.json" in metadata:
+            ids, layers = json.loads(metadata["query_ids.json"]), json.loads(metadata["layers.json"])
+        else:
+            ids, layers = metadata["query_ids"].split(SEPARATOR), metadata["layers"].split(SEPARATOR)
+        return cls(ids, layers, rank if rank == "full" else int(rank))
 
     def to_metadata(self) -> dict[str, str]:
-        return {"query_ids": SEPARATOR.join(self.query_ids), "layers": SEPARATOR.join(self.layer_names),
+        import json
+
+        return {"query_ids.json": json.dumps(list(self.query_ids)), "layers.json": json.dumps(list(self.layer_names)),
                 "rank": str(self.rank)}
 
     @classmethod
@@ -117,7 +127,7 @@ def parse_rank(rank: int | str) -> int | str:
 
 def factors_for_method(factors: Factors, method: str) -> Factors:
     """The factors that define `method`'s preconditioner, derived from the fitted ones where possible."""
-    if method == factors.strategy or method == "lissa":
+    if method == factors.strategy or method in FITTING_METHODS:
         return factors
     if method == "identity":
         return assemble_factors("identity", factors.layers, None, None, None, factors.metadata)
@@ -170,13 +180,41 @@ def factorise(query_ids: list[str], preconditioned: dict[str, torch.Tensor], ran
     return PreparedQueries(query_ids, names, rank, left, right, {})
 
 
-def prepare_queries(model, tokenizer, layers: list[TrackedLayer], factors: Factors, queries: Sequence[Query],
+@dataclass
+class HostedModel:
+    """A model loaded for preparation: the model, its tokenizer, its tracked layers (forward order) and the task
+    that defines the measurement and the Fisher objective."""
+
+    model: object
+    tokenizer: object
+    layers: list[TrackedLayer]
+    task: LanguageModelingTask = field(default_factory=LanguageModelingTask)
+
+
+def prepare_queries(hosted: HostedModel, factors: Factors, queries: Sequence[Query],
                     rank: int | str = DEFAULT_QUERY_RANK, damping: float | str = "heuristic", method: str | None = None,
-                    batch_size: int = 8, task: LanguageModelingTask | None = None) -> PreparedQueries:
-    """Gradients of the queries' measurements, preconditioned by `method` (default: the factors' strategy)."""
+                    fitting=None, refine=None) -> PreparedQueries:
+    """Gradients of the queries' measurements, preconditioned by `method` (default: the factors' strategy).
+
+    ekfac-cg also needs `fitting`: a callable returning a fresh iterable of collated fitting batches (with label
+    seeds, as fitting seeds them) for its Fisher-vector products, and takes `refine` (whence.refine.RefineSettings,
+    default its defaults); its residuals per step are in the result's `diagnostics`."""
+    method = method or factors.strategy
     if method == "lissa":
         raise ValueError("LiSSA needs training batches for its Hessian-vector products: use whence.lissa")
-    preconditioner = factors_for_method(factors, method or factors.strategy)
-    gradients = query_gradients(model, tokenizer, layers, queries, batch_size, task)
+    gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
+    if method == "ekfac-cg":
+        from whence.refine import FisherVectorProduct, RefineSettings, fitted_fisher
+        from whence.refine import refine as refine_solve
+
+        if fitting is None:
+            raise ValueError("ekfac-cg needs fitting batches for its Fisher-vector products (fitting=...)")
+        product = FisherVectorProduct(hosted.model, hosted.layers, fitting, fitted_fisher(factors)[0],
+                                      task=hosted.task)
+        result = refine_solve(factors, gradients, product, damping, refine or RefineSettings())
+        prepared = factorise([q.id for q in queries], result.solution, rank)
+        prepared.diagnostics = result.describe()
+        return prepared
+    preconditioner = factors_for_method(factors, method)
     preconditioned = {name: preconditioner.precondition(name, g, damping) for name, g in gradients.items()}
     return factorise([q.id for q in queries], preconditioned, rank)

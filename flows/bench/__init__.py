@@ -14,6 +14,8 @@ the weights. The measurements:
     4. TF-IDF filtering: peak memory and docs/s on the corpus 4x over 1x
     5. `whence score` throughput after start-up over the in-process kernel's, 6. its peak memory 4x over 1x,
     7. 2 workers over 1, 8. 2 model shards (pipeline stages) over 1 and the stages' idle share   (Ray)
+    9. `whence fit` peak memory of the driver and of each fitting actor over the factors' bytes, and the memory
+       estimate over the measured peak (--only memory; flows.bench.memory)   (Ray)
 
 Layout of this package (beside the flows it measures; nothing in whence/ imports it):
     configs.py    BenchConfig, the named CONFIGS (tiny, medium), the queries about the demo corpus
@@ -23,6 +25,7 @@ Layout of this package (beside the flows it measures; nothing in whence/ imports
     micro.py      the micro setting shared with tests/test_accuracy.py (exact damped Fisher of one layer)
     kernels.py    measurements 1-4, in process
     pipeline.py   measurements 5-8, the Ray scoring pipeline and sharded workers
+    memory.py     measurement 9, `whence fit` in subprocesses; real_model.py: SmolLM2-135M from its GGUF file
     measure.py    the measurements by name (--only) and Results
     table.py      the targets, the printed table and the JSON written by --out
 """

@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import islice
 
 import torch
 
@@ -18,23 +19,29 @@ TOKENIZER_DOCUMENTS = 200  # corpus documents the bench tokenizer is trained on
 
 
 def demo_corpus():
-    """The demo corpus bundled with flows (flows/demo_assets/corpus.jsonl.gz, package data): a Traversable."""
-    corpus = resources.files("flows") / "demo_assets" / "corpus.jsonl.gz"
-    if not corpus.is_file():
+    """The demo corpus bundled with flows (flows/demo_assets/corpus/, gzipped JSON-lines shards, package data):
+    a Traversable directory."""
+    corpus = resources.files("flows") / "demo_assets" / "corpus"
+    if not corpus.is_dir():
         raise FileNotFoundError(f"no demo corpus at {corpus}")
     return corpus
 
 
 def iter_documents(corpus, limit: int | None = None, copies: int = 1) -> Iterator[tuple[str, str]]:
-    """(doc_id, text) of the first `limit` documents of a gzipped JSON-lines corpus (a path or Traversable),
-    streamed `copies` times (copy k's ids end in #k)."""
+    """(doc_id, text) of the first `limit` documents of a gzipped JSON-lines corpus (a file, or a directory of
+    shards read in name order; a path or Traversable), streamed `copies` times (copy k's ids end in #k)."""
+    shards = sorted((f for f in corpus.iterdir() if f.name.endswith(".jsonl.gz")), key=lambda f: f.name) \
+        if corpus.is_dir() else [corpus]
+
+    def lines():
+        for shard in shards:
+            with shard.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as handle:
+                yield from handle
+
     for copy in range(copies):
-        with corpus.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as handle:
-            for index, line in enumerate(handle):
-                if limit is not None and index >= limit:
-                    break
-                row = json.loads(line)
-                yield (f"{row['id']}#{copy}" if copies > 1 else row["id"]), row["text"]
+        for line in islice(lines(), limit):
+            row = json.loads(line)
+            yield (f"{row['id']}#{copy}" if copies > 1 else row["id"]), row["text"]
 
 
 def build_model(config: BenchConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):

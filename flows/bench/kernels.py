@@ -24,7 +24,7 @@ from flows.bench.timing import best_times, synchronize, time_call, tokens_in, tr
 from whence.factors import Factors
 from whence.fitting import fit_factors
 from whence.model import TrackedLayer
-from whence.queries import PreparedQueries, factorise, prepare_queries
+from whence.queries import HostedModel, PreparedQueries, factorise, prepare_queries
 from whence.scoring import QueryScorer
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def tile_queries(prepared: PreparedQueries, count: int) -> PreparedQueries:
 def prepared_by_rank(model, tokenizer, layers: list[TrackedLayer], factors: Factors, ranks, dtype: torch.dtype
                      ) -> dict:
     """The benchmark queries preconditioned once (full rank), then truncated to each rank, in `dtype`."""
-    full = prepare_queries(model, tokenizer, layers, factors, QUERIES, rank="full")
+    full = prepare_queries(HostedModel(model, tokenizer, layers), factors, QUERIES, rank="full")
     out = {}
     for rank in ranks:
         prepared = full if rank == "full" else factorise(full.query_ids, full.full, rank)

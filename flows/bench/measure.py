@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MEASUREMENTS = ("fitting", "scoring", "lissa", "tfidf", "pipeline", "score_memory", "workers", "shards")
-PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards")  # need Ray (and flows.score)
+MEASUREMENTS = ("fitting", "scoring", "lissa", "refine", "tfidf", "pipeline", "score_memory", "workers", "shards",
+                "memory")
+PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory")  # need Ray
 
 
 @dataclass
@@ -54,6 +55,13 @@ def measure_query_preparation(bench, results: Results) -> None:
     results.add("lissa", *ekfac_vs_lissa(micro_setting(bench.config.micro_sequences), bench.config.repeats))
 
 
+def measure_refine(bench, results: Results) -> None:
+    """ekfac-cg preparation over EK-FAC's, one Fisher-vector product over training, and scoring unchanged."""
+    from flows.bench.refine import refine_cost
+
+    results.add("refine", *refine_cost(bench))
+
+
 def measure_tfidf(bench, results: Results) -> None:
     """4. TF-IDF filtering docs/s and peak memory, corpus 4x over 1x."""
     from flows.bench.fixtures import demo_corpus
@@ -81,10 +89,19 @@ def measure_pipeline(name: str):
     return measure
 
 
+def measure_fit_memory(bench, results: Results) -> None:
+    """`whence fit` peak memory per process against the factors' bytes, and the estimate against it."""
+    from flows.bench.memory import fit_memory
+
+    results.add("memory", *fit_memory(bench))
+
+
 MEASURE = {
     "fitting": measure_fitting,
     "scoring": measure_scoring,
     "lissa": measure_query_preparation,
+    "refine": measure_refine,
     "tfidf": measure_tfidf,
-    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS},
+    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS if name != "memory"},
+    "memory": measure_fit_memory,
 }

@@ -189,11 +189,11 @@ def corpus_batches(bench: Bench) -> tuple[int, list[dict]]:
 def fixture_queries(bench: Bench):
     """The fixture's queries prepared in this process with its saved factors, at QUERY_RANK."""
     from whence.factors import Factors
-    from whence.queries import prepare_queries
+    from whence.queries import HostedModel, prepare_queries
     from whence.text import load_queries
 
     fx = fixture(bench)
-    return prepare_queries(bench.model, bench.tokenizer, bench.layers, Factors.load(fx.factors_dir),
+    return prepare_queries(HostedModel(bench.model, bench.tokenizer, bench.layers), Factors.load(fx.factors_dir),
                            load_queries(fx.queries_path), rank=QUERY_RANK)
 
 

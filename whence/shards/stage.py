@@ -31,7 +31,7 @@ from whence.shards.architecture import architecture_of
 from whence.shards.merge import select_layers
 from whence.shards.planning import StageSpec, parameter_count, stage_specs
 from whence.task import LanguageModelingTask
-from whence.tracking import LayerCapture, layer_capture, recorded_layers
+from whence.tracking import LayerCapture, check_finite_captures, layer_capture, recorded_layers
 
 # Keys of a batch (whence.text.collate, plus true-Fisher seeds) that travel with the hidden states.
 BATCH_KEYS = ("input_ids", "attention_mask", "target_mask", "seeds")
@@ -215,6 +215,8 @@ class Stage:
             padded = not bool(mask.all())
             captures = [layer_capture(layer, a, s, out, mask, padded) for layer, a, s, out in
                         zip(self.layers, state.layer_inputs, grads, state.layer_outputs)]
+            if captures:  # a stage without tracked layers has nothing to check
+                check_finite_captures(self.layers, captures)
             self._captured[micro_batch_id] = _Captured(captures, int(mask.sum()), int(mask.shape[0]),
                                                        int(mask.shape[1]))
         return result
