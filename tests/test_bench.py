@@ -41,7 +41,9 @@ def test_pipeline_measurements_write_finite_ratios(tmp_path, ray_cluster):
     """Measurements 5-8 run `whence score` and sharded workers (Ray) several times: minutes, whatever the
     model size."""
     out = tmp_path / "pipeline.json"
-    assert main(["bench", "--config", "tiny", "--only", ",".join(PIPELINE_MEASUREMENTS), "--out", str(out)]) == 0
+    # Measurements 5-8 (the memory measurement fits six models in subprocesses: it is run by hand, not here).
+    measurements = [name for name in PIPELINE_MEASUREMENTS if name != "memory"]
+    assert main(["bench", "--config", "tiny", "--only", ",".join(measurements), "--out", str(out)]) == 0
     body = json.loads(out.read_text())
     assert not body["pending"], body["pending"]
     expected = {"pipeline_throughput_vs_in_process", "pipeline_throughput_1x_vs_in_process",
