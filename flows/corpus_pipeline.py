@@ -4,18 +4,20 @@ Three kinds of pass over the fragments (whence.corpus.Fragment: a file, or a Par
   scan        per fragment: bad-row tally, id hashes (for duplicates), sequences per document, and (for
               TF-IDF) the document frequencies of its sequences' terms. Small results, reduced on the driver.
               It reads every row first, so --strict errors (file and line) surface here, before any work.
-  candidates  per fragment: BM25 of its sequences against the queries, the per-query top N kept.
+  candidates  per fragment: BM25 of its sequences against the queries, the per-query top N kept
+              (flows.candidates; with the term rows the scan keeps, on the driver without reading the corpus).
   sequences   a stream of sequence rows {fragment, doc_id, chunk, input_ids, marker_total} for the actors.
               After a fragment's last sequence comes one marker row (marker_total = how many sequences the
               fragment produced), so a consumer knows when a fragment is finished, with constant memory.
+              `gather_sequences` collects a plan's sequences once, per fragment; a plan with them stored reads
+              those instead of the corpus.
 Every pass skips the same rows (bad rows, later duplicates) and so sees the same sequences. Each pass tokenises
 each document once, through whence.fast_tokens (the tokenizer's own ids and decoded texts, several times faster
 for byte-level BPE); the TF-IDF passes hash TERM_BATCH windows' texts per call; a sequences pass with a key
 filter tokenises only the documents that hold a wanted sequence. flows.scan_cache keeps a scan's results for
 the next run on the same corpus.
 What travels to the reading tasks: ReadSettings (how a fragment becomes sequences; ReadSettings.for_corpus from a
-whence.corpus.CorpusSource), FragmentPlan (which of them the sequences pass emits) and CandidateSelection (what
-the candidates pass compares them with).
+whence.corpus.CorpusSource), and FragmentPlan (which of them the sequences pass emits).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ NOT_A_MARKER = -1
 ROWS_PER_BLOCK = 64
 # Sequence texts hashed into TF-IDF terms per vectoriser call (the candidates are the same for any batching).
 TERM_BATCH = 2048
+# The scan keeps every sequence's hashed term rows (5 bytes an entry: a bool and an int32 index; ~80 entries for
+# a 128-token English sequence) while the corpus holds at most this many; beyond it they are dropped and the
+# candidates pass (flows.candidates) reads the corpus again. 40 M entries: ~200 MB, about half a million such sequences.
+MAX_CACHED_TERM_ENTRIES = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -52,18 +58,6 @@ class ReadSettings:
         return cls(tokenizer_path, seq_len, corpus.id_field, corpus.text_field, corpus.strict)
 
 
-@dataclass(frozen=True)
-class CandidateSelection:
-    """What the candidates pass compares each sequence with: the queries' hashed terms and ids, the corpus's BM25
-    idf weights, and how many sequences to keep per query."""
-
-    query_ids: list[str]
-    query_terms: object  # (Q, F) binary term matrix (scipy sparse), from TermHasher(n_features)
-    idf: object  # (F,) float64, or its ObjectRef once shared through Ray's object store
-    num_candidates: int
-    n_features: int
-
-
 @dataclass
 class FragmentPlan:
     """Per fragment, what the sequences pass emits: rows to skip and, optionally, a quota or a key filter."""
@@ -71,6 +65,9 @@ class FragmentPlan:
     skip_lines: dict[int, set[int]] = field(default_factory=dict)  # fragment -> lines to skip (duplicates)
     quota: dict[int, int] | None = None  # fragment -> emit at most this many sequences (max_sequences)
     keys: set[tuple[str, int]] | None = None  # emit only these (doc_id, chunk) keys (TF-IDF candidates, top-k)
+    # fragment -> its wanted sequences already tokenised (an ObjectRef of a StoredSequences, from
+    # gather_sequences), read instead of the corpus; None: read the corpus
+    stored: dict[int, object] | None = None
 
     def doc_ids(self) -> set[str] | None:
         """The documents `keys` names (None: no key filter)."""
@@ -128,7 +125,7 @@ def fragment_sequences(fragment: Fragment, settings: ReadSettings, skip_lines=fr
 # scan
 
 
-class _TermBatches:
+class TermBatches:
     """Window texts gathered over documents and hashed TERM_BATCH at a time (one vectoriser call per batch):
     `flush` hands each batch's rows (n, F), with the doc ids and chunks offered alongside, to `consume`."""
 
@@ -162,7 +159,13 @@ def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: in
     tally = CorpusTally()
     lines, ids, counts, tokens = [], [], [], 0
     frequencies = DocumentFrequencies.zeros(tfidf_features) if tfidf_features else None
-    terms = _TermBatches(tfidf_features, lambda rows, *_: frequencies.update(rows)) if tfidf_features else None
+    term_rows = []  # (n, F) binary rows of the fragment's sequences, in order: kept for candidates_from_scans
+
+    def count(rows, *_):
+        frequencies.update(rows)
+        term_rows.append(rows.astype(bool))
+
+    terms = TermBatches(tfidf_features, count) if tfidf_features else None
     for document in fragment_documents(fragment, settings, tally):
         token_ids = tokenizer.encode(document.text)
         bounds = window_bounds(len(token_ids), settings.seq_len)
@@ -172,40 +175,46 @@ def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: in
         tokens += sum(end - start for start, end in bounds)
         if terms is not None and bounds:
             terms.add(document.doc_id, tokenizer.window_texts(document.text, token_ids, bounds))
+    stored = None
     if terms is not None:
+        import scipy.sparse as sp
+
         terms.flush()
+        stored = sp.vstack(term_rows, format="csr") if term_rows else sp.csr_matrix((0, tfidf_features), dtype=bool)
     return {"fragment": fragment.index, "tally": tally, "lines": np.asarray(lines, dtype=np.int64),
             "hashes": id_hashes(ids), "sequence_counts": np.asarray(counts, dtype=np.int64), "tokens": tokens,
-            "frequencies": frequencies}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# candidates
-
-
-def select_fragment_candidates(fragment: Fragment, settings: ReadSettings, skip_lines,
-                               selection: CandidateSelection):
-    """This fragment's per-query top-N sequences by BM25 (a mergeable CandidateSelector)."""
-    from whence.tfidf import CandidateSelector, bm25_scores
-
-    tokenizer = load_document_tokenizer(settings.tokenizer_path)
-    selector = CandidateSelector(selection.query_ids, selection.num_candidates)
-
-    def offer(rows, doc_ids, chunks):
-        selector.update(bm25_scores(selection.query_terms, rows, selection.idf), doc_ids, chunks)
-
-    terms = _TermBatches(selection.n_features, offer)
-    for document in fragment_documents(fragment, settings, skip_lines=skip_lines):
-        token_ids = tokenizer.encode(document.text)
-        bounds = window_bounds(len(token_ids), settings.seq_len)
-        if bounds:
-            terms.add(document.doc_id, tokenizer.window_texts(document.text, token_ids, bounds))
-    terms.flush()
-    return selector
+            "frequencies": frequencies, "terms": stored,
+            "doc_ids": np.asarray(ids, dtype=object) if stored is not None else None}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # sequences
+
+
+@dataclass(frozen=True)
+class StoredSequences:
+    """One fragment's gathered sequences, in corpus order: what fragment_sequences yields for the wanted keys."""
+
+    doc_ids: list[str]
+    chunks: list[int]
+    input_ids: list[tuple[int, ...]]
+
+    def __iter__(self) -> Iterator[TrainingSequence]:
+        for doc_id, chunk, ids in zip(self.doc_ids, self.chunks, self.input_ids):
+            yield TrainingSequence(doc_id, chunk, tuple(ids))
+
+
+def _plan_sequences(fragment: Fragment, settings: ReadSettings, plan: FragmentPlan) -> Iterator[TrainingSequence]:
+    """The fragment's sequences from the store when the plan has them, else from the corpus; with a key filter,
+    only documents holding a wanted sequence are tokenised."""
+    if plan.stored is not None:
+        import ray
+
+        stored = plan.stored.get(fragment.index)
+        yield from () if stored is None else ray.get(stored)
+        return
+    doc_ids = None if plan.keys is None else plan.doc_ids()
+    yield from fragment_sequences(fragment, settings, plan.skip_lines.get(fragment.index, frozenset()), doc_ids)
 
 
 def sequence_rows(fragment: Fragment, settings: ReadSettings, plan: FragmentPlan) -> Iterator[dict]:
@@ -214,10 +223,7 @@ def sequence_rows(fragment: Fragment, settings: ReadSettings, plan: FragmentPlan
     rows: list[TrainingSequence] = []
     emitted = 0
     if quota != 0:
-        # With a key filter, only documents holding a wanted sequence are tokenised.
-        doc_ids = None if plan.keys is None else plan.doc_ids()
-        for sequence in fragment_sequences(fragment, settings, plan.skip_lines.get(fragment.index, frozenset()),
-                                           doc_ids):
+        for sequence in _plan_sequences(fragment, settings, plan):
             if plan.keys is not None and (sequence.doc_id, sequence.chunk) not in plan.keys:
                 continue
             rows.append(sequence)
@@ -258,13 +264,13 @@ def fragments_dataset(fragments: list[Fragment]):
 
 
 def fragment_item(fragment: Fragment) -> dict:
-    """A fragment as a Ray Data row of plain values (None as -1); `_fragment_of` reads it back."""
+    """A fragment as a Ray Data row of plain values (None as -1); `fragment_of` reads it back."""
     return {"index": fragment.index, "path": fragment.path, "format": fragment.format,
             "row_group": -1 if fragment.row_group is None else fragment.row_group, "start": fragment.start,
             "end": -1 if fragment.end is None else fragment.end, "first_line": fragment.first_line}
 
 
-def _fragment_of(row) -> Fragment:
+def fragment_of(row) -> Fragment:
     row_group, end = int(row["row_group"]), int(row["end"])
     return Fragment(int(row["index"]), str(row["path"]), str(row["format"]), None if row_group < 0 else row_group,
                     int(row["start"]), None if end < 0 else end, int(row["first_line"]))
@@ -277,7 +283,7 @@ def _scan_batch(batch: dict, settings: ReadSettings, tfidf_features: int) -> dic
 
     results = []
     for i in range(len(batch["index"])):
-        fragment = _fragment_of({k: v[i] for k, v in batch.items()})
+        fragment = fragment_of({k: v[i] for k, v in batch.items()})
         try:
             result = scan_fragment(fragment, settings, tfidf_features)
         except CorpusError as error:
@@ -287,26 +293,41 @@ def _scan_batch(batch: dict, settings: ReadSettings, tfidf_features: int) -> dic
     return {"result": np.asarray(results, dtype=object)}
 
 
-def _candidates_batch(batch: dict, settings: ReadSettings, skip_lines, selection: CandidateSelection) -> dict:
-    import dataclasses
+def _gather_batch(batch: dict, settings: ReadSettings, plan: FragmentPlan) -> dict:
     import pickle
 
-    import ray
-
-    if isinstance(selection.idf, ray.ObjectRef):  # shared via the object store (F floats)
-        selection = dataclasses.replace(selection, idf=ray.get(selection.idf))
     results = []
     for i in range(len(batch["index"])):
-        fragment = _fragment_of({k: v[i] for k, v in batch.items()})
-        selector = select_fragment_candidates(fragment, settings, skip_lines.get(fragment.index, frozenset()),
-                                              selection)
-        results.append(pickle.dumps(selector))
+        fragment = fragment_of({k: v[i] for k, v in batch.items()})
+        sequences = [s for block in sequence_rows(fragment, settings, plan) for s in _block_sequences(block)]
+        stored = StoredSequences([s.doc_id for s in sequences], [s.chunk for s in sequences],
+                                 [s.input_ids for s in sequences])
+        results.append(pickle.dumps((fragment.index, stored)))
     return {"result": np.asarray(results, dtype=object)}
+
+
+def _block_sequences(block: dict) -> Iterator[TrainingSequence]:
+    for doc_id, chunk, ids, marker in zip(block["doc_id"], block["chunk"], block["input_ids"], block["marker_total"]):
+        if marker == NOT_A_MARKER:
+            yield TrainingSequence(str(doc_id), int(chunk), tuple(int(t) for t in ids))
+
+
+def gather_sequences(fragments: list[Fragment], settings: ReadSettings, plan: FragmentPlan
+                     ) -> dict[int, StoredSequences]:
+    """fragment -> the sequences `plan` lets through, tokenised once (one read task per fragment), for passes
+    that need the same sequences again (flows.score: the TF-IDF candidates, scored and then rescored)."""
+    import pickle
+
+    from flows.cluster import READ_TASK_CPUS
+
+    dataset = fragments_dataset(fragments).map_batches(
+        _gather_batch, batch_size=1, fn_kwargs={"settings": settings, "plan": plan}, num_cpus=READ_TASK_CPUS)
+    return dict(pickle.loads(row["result"]) for row in dataset.iter_rows())
 
 
 def _sequences_batch(batch: dict, settings: ReadSettings, plan: FragmentPlan) -> Iterator[dict]:
     for i in range(len(batch["index"])):
-        yield from sequence_rows(_fragment_of({k: v[i] for k, v in batch.items()}), settings, plan)
+        yield from sequence_rows(fragment_of({k: v[i] for k, v in batch.items()}), settings, plan)
 
 
 def run_scan(fragments: list[Fragment], settings: ReadSettings, tfidf_features: int = 0) -> list[dict]:
@@ -317,35 +338,22 @@ def run_scan(fragments: list[Fragment], settings: ReadSettings, tfidf_features: 
     dataset = fragments_dataset(fragments).map_batches(
         _scan_batch, batch_size=1, fn_kwargs={"settings": settings, "tfidf_features": tfidf_features},
         num_cpus=READ_TASK_CPUS)
-    results = sorted((pickle.loads(row["result"]) for row in dataset.iter_rows()), key=lambda r: r["fragment"])
+    results, entries = [], 0
+    for row in dataset.iter_rows():
+        result = pickle.loads(row["result"])
+        terms = result.get("terms")
+        entries += 0 if terms is None else terms.nnz
+        results.append(result)
+        if entries > MAX_CACHED_TERM_ENTRIES:  # too large a corpus to keep: memory stays bounded by the limit
+            for kept in results:
+                kept["terms"] = kept["doc_ids"] = None
+    results.sort(key=lambda r: r["fragment"])
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         from whence.errors import CorpusError
 
         raise CorpusError(errors[0] + (f" (and {len(errors) - 1} more fragments with errors)" if len(errors) > 1 else ""))
     return results
-
-
-def run_candidates(fragments: list[Fragment], settings: ReadSettings, skip_lines: dict[int, set[int]],
-                   selection: CandidateSelection):
-    """Every fragment's candidates (select_fragment_candidates), merged: a CandidateSelector over the corpus."""
-    import dataclasses
-    import pickle
-
-    import ray
-
-    from flows.cluster import READ_TASK_CPUS
-
-    # idf (F floats) goes to the object store once, not into every task's arguments.
-    shared = dataclasses.replace(selection, idf=ray.put(selection.idf))
-    dataset = fragments_dataset(fragments).map_batches(
-        _candidates_batch, batch_size=1, num_cpus=READ_TASK_CPUS,
-        fn_kwargs={"settings": settings, "skip_lines": skip_lines, "selection": shared})
-    merged = None
-    for row in dataset.iter_rows():
-        selector = pickle.loads(row["result"])
-        merged = selector if merged is None else merged.merge(selector)
-    return merged
 
 
 def sequences_dataset(fragments: list[Fragment], settings: ReadSettings, plan: FragmentPlan):

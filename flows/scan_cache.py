@@ -11,7 +11,9 @@ the fragments, the tokenizer (a hash of its files, or of its serialised form whe
 seq_len, the id and text fields and --strict. A scan without document frequencies (what fit needs) is upgraded
 in place by the first run that needs them. The fragments' document frequencies are stored merged (F int64
 counters once, not once per fragment): a reused scan carries them on its first fragment, which gives the same
-flows.corpus_pipeline.reduce_scans result. Entries are written atomically (a temporary file renamed), so
+flows.corpus_pipeline.reduce_scans result. With frequencies, a scan also keeps its sequences' hashed term rows
+(up to flows.corpus_pipeline.MAX_CACHED_TERM_ENTRIES for the corpus), so a later run with new queries selects
+its TF-IDF candidates from the cache without reading the corpus. Entries are written atomically (a temporary file renamed), so
 concurrent runs at worst both compute the same scan. Nothing is ever read from an entry of another key.
 """
 

@@ -183,12 +183,13 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
                 factors_manifest: dict) -> tuple[dict, list[str]]:
     """prepare, scan, candidates, score, reduce and per-token, each skipped when its output is already there;
     returns the run's summary and the tracked layers' names."""
+    from flows.candidates import candidate_keys, stored_candidates
     from flows.corpus_pipeline import FragmentPlan, reduce_scans
     from flows.scan_cache import cached_scan
     from flows.score_checks import discard_damaged_queries, fisher_sequences
     from whence.fragment_parts import SCORES_PART, TOPK_PART, concatenate_scores, reduce_topk
     from whence.queries import QueriesHeader
-    from whence.results import CANDIDATES_FILE, SCORES_FILE, TOPK_FILE
+    from whence.results import CANDIDATE_SEQUENCES_FILE, CANDIDATES_FILE, SCORES_FILE, TOPK_FILE
     from whence.tfidf import DEFAULT_FEATURES
 
     state, config, timings = run.state, run.config, {}
@@ -196,6 +197,8 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     discard_damaged_queries(run)
     if candidates_from and not candidates_file.exists():
         shutil.copyfile(Path(candidates_from) / CANDIDATES_FILE, candidates_file)
+        if (Path(candidates_from) / CANDIDATE_SEQUENCES_FILE).exists():  # their token ids too: no corpus read
+            shutil.copyfile(Path(candidates_from) / CANDIDATE_SEQUENCES_FILE, state.path / CANDIDATE_SEQUENCES_FILE)
     if not run.queries_file.exists():
         with _timed(timings, "prepare_queries_s"):
             _prepare_remotely(run, factors_dir)
@@ -213,15 +216,18 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
 
         raise CorpusError(f"no sequences to score in {', '.join(run.state.arguments['corpus'])} "
                           f"({tally.total_bad} bad rows)")
-    keys = None
+    keys, stored = None, None
     if tfidf:
         with _timed(timings, "tfidf_s"):
-            keys = _candidate_keys(run, skip, frequencies)
+            keys = candidate_keys(run, scans, skip, frequencies)
+        with _timed(timings, "gather_s"):
+            stored = stored_candidates(run, skip, keys)
     layer_names = QueriesHeader.read(run.queries_file).layer_names
 
     with _timed(timings, "score_s"):
         expected = len(keys) if keys is not None else sum(counts.values())
-        scored, steady = _score_fragments(run, FragmentPlan(skip_lines=skip, keys=keys), len(layer_names), expected)
+        plan = FragmentPlan(skip_lines=skip, keys=keys, stored=stored)
+        scored, steady = _score_fragments(run, plan, len(layer_names), expected)
     # After start-up: sequences that arrived after the first scored batch, and the seconds they took.
     timings["score_steady_sequences"], timings["score_steady_s"] = steady
 
@@ -231,7 +237,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
         concatenate_scores(state.finished_parts(SCORES_PART), state.path / SCORES_FILE)
     if config.per_token:
         with _timed(timings, "per_token_s"):
-            _per_token(run, skip, topk)
+            _per_token(run, skip, topk, stored)
     summary = {"queries": len(run.queries), "sequences_scored": scored, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "fragments": len(run.fragments),
                "workers": run.cluster.workers, "shards": run.cluster.shards, "seconds": time.monotonic() - started,
@@ -318,34 +324,6 @@ def _lissa_batches(tokenizer, run: ScoringRun) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# candidates
-
-
-def _candidate_keys(run: ScoringRun, skip: dict[int, set[int]], frequencies) -> set[tuple[str, int]]:
-    """The (doc_id, chunk) keys to score: the pooled TF-IDF candidates, selected once into candidates.parquet."""
-    from flows.corpus_pipeline import CandidateSelection, run_candidates
-    from whence.results import CANDIDATES_FILE, candidates_table, read_candidate_keys, write_table_atomically
-    from whence.tfidf import DEFAULT_FEATURES, TermHasher
-
-    path = run.state.path / CANDIDATES_FILE
-    if path.exists():
-        return read_candidate_keys(path)
-    queries, num_candidates = run.queries, run.config.tfidf_candidates
-    query_terms = TermHasher(DEFAULT_FEATURES).transform([f"{q.prompt} {q.completion}" for q in queries])
-    selector = run_candidates(run.fragments, run.settings, skip, CandidateSelection(
-        run.query_ids, query_terms, frequencies.idf(), num_candidates, DEFAULT_FEATURES))
-    rows = {"query_id": [], "rank": [], "doc_id": [], "chunk": [], "bm25": []}
-    for q, query in enumerate(queries):
-        for rank, (doc_id, chunk, score) in enumerate(selector.candidates(q), start=1):
-            for name, value in zip(rows, (query.id, rank, doc_id, chunk, score)):
-                rows[name].append(value)
-    write_table_atomically(candidates_table(rows), path)
-    keys = selector.all_keys()
-    log.info("TF-IDF: %d candidate sequences for %d queries (up to %d each)", len(keys), len(queries), num_candidates)
-    return keys
-
-
-# ---------------------------------------------------------------------------------------------------------
 # score
 
 
@@ -429,8 +407,9 @@ def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expec
 # per-token
 
 
-def _per_token(run: ScoringRun, skip: dict[int, set[int]], topk: TopK) -> None:
-    """Score the top-k sequences again, token by token, and write tokens.parquet."""
+def _per_token(run: ScoringRun, skip: dict[int, set[int]], topk: TopK, stored: dict[int, object] | None) -> None:
+    """Score the top-k sequences again, token by token (read from `stored` when the candidates were gathered),
+    and write tokens.parquet."""
     from flows.corpus_pipeline import FragmentPlan, load_tokenizer
     from whence.results import TOKENS_FILE, TOKENS_SCHEMA, tokens_table, write_table_atomically
     from whence.text import token_pieces
@@ -440,7 +419,7 @@ def _per_token(run: ScoringRun, skip: dict[int, set[int]], topk: TopK) -> None:
         for rank, (doc_id, chunk) in enumerate(zip(entry["doc_id"], entry["chunk"]), start=1):
             wanted.setdefault((str(doc_id), int(chunk)), []).append((q, rank))
     involved = {int(f) for entry in topk.entries for f in entry["fragment"]}
-    plan = FragmentPlan(skip_lines=skip, keys=set(wanted))
+    plan = FragmentPlan(skip_lines=skip, keys=set(wanted), stored=stored)
     dataset = scoring_dataset(run, [f for f in run.fragments if f.index in involved], plan, per_token=True)
     tokenizer = load_tokenizer(run.settings.tokenizer_path)
     rows = []  # (query index, rank, doc_id, chunk, tokens, token_ids, token_scores)

@@ -344,9 +344,9 @@ def test_strict_error_in_a_later_fragment_names_file_and_line(long_messy_jsonl):
 
 
 def test_fragments_travel_to_reading_tasks_unchanged(long_messy_jsonl, tmp_path):
-    from flows.corpus_pipeline import _fragment_of, fragment_item
+    from flows.corpus_pipeline import fragment_item, fragment_of
 
     parquet = write_parquet(tmp_path / "p.parquet", docs(10), row_group_size=4)
     fragments = list_fragments([str(long_messy_jsonl), str(parquet)], fragment_bytes=300)
     assert {f.format for f in fragments} == {"jsonl", "parquet"}
-    assert [_fragment_of(fragment_item(f)) for f in fragments] == fragments
+    assert [fragment_of(fragment_item(f)) for f in fragments] == fragments

@@ -154,12 +154,30 @@ def test_score_everything_equals_the_core_engine(workspace, tmp_path):
     assert len(pq.read_table(tmp_path / "all" / "scores.parquet")) == len(topk)
 
 
-def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path):
-    run_score(workspace, tmp_path / "one", workers=1, tfidf_candidates=6, query_rank=4)
-    run_score(workspace, tmp_path / "two", workers=2, tfidf_candidates=6, query_rank=4)
-    run_score(workspace, tmp_path / "again", workers=1, tfidf_candidates=6, query_rank=4)
+def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path, monkeypatch):
+    """Nor on whether the candidates' sequences were gathered once (flows.candidates) or read from the corpus
+    by every pass (beyond MAX_STORED_TOKENS), nor on where the candidates were selected (the scan's term rows
+    or a candidates pass: a fresh scan, WHENCE_CACHE=off, that keeps none)."""
+    import flows.candidates
+    import flows.corpus_pipeline
+
+    run_score(workspace, tmp_path / "one", workers=1, tfidf_candidates=6, query_rank=4, per_token=True)
+    assert (tmp_path / "one" / "candidate_sequences.parquet").exists()
+    run_score(workspace, tmp_path / "two", workers=2, tfidf_candidates=6, query_rank=4, per_token=True)
+    monkeypatch.setattr(flows.candidates, "MAX_STORED_TOKENS", 0)
+    monkeypatch.setattr(flows.corpus_pipeline, "MAX_CACHED_TERM_ENTRIES", -1)
+    passes, run_candidates = [], flows.candidates.run_candidates
+    monkeypatch.setattr(flows.candidates, "run_candidates", lambda *args: passes.append(1) or run_candidates(*args))
+    monkeypatch.setenv("WHENCE_CACHE", "off")
+    run_score(workspace, tmp_path / "again", workers=1, tfidf_candidates=6, query_rank=4, per_token=True)
+    assert not (tmp_path / "again" / "candidate_sequences.parquet").exists() and passes == [1]
     one = pq.read_table(tmp_path / "one" / "topk.parquet")
     for other in ("two", "again"):
+        assert pq.read_table(tmp_path / "one" / "candidates.parquet").equals(
+            pq.read_table(tmp_path / other / "candidates.parquet"))
+        if not ON_GPU:
+            assert pq.read_table(tmp_path / "one" / "tokens.parquet").equals(
+                pq.read_table(tmp_path / other / "tokens.parquet"))
         table = pq.read_table(tmp_path / other / "topk.parquet")
         if ON_GPU:  # the same rows, scores equal up to the order of GPU reductions
             expected, got = one.to_pandas(), table.to_pandas()

@@ -269,13 +269,8 @@ def per_document_terms(path, tokenizer):
 
 
 def test_scan_and_candidates_equal_decoding_each_document(demo_slice):
-    from flows.corpus_pipeline import (
-        CandidateSelection,
-        ReadSettings,
-        load_tokenizer,
-        scan_fragment,
-        select_fragment_candidates,
-    )
+    from flows.candidates import CandidateSelection, select_fragment_candidates
+    from flows.corpus_pipeline import ReadSettings, load_tokenizer, scan_fragment
     from whence.tfidf import DEFAULT_FEATURES
 
     path, fragments, queries = demo_slice
@@ -300,3 +295,37 @@ def test_scan_and_candidates_equal_decoding_each_document(demo_slice):
     merged = parts[0].merge(parts[1])
     for q in range(len(query_ids)):
         assert merged.candidates(q) == reference.candidates(q)  # same keys, same order, same float scores
+
+
+def test_candidates_from_the_scans_term_rows_equal_a_candidates_pass(demo_slice):
+    """The scan keeps each sequence's term rows; selecting from them (duplicates' lines skipped) gives exactly
+    the candidates pass's selection, with no second read of the corpus."""
+    from flows.candidates import CandidateSelection, candidates_from_scans, select_fragment_candidates
+    from flows.corpus_pipeline import ReadSettings, reduce_scans, scan_fragment
+    from whence.tfidf import DEFAULT_FEATURES
+
+    path, fragments, queries = demo_slice
+    settings = ReadSettings(str(DEMO / "model"), DEMO_SEQ_LEN)
+    scans = [scan_fragment(f, settings, DEFAULT_FEATURES) for f in fragments]
+    _, _, _, frequencies = reduce_scans(scans)
+    query_ids = [q["id"] for q in queries]
+    query_terms = TermHasher().transform([f"{q['prompt']} {q['completion']}" for q in queries])
+    selection = CandidateSelection(query_ids, query_terms, frequencies.idf(), DEMO_CANDIDATES, DEFAULT_FEATURES)
+    # Skip the documents holding query 0's two best candidates, as duplicates would be: the selection must move.
+    first = candidates_from_scans(scans, {}, selection)
+    skipped = {doc_id for doc_id, _, _ in first.candidates(0)[:2]}
+    skip = {}
+    for scan in scans:
+        lines = {int(line) for line, doc_id in zip(scan["lines"], scan["doc_ids"]) if doc_id in skipped}
+        if lines:
+            skip[scan["fragment"]] = lines
+    assert skip
+    for skip_lines in ({}, skip):
+        parts = [select_fragment_candidates(f, settings, skip_lines.get(f.index, frozenset()), selection)
+                 for f in fragments]
+        expected = parts[0].merge(parts[1])
+        cached = candidates_from_scans(scans, skip_lines, selection)
+        for q in range(len(query_ids)):
+            assert cached.candidates(q) == expected.candidates(q)
+    assert not {d for d, _, _ in candidates_from_scans(scans, skip, selection).candidates(0)} & skipped
+    assert candidates_from_scans([{**scans[0], "terms": None}, scans[1]], {}, selection) is None

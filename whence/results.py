@@ -43,6 +43,7 @@ from whence.topk import TopK
 MANIFEST_FILE = "manifest.json"
 QUERIES_FILE = "queries.safetensors"
 CANDIDATES_FILE = "candidates.parquet"
+CANDIDATE_SEQUENCES_FILE = "candidate_sequences.parquet"  # the candidates' token ids: passes after the first read them
 TOPK_FILE = "topk.parquet"
 TOKENS_FILE = "tokens.parquet"
 SCORES_FILE = "scores.parquet"
@@ -59,6 +60,8 @@ TOKENS_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("do
                            ("token_ids", pa.list_(pa.int64())), ("token_scores", pa.list_(pa.float64()))])
 CANDIDATES_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("doc_id", pa.string()),
                                ("chunk", pa.int64()), ("bm25", pa.float64())])
+CANDIDATE_SEQUENCES_SCHEMA = pa.schema([("fragment", pa.int64()), ("doc_id", pa.string()), ("chunk", pa.int64()),
+                                        ("input_ids", pa.list_(pa.int64()))])
 
 # The columns the reader needs from each file (a file may carry more; topk.parquet's predicted_change is
 # optional, as older directories lack it).
@@ -112,6 +115,11 @@ def tokens_table(columns: dict) -> pa.Table:
 def candidates_table(columns: dict) -> pa.Table:
     """candidates.parquet: columns query_id, rank, doc_id, chunk, bm25."""
     return table_of(CANDIDATES_SCHEMA, columns)
+
+
+def candidate_sequences_table(columns: dict) -> pa.Table:
+    """candidate_sequences.parquet: columns fragment, doc_id, chunk, input_ids; per fragment in corpus order."""
+    return table_of(CANDIDATE_SEQUENCES_SCHEMA, columns)
 
 
 def read_candidate_keys(path: str | Path) -> set[tuple[str, int]]:
