@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
 from actors.owner import LayerOwner
+from whence.errors import NonFiniteError
 from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.fitting import FactorFitter
 from whence.model import model_fingerprint
@@ -36,12 +37,23 @@ class FitterActor(LayerOwner):
         return True
 
     def _batches(self, dataset):
+        """(batch, its sequences' labels "doc_id#chunk") for each batch of this actor's sequences."""
         if dataset is None:  # more workers than fragments: this one has none
             return
         for rows in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             keep = sequence_rows_mask(rows)
             if keep.any():
-                yield rows_to_batch(rows, keep, self.pad_id, self.seed), int(keep.sum())
+                labels = [f"{doc_id}#{chunk}" for doc_id, chunk in zip(rows["doc_id"][keep], rows["chunk"][keep])]
+                yield rows_to_batch(rows, keep, self.pad_id, self.seed), labels
+
+    def _accumulate(self, dataset, step) -> None:
+        """step(batch) over this actor's batches; a NaN or inf names its sequences, not just its batch rows."""
+        for batch, labels in self._batches(dataset):
+            try:
+                step(batch)
+            except NonFiniteError as error:
+                raise error.naming(labels) from None
+            self._count(len(labels))
 
     def _track(self, names: list[str]) -> None:
         """Accumulate the layers `names` only (a resumed fit skips the finished ones); sums start at zero."""
@@ -52,9 +64,7 @@ class FitterActor(LayerOwner):
     def covariance_pass(self, dataset, names: list[str]) -> dict:
         """Covariance sums of the layers `names` over this actor's sequences, kept here: returns the counts."""
         self._track(names)
-        for batch, sequences in self._batches(dataset):
-            self.fitter.covariance_step(batch)
-            self._count(sequences)
+        self._accumulate(dataset, self.fitter.covariance_step)
         sums = self.held[COVARIANCE] = self.fitter.take_covariance()
         return {"tokens": sums.tokens, "sequences": sums.sequences}
 
@@ -63,9 +73,7 @@ class FitterActor(LayerOwner):
         fetched here from the object store; a layer without one uses the identity basis: diagonal)."""
         self._track(names)
         self.fitter.set_bases(fetch_bases(names, bases_refs))  # cast to the compute dtype; the fetched copies go
-        for batch, sequences in self._batches(dataset):
-            self.fitter.correction_step(batch)
-            self._count(sequences)
+        self._accumulate(dataset, self.fitter.correction_step)
         self.fitter.set_bases(dict.fromkeys(names))  # the bases are not needed any more
         sums = self.held[CORRECTION] = self.fitter.take_corrections()
         return {"tokens": 0, "sequences": sums.sequences}

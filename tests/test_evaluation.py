@@ -96,6 +96,19 @@ def test_constant_columns_are_undefined_and_left_out():
     assert body["per_query"][1] is None and json.loads(json.dumps(body)) == body
 
 
+def test_paired_difference_is_per_query_over_the_queries_both_define():
+    from whence.evaluation.lds import LDSResult, paired_difference
+
+    method = LDSResult(0.0, 0.0, [0.9, 0.5, float("nan"), 0.7], 1)
+    baseline = LDSResult(0.0, 0.0, [0.8, 0.6, 0.4, 0.5], 0)
+    pair = paired_difference(method, baseline)
+    differences = np.array([0.1, -0.1, 0.2])
+    assert pair["queries"] == 3 and pair["better"] == 2 and pair["worse"] == 1
+    assert pair["mean_difference"] == pytest.approx(differences.mean())
+    assert pair["stderr"] == pytest.approx(differences.std(ddof=1) / math.sqrt(3))
+    assert paired_difference(baseline, baseline)["mean_difference"] == 0.0
+
+
 def test_subsets_are_deterministic_and_sized():
     masks = sample_subsets(101, 20, 0.3, seed=5)
     assert masks.shape == (20, 101) and (masks.sum(axis=1) == 30).all()

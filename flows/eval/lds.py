@@ -32,7 +32,8 @@ log = logging.getLogger("whence.eval.lds")
 LDS_FILE = "lds.json"
 ARRAYS_FILE = "lds_arrays.npz"
 FACTORS_SUBDIR = "factors"
-DEFAULT_METHODS = "ekfac,kfac,diagonal,identity,lissa,tfidf,random"
+DEFAULT_METHODS = "ekfac,ekfac-cg,kfac,diagonal,identity,lissa,tfidf,random"
+PAIRED_BASELINE = "ekfac"  # lds.json's "versus_ekfac": every other method's per-query difference from it
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,21 @@ def print_table(body: dict, out) -> None:
           f"{body['queries']} queries, {body['sequences']} sequences -> {out}/{LDS_FILE}")
     print(f"noise: across subsets {noise['across_subsets_std']:.4f} nats, across seeds "
           f"{'n/a' if seeds is None else f'{seeds:.4f}'} nats")
-    print(f"{'method':<10} {'lds':>8} {'stderr':>8}")
+    paired = body.get("versus_" + PAIRED_BASELINE, {})
+    print(f"{'method':<10} {'lds':>8} {'stderr':>8}   paired difference from {PAIRED_BASELINE} (stderr, queries "
+          "better/worse)")
     for name, row in body["methods"].items():
         lds, err = row["lds"], row["stderr"]
-        print(f"{name:<10} {'n/a' if lds is None else f'{lds:.4f}':>8} {'n/a' if err is None else f'{err:.4f}':>8}")
+        line = f"{name:<10} {_figure(lds):>8} {_figure(err):>8}"
+        if name in paired:
+            pair = paired[name]
+            line += (f"   {_figure(pair['mean_difference'], '+.4f')} ({_figure(pair['stderr'])}, "
+                     f"{pair['better']}/{pair['worse']})")
+        print(line)
+
+
+def _figure(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def run_arguments(corpus, queries_path: str, model: str | None, recipe, settings: LDSSettings, workers: int) -> dict:
@@ -228,10 +240,14 @@ class FullModelScores:
 
 def lds_body(scores: dict, masks, measured, measured_full, query_ids: list[str], settings: LDSSettings) -> dict:
     """lds.json's figures: each method's LDS, the noise figures, and one query's predicted and measured changes."""
-    from whence.evaluation.lds import linear_datamodeling_score, noise_figures
+    from whence.evaluation.lds import linear_datamodeling_score, noise_figures, paired_difference
 
     results = {name: linear_datamodeling_score(matrix, masks, measured) for name, matrix in scores.items()}
+    # Each method against EK-FAC on the same queries (PAIRED_BASELINE), when both were scored.
+    paired = {name: paired_difference(result, results[PAIRED_BASELINE]) for name, result in results.items()
+              if PAIRED_BASELINE in results and name != PAIRED_BASELINE}
     return {"methods": {name: result.to_dict() for name, result in results.items()},
+            "versus_" + PAIRED_BASELINE: paired,
             "subsets": int(masks.shape[0]), "seeds": int(measured.shape[1]), "fraction": settings.fraction,
             "noise": noise_figures(measured), "queries": len(query_ids), "query_ids": query_ids,
             "sequences": int(masks.shape[1]),

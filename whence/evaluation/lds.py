@@ -125,6 +125,19 @@ def linear_datamodeling_score(scores: np.ndarray, masks: np.ndarray, measured: n
     return LDSResult(lds, stderr, per_query.tolist(), int(np.isnan(per_query).sum()))
 
 
+def paired_difference(method: LDSResult, baseline: LDSResult) -> dict:
+    """Method minus baseline, query by query, over the queries where both are defined: the mean difference of
+    per-query LDS, its standard error (the pairing removes the spread between queries that both share, so this
+    is the figure that says whether one method beats another on the same queries), and how many queries each
+    side wins."""
+    a, b = np.asarray(method.per_query, dtype=np.float64), np.asarray(baseline.per_query, dtype=np.float64)
+    both = np.isfinite(a) & np.isfinite(b)
+    mean, stderr = mean_and_stderr(a[both] - b[both])
+    clean = lambda v: None if math.isnan(v) else v  # noqa: E731
+    return {"mean_difference": clean(mean), "stderr": clean(stderr), "queries": int(both.sum()),
+            "better": int((a[both] > b[both]).sum()), "worse": int((a[both] < b[both]).sum())}
+
+
 def noise_figures(measured: np.ndarray) -> dict:
     """{"across_subsets_std", "across_seeds_std"} of measured f, (M, Q) or (M, S, Q).
 
