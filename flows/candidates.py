@@ -168,14 +168,15 @@ def candidate_keys(run: ScoringRun, scans: list[dict], skip: dict[int, set[int]]
 MAX_STORED_TOKENS = 32_000_000
 
 
-def stored_candidates(run: ScoringRun, skip: dict[int, set[int]], keys: set[tuple[str, int]]
-                       ) -> dict[int, object] | None:
+def stored_candidates(run: ScoringRun, scans: list[dict], skip: dict[int, set[int]], keys: set[tuple[str, int]]
+                      ) -> dict[int, object] | None:
     """fragment -> an ObjectRef of its candidate sequences (flows.corpus_pipeline.StoredSequences), tokenised
     once into candidate_sequences.parquet and read from there by this run's later passes, a resumed run and a
-    run given this one as candidates_from; None when too many to keep (MAX_STORED_TOKENS)."""
+    run given this one as candidates_from; None when too many to keep (MAX_STORED_TOKENS). The token ids come
+    from the (cached) scan when it kept them, else from one read of the candidates' documents."""
     import ray
 
-    from flows.corpus_pipeline import FragmentPlan, gather_sequences
+    from flows.corpus_pipeline import FragmentPlan, gather_sequences, sequences_from_scans
     from whence.results import CANDIDATE_SEQUENCES_FILE
 
     if len(keys) * run.settings.seq_len > MAX_STORED_TOKENS:
@@ -183,7 +184,9 @@ def stored_candidates(run: ScoringRun, skip: dict[int, set[int]], keys: set[tupl
     path = run.state.path / CANDIDATE_SEQUENCES_FILE
     gathered = _read_candidate_sequences(path, keys)
     if gathered is None:
-        gathered = gather_sequences(run.fragments, run.settings, FragmentPlan(skip_lines=skip, keys=keys))
+        gathered = sequences_from_scans(scans, skip, keys)
+        if gathered is None:
+            gathered = gather_sequences(run.fragments, run.settings, FragmentPlan(skip_lines=skip, keys=keys))
         _write_candidate_sequences(path, gathered)
     return {fragment: ray.put(sequences) for fragment, sequences in gathered.items()}
 

@@ -36,10 +36,12 @@ NOT_A_MARKER = -1
 ROWS_PER_BLOCK = 64
 # Sequence texts hashed into TF-IDF terms per vectoriser call (the candidates are the same for any batching).
 TERM_BATCH = 2048
-# The scan keeps every sequence's hashed term rows (5 bytes an entry: a bool and an int32 index; ~80 entries for
-# a 128-token English sequence) while the corpus holds at most this many; beyond it they are dropped and the
-# candidates pass (flows.candidates) reads the corpus again. 40 M entries: ~200 MB, about half a million such sequences.
+# With frequencies, the scan keeps every sequence's hashed term rows (5 bytes an entry: a bool and an int32
+# index; ~80 entries for a 128-token English sequence) and token ids (4 bytes each) while the corpus holds at most
+# this many of each; beyond, both are dropped, and the candidates pass (flows.candidates) and the gathering of the
+# candidates' sequences read the corpus again. ~200 MB each at the limits: about half a million such sequences.
 MAX_CACHED_TERM_ENTRIES = 40_000_000
+MAX_CACHED_TOKENS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: in
     lines, ids, counts, tokens = [], [], [], 0
     frequencies = DocumentFrequencies.zeros(tfidf_features) if tfidf_features else None
     term_rows = []  # (n, F) binary rows of the fragment's sequences, in order: kept for candidates_from_scans
+    windows: list[list[int]] = []  # the same sequences' token ids: kept for sequences_from_scans
 
     def count(rows, *_):
         frequencies.update(rows)
@@ -175,16 +178,25 @@ def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: in
         tokens += sum(end - start for start, end in bounds)
         if terms is not None and bounds:
             terms.add(document.doc_id, tokenizer.window_texts(document.text, token_ids, bounds))
-    stored = None
+            windows.extend(token_ids[start:end] for start, end in bounds)
+    result = {"fragment": fragment.index, "tally": tally, "lines": np.asarray(lines, dtype=np.int64),
+              "hashes": id_hashes(ids), "sequence_counts": np.asarray(counts, dtype=np.int64), "tokens": tokens,
+              "frequencies": frequencies, "terms": None, "doc_ids": None, "token_ids": None, "window_lengths": None}
     if terms is not None:
         import scipy.sparse as sp
 
         terms.flush()
-        stored = sp.vstack(term_rows, format="csr") if term_rows else sp.csr_matrix((0, tfidf_features), dtype=bool)
-    return {"fragment": fragment.index, "tally": tally, "lines": np.asarray(lines, dtype=np.int64),
-            "hashes": id_hashes(ids), "sequence_counts": np.asarray(counts, dtype=np.int64), "tokens": tokens,
-            "frequencies": frequencies, "terms": stored,
-            "doc_ids": np.asarray(ids, dtype=object) if stored is not None else None}
+        result["terms"] = (sp.vstack(term_rows, format="csr") if term_rows
+                           else sp.csr_matrix((0, tfidf_features), dtype=bool))
+        result["doc_ids"] = np.asarray(ids, dtype=object)
+        result["window_lengths"] = np.asarray([len(w) for w in windows], dtype=np.int64)  # (sequences,)
+        result["token_ids"] = np.asarray([t for w in windows for t in w], dtype=np.int32)  # (tokens,) in order
+    return result
+
+
+def drop_sequence_contents(scan: dict) -> None:
+    """Forget what the scan kept of its sequences (terms, token ids): later passes read the corpus instead."""
+    scan["terms"] = scan["doc_ids"] = scan["token_ids"] = scan["window_lengths"] = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,14 +311,15 @@ def _gather_batch(batch: dict, settings: ReadSettings, plan: FragmentPlan) -> di
     results = []
     for i in range(len(batch["index"])):
         fragment = fragment_of({k: v[i] for k, v in batch.items()})
-        sequences = [s for block in sequence_rows(fragment, settings, plan) for s in _block_sequences(block)]
+        sequences = [s for block in sequence_rows(fragment, settings, plan) for s in block_sequences(block)]
         stored = StoredSequences([s.doc_id for s in sequences], [s.chunk for s in sequences],
                                  [s.input_ids for s in sequences])
         results.append(pickle.dumps((fragment.index, stored)))
     return {"result": np.asarray(results, dtype=object)}
 
 
-def _block_sequences(block: dict) -> Iterator[TrainingSequence]:
+def block_sequences(block: dict) -> Iterator[TrainingSequence]:
+    """The sequences of a block of sequence rows (its marker row left out)."""
     for doc_id, chunk, ids, marker in zip(block["doc_id"], block["chunk"], block["input_ids"], block["marker_total"]):
         if marker == NOT_A_MARKER:
             yield TrainingSequence(str(doc_id), int(chunk), tuple(int(t) for t in ids))
@@ -325,6 +338,31 @@ def gather_sequences(fragments: list[Fragment], settings: ReadSettings, plan: Fr
     return dict(pickle.loads(row["result"]) for row in dataset.iter_rows())
 
 
+def sequences_from_scans(scans: list[dict], skip_lines: dict[int, set[int]], keys: set[tuple[str, int]]
+                         ) -> dict[int, StoredSequences] | None:
+    """What gather_sequences returns for `keys`, from the token ids the scans kept (no corpus read), or None
+    when a scan has none. The same sequences in the same order: documents in order, duplicates' lines skipped."""
+    if not scans or any(scan.get("token_ids") is None for scan in scans):
+        return None
+    gathered = {}
+    for scan in scans:
+        counts = scan["sequence_counts"]  # (documents,)
+        kept = np.repeat(~np.isin(scan["lines"], list(skip_lines.get(scan["fragment"], ()))), counts)
+        doc_ids = np.repeat(scan["doc_ids"], counts)
+        chunks = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        ends = np.cumsum(scan["window_lengths"])
+        starts = ends - scan["window_lengths"]
+        stored = StoredSequences([], [], [])
+        for i in np.flatnonzero(kept):
+            key = (str(doc_ids[i]), int(chunks[i]))
+            if key in keys:
+                stored.doc_ids.append(key[0])
+                stored.chunks.append(key[1])
+                stored.input_ids.append(tuple(scan["token_ids"][starts[i]:ends[i]].tolist()))
+        gathered[scan["fragment"]] = stored
+    return gathered
+
+
 def _sequences_batch(batch: dict, settings: ReadSettings, plan: FragmentPlan) -> Iterator[dict]:
     for i in range(len(batch["index"])):
         yield from sequence_rows(fragment_of({k: v[i] for k, v in batch.items()}), settings, plan)
@@ -338,15 +376,15 @@ def run_scan(fragments: list[Fragment], settings: ReadSettings, tfidf_features: 
     dataset = fragments_dataset(fragments).map_batches(
         _scan_batch, batch_size=1, fn_kwargs={"settings": settings, "tfidf_features": tfidf_features},
         num_cpus=READ_TASK_CPUS)
-    results, entries = [], 0
+    results, entries, tokens = [], 0, 0
     for row in dataset.iter_rows():
         result = pickle.loads(row["result"])
-        terms = result.get("terms")
-        entries += 0 if terms is None else terms.nnz
+        if result.get("terms") is not None:
+            entries, tokens = entries + result["terms"].nnz, tokens + result["token_ids"].size
         results.append(result)
-        if entries > MAX_CACHED_TERM_ENTRIES:  # too large a corpus to keep: memory stays bounded by the limit
-            for kept in results:
-                kept["terms"] = kept["doc_ids"] = None
+        if entries > MAX_CACHED_TERM_ENTRIES or tokens > MAX_CACHED_TOKENS:  # too large a corpus to keep:
+            for kept in results:  # memory stays bounded by the limits
+                drop_sequence_contents(kept)
     results.sort(key=lambda r: r["fragment"])
     errors = [r["error"] for r in results if "error" in r]
     if errors:

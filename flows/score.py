@@ -221,7 +221,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
         with _timed(timings, "tfidf_s"):
             keys = candidate_keys(run, scans, skip, frequencies)
         with _timed(timings, "gather_s"):
-            stored = stored_candidates(run, skip, keys)
+            stored = stored_candidates(run, scans, skip, keys)
     layer_names = QueriesHeader.read(run.queries_file).layer_names
 
     with _timed(timings, "score_s"):

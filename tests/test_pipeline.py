@@ -155,22 +155,29 @@ def test_score_everything_equals_the_core_engine(workspace, tmp_path):
 
 
 def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path, monkeypatch):
-    """Nor on whether the candidates' sequences were gathered once (flows.candidates) or read from the corpus
-    by every pass (beyond MAX_STORED_TOKENS), nor on where the candidates were selected (the scan's term rows
-    or a candidates pass: a fresh scan, WHENCE_CACHE=off, that keeps none)."""
+    """Nor on where the candidates and their sequences came from: one: the scan's kept term rows and token ids
+    (flows.candidates); two: a fresh scan that keeps none (WHENCE_CACHE=off, limits below zero), so a candidates
+    pass and one gathering read; again: as two, but every pass reads the corpus (beyond MAX_STORED_TOKENS)."""
     import flows.candidates
     import flows.corpus_pipeline
 
     run_score(workspace, tmp_path / "one", workers=1, tfidf_candidates=6, query_rank=4, per_token=True)
     assert (tmp_path / "one" / "candidate_sequences.parquet").exists()
-    run_score(workspace, tmp_path / "two", workers=2, tfidf_candidates=6, query_rank=4, per_token=True)
-    monkeypatch.setattr(flows.candidates, "MAX_STORED_TOKENS", 0)
-    monkeypatch.setattr(flows.corpus_pipeline, "MAX_CACHED_TERM_ENTRIES", -1)
-    passes, run_candidates = [], flows.candidates.run_candidates
-    monkeypatch.setattr(flows.candidates, "run_candidates", lambda *args: passes.append(1) or run_candidates(*args))
     monkeypatch.setenv("WHENCE_CACHE", "off")
+    monkeypatch.setattr(flows.corpus_pipeline, "MAX_CACHED_TERM_ENTRIES", -1)
+    reads = {"candidates": 0, "gather": 0}
+
+    def counted(name, function):
+        return lambda *args: reads.__setitem__(name, reads[name] + 1) or function(*args)
+
+    monkeypatch.setattr(flows.candidates, "run_candidates", counted("candidates", flows.candidates.run_candidates))
+    monkeypatch.setattr(flows.corpus_pipeline, "gather_sequences",
+                        counted("gather", flows.corpus_pipeline.gather_sequences))
+    run_score(workspace, tmp_path / "two", workers=2, tfidf_candidates=6, query_rank=4, per_token=True)
+    assert reads == {"candidates": 1, "gather": 1}
+    monkeypatch.setattr(flows.candidates, "MAX_STORED_TOKENS", 0)
     run_score(workspace, tmp_path / "again", workers=1, tfidf_candidates=6, query_rank=4, per_token=True)
-    assert not (tmp_path / "again" / "candidate_sequences.parquet").exists() and passes == [1]
+    assert not (tmp_path / "again" / "candidate_sequences.parquet").exists() and reads["candidates"] == 2
     one = pq.read_table(tmp_path / "one" / "topk.parquet")
     for other in ("two", "again"):
         assert pq.read_table(tmp_path / "one" / "candidates.parquet").equals(

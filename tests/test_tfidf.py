@@ -329,3 +329,35 @@ def test_candidates_from_the_scans_term_rows_equal_a_candidates_pass(demo_slice)
             assert cached.candidates(q) == expected.candidates(q)
     assert not {d for d, _, _ in candidates_from_scans(scans, skip, selection).candidates(0)} & skipped
     assert candidates_from_scans([{**scans[0], "terms": None}, scans[1]], {}, selection) is None
+
+
+def test_sequences_from_the_scans_token_ids_equal_reading_the_corpus(demo_slice):
+    """The candidates' token ids, taken from what the scan kept, are the sequences a read of the corpus emits
+    for the same keys (duplicates' lines skipped), fragment by fragment and in the same order."""
+    from flows.corpus_pipeline import (
+        FragmentPlan,
+        ReadSettings,
+        block_sequences,
+        drop_sequence_contents,
+        scan_fragment,
+        sequence_rows,
+        sequences_from_scans,
+    )
+    from whence.tfidf import DEFAULT_FEATURES
+
+    path, fragments, _ = demo_slice
+    settings = ReadSettings(str(DEMO / "model"), DEMO_SEQ_LEN)
+    scans = [scan_fragment(f, settings, DEFAULT_FEATURES) for f in fragments]
+    every = [(s.doc_id, s.chunk) for f in fragments for block in sequence_rows(f, settings, FragmentPlan())
+             for s in block_sequences(block)]
+    keys = set(every[::3])  # a third of the sequences, from both fragments
+    skip = {fragments[1].index: {int(scans[1]["lines"][0])}}  # the second fragment's first document, a duplicate
+    gathered = sequences_from_scans(scans, skip, keys)
+    for fragment in fragments:
+        plan = FragmentPlan(skip_lines=skip, keys=keys)
+        expected = [s for block in sequence_rows(fragment, settings, plan) for s in block_sequences(block)]
+        assert list(gathered[fragment.index]) == expected and expected
+    assert scans[1]["doc_ids"][0] not in {s.doc_id for s in gathered[fragments[1].index]}
+    drop_sequence_contents(scans[0])
+    assert sequences_from_scans(scans, skip, keys) is None
+
