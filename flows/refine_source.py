@@ -1,8 +1,9 @@
 """ekfac-cg's fitting sequences for `whence score`: the first --refine-sequences sequences of the corpus the
 factors were fitted on (their manifest's corpus, fields, seq_len and seed), or of the scored corpus when the
 factors do not name theirs (factors fitted in process) or it cannot be listed from the preparation task (a
-relative path from another directory): then with a warning, and `describe` says which. Their token ids are kept (M x seq_len integers); the
-preparation task streams them through the model once per conjugate-gradient step (whence.refine)."""
+relative path from another directory): then with a warning, and `describe` says which. Bad rows and later
+duplicates are skipped as fitting skips them. Their token ids are kept (M x seq_len integers); the preparation
+task streams them through the model once per conjugate-gradient step (whence.refine)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def refinement(tokenizer, run: ScoringRun, factors: Factors) -> tuple[Callable[[
 def refine_batches(tokenizer, run: ScoringRun, factors: Factors) -> tuple[Callable[[], Iterator[dict]], str, int]:
     """(a fresh iterator of collated batches per call: run.config.batch_size sequences with the fit's label seeds,
     which corpus they come from, how many sequences)."""
-    from flows.corpus_pipeline import ReadSettings, fragment_sequences
+    from flows.corpus_pipeline import ReadSettings, fragment_sequences, reduce_scans
+    from flows.scan_cache import cached_scan
     from whence.api import sequence_batches
     from whence.corpus import CorpusSource, list_fragments
     from whence.errors import CorpusError
@@ -50,9 +52,14 @@ def refine_batches(tokenizer, run: ScoringRun, factors: Factors) -> tuple[Callab
         except CorpusError as error:
             log.warning("ekfac-cg: the factors' corpus cannot be read here (%s); using the scored corpus", error)
 
+    # The rows fitting skipped are skipped here too (bad rows are, by fragment_documents; later duplicates by the
+    # scan's skip lines), so G is the Fisher of the sequences the factors were fitted on. The fit cached the scan.
+    scans, _ = cached_scan(fragments, settings)
+    skip = reduce_scans(scans)[1]
+
     def sequences():
         for fragment in fragments:
-            yield from fragment_sequences(fragment, settings)
+            yield from fragment_sequences(fragment, settings, skip.get(fragment.index, frozenset()))
 
     kept = list(islice(sequences(), run.config.refine_sequences))
     if not kept:

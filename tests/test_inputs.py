@@ -59,6 +59,12 @@ def test_negative_tfidf_candidates(space, tmp_path, capsys):
     assert "--tfidf-candidates -5" in err and "must be >= 0" in err
 
 
+def test_negative_or_nan_refine_tolerance(space, tmp_path, capsys):
+    for value in ("-1", "nan"):
+        err = refused(score_args(space, tmp_path / "r", "--method", "ekfac-cg", "--refine-tolerance", value), capsys)
+        assert f"--refine-tolerance {value}" in err and "refine_tolerance" in err
+
+
 def test_one_token_window(space, tmp_path, capsys):
     err = refused(fit_args(space, tmp_path / "f", "--seq-len", "1"), capsys)
     assert "--seq-len 1" in err and "at least 2" in err

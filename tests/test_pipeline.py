@@ -154,6 +154,27 @@ def test_score_everything_equals_the_core_engine(workspace, tmp_path):
     assert len(pq.read_table(tmp_path / "all" / "scores.parquet")) == len(topk)
 
 
+def test_ekfac_cg_on_ray_equals_the_core_engine(workspace, tmp_path):
+    """`whence score --method ekfac-cg`: the preparation task's Fisher is the fitted one, over the fitting corpus's
+    sequences with its bad rows and duplicate (doc03 again, line 14) skipped, as the in-process API's."""
+    refine = dict(method="ekfac-cg", refine_steps=3, refine_sequences=10_000)
+    run_score(workspace, tmp_path / "cg", top_k=None, **refine)
+    model, tokenizer = load_causal_lm(workspace["model"], device="cpu", dtype="float64")
+    layers = find_tracked_layers(model, "mlp")
+    factors = Factors.load(workspace["factors"])
+    config = ScoreConfig(query_rank="full", seq_len=SEQ_LEN, batch_size=4, **refine)
+    prepared = prepare(model, tokenizer, layers, factors, QUERIES, config, fitting=workspace["documents"])
+    table = score(model, tokenizer, layers, prepared, workspace["documents"], config)
+    expected = {(q["id"], d, int(c)): table.scores[i, j] for j, q in enumerate(QUERIES)
+                for i, (d, c) in enumerate(zip(table.doc_ids, table.chunks))}
+    topk = pq.read_table(tmp_path / "cg" / "topk.parquet").to_pandas()
+    assert len(topk) == len(expected)
+    for row in topk.itertuples():
+        assert row.score == pytest.approx(expected[(row.query_id, row.doc_id, row.chunk)], rel=1e-7, abs=1e-9)
+    refined = json.loads((tmp_path / "cg" / "manifest.json").read_text())["refine"]
+    assert refined["steps"] == 3 and refined["sequences"] == len(table.doc_ids)
+
+
 def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path, monkeypatch):
     """Nor on where the candidates and their sequences came from: one: the scan's kept term rows and token ids
     (flows.candidates); two: a fresh scan that keeps none (WHENCE_CACHE=off, limits below zero), so a candidates

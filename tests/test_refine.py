@@ -7,6 +7,7 @@ import torch
 from tests.tiny import TEXTS, make_model, make_tokenizer
 from whence.api import prepare, sequence_batches
 from whence.config import ScoreConfig
+from whence.errors import SettingsError
 from whence.evaluation.exact import (
     agreement,
     damped_inverse_products,
@@ -162,5 +163,5 @@ def test_api_and_evaluation_take_ekfac_cg():
     setup = ScoringSetup(model, tokenizer, layers, documents, 12)
     scores = influence_scores(setup, factors, QUERIES, "ekfac-cg", fitting)
     assert scores.shape[0] == len(QUERIES) and bool(torch.isfinite(torch.as_tensor(scores)).all())
-    with pytest.raises(ValueError, match="refine_steps"):
+    with pytest.raises(SettingsError, match="refine_steps"):
         ScoreConfig(refine_steps=0)

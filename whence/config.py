@@ -83,9 +83,10 @@ class ScoreConfig:
         _require(self.seq_len is None or self.seq_len >= 2, "seq_len",
                  f"must be at least 2 (a sequence needs one predicted token), got {self.seq_len}")
         _require(self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}")
-        if self.refine_steps < 1 or self.refine_sequences < 1 or self.refine_tolerance < 0:
-            raise ValueError(f"refine_steps and refine_sequences must be positive and refine_tolerance >= 0, got "
-                             f"{self.refine_steps}, {self.refine_sequences}, {self.refine_tolerance}")
+        _require(self.refine_steps >= 1, "refine_steps", f"must be positive, got {self.refine_steps}")
+        _require(self.refine_sequences >= 1, "refine_sequences", f"must be positive, got {self.refine_sequences}")
+        self.refine_tolerance = _finite_float(self.refine_tolerance, "refine_tolerance")
+        _require(self.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {self.refine_tolerance}")
 
     def to_dict(self) -> dict:
         return asdict(self)

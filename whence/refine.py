@@ -60,10 +60,12 @@ class RefineSettings:
     tolerance: float = DEFAULT_REFINE_TOLERANCE
 
     def __post_init__(self):
+        from whence.errors import SettingsError
+
         if self.steps < 1:
-            raise ValueError(f"refine steps must be positive, got {self.steps}")
-        if self.tolerance < 0:
-            raise ValueError(f"refine tolerance must be >= 0, got {self.tolerance}")
+            raise SettingsError(f"refine_steps must be positive, got {self.steps}", "refine_steps")
+        if not self.tolerance >= 0:  # NaN too
+            raise SettingsError(f"refine_tolerance must be >= 0, got {self.tolerance}", "refine_tolerance")
 
 
 @dataclass
