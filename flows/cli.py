@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("flows.bench", "measure speed and memory as ratios taken in one run"),
     "demo": ("flows.demo", "the main job on the bundled corpus: fit, filter, score, report"),
     "eval": ("flows.eval", "measure how right the influences are: LDS, fact tracing, exact influence"),
+    "index": ("flows.index", "store every corpus sequence's compressed gradient once, for `whence query`"),
+    "query": ("flows.query", "answer queries from an index by matrix products; write the files of `whence score`"),
 }
 
 

@@ -15,6 +15,7 @@ from whence.errors import (
     WhenceError,
 )
 from whence.factors import Factors
+from whence.index import Index
 from whence.model import TrackedLayer, find_tracked_layers, load_causal_lm, model_fingerprint
 from whence.queries import PreparedQueries, prepare_queries
 from whence.scoring import BatchScores, QueryScorer
@@ -23,7 +24,7 @@ from whence.text import Query, load_queries
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchScores", "CorpusError", "Factors", "FactorsMismatchError", "FitConfig", "ModelError", "PreparedQueries",
+    "BatchScores", "CorpusError", "Factors", "FactorsMismatchError", "FitConfig", "Index", "ModelError", "PreparedQueries",
     "Query", "QueryError", "QueryScorer", "RunStateError", "ScoreConfig", "ScoreTable", "TrackedLayer",
     "WhenceError", "find_tracked_layers", "fit", "load_causal_lm", "load_queries", "model_fingerprint", "prepare",
     "prepare_queries", "score",

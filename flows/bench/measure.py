@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MEASUREMENTS = ("fitting", "scoring", "lissa", "refine", "tfidf", "pipeline", "score_memory", "workers", "shards",
-                "memory")
-PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory")  # need Ray
+                "memory", "index")
+PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory", "index")  # need Ray
 
 
 @dataclass
@@ -96,12 +96,20 @@ def measure_fit_memory(bench, results: Results) -> None:
     results.add("memory", *fit_memory(bench))
 
 
+def measure_index(bench, results: Results) -> None:
+    """`whence index` and `whence query` against `whence score` (flows.bench.index)."""
+    from flows.bench.index import index_speed
+
+    results.add("index", *index_speed(bench))
+
+
 MEASURE = {
     "fitting": measure_fitting,
     "scoring": measure_scoring,
     "lissa": measure_query_preparation,
     "refine": measure_refine,
     "tfidf": measure_tfidf,
-    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS if name != "memory"},
+    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS if name not in ("memory", "index")},
     "memory": measure_fit_memory,
+    "index": measure_index,
 }

@@ -1,0 +1,65 @@
+"""The Ray Data stage that builds an index: each input row names a corpus fragment; the actor reads its
+sequences, compresses every sequence's gradient (whence.index.GradientCompressor) and writes the fragment's shard
+itself (whence.index.shards), returning one small summary row per fragment.
+
+A callable class (Ray's batch-inference pattern): the model and the projections load once in __init__. The actor
+never imports flows: how a fragment becomes sequences is handed to it as `read_fragment` (a picklable callable,
+fragment index -> TrainingSequence iterator, made by flows.index).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from actors.hosting import ModelSpec, host_model, maybe_fail
+from whence.index.build import GradientCompressor, check_model_matches_factors
+from whence.index.projection import Projections
+from whence.index.shards import write_shard
+from whence.model import model_fingerprint
+from whence.text import TrainingSequence
+
+
+class FragmentIndexer:
+    """Indexes whole fragments: the model (a replica on this process's device) and the projections at
+    `projections_path`; shards go to `index_dir` in `storage_dtype`."""
+
+    def __init__(self, spec: ModelSpec, projections_path: str, factors_manifest: dict,
+                 read_fragment: Callable[[int], Iterable[TrainingSequence]], index_dir: str,
+                 storage_dtype: str = "float16", batch_size: int = 8, num_threads: int | None = None):
+        model, tokenizer, layers = host_model(spec, num_threads)
+        check_model_matches_factors(model_fingerprint(model), layers, factors_manifest)
+        self.compressor = GradientCompressor(model, tokenizer, layers, Projections.load(projections_path))
+        self.read_fragment, self.index_dir = read_fragment, index_dir
+        self.storage_dtype, self.batch_size = storage_dtype, batch_size
+        self.fragments_done = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fragments, sequences, tokens, seconds = [], [], [], []
+        for fragment in batch["fragment"].tolist():
+            tick = time.monotonic()
+            counted = _Counted(self.read_fragment(int(fragment)))
+            shard = self.compressor.shard(int(fragment), counted, self.batch_size)
+            write_shard(self.index_dir, shard, self.storage_dtype)
+            fragments.append(int(fragment))
+            sequences.append(shard.num_sequences)
+            tokens.append(counted.tokens)
+            seconds.append(time.monotonic() - tick)
+            self.fragments_done += 1
+            maybe_fail(self.fragments_done)
+        return {"fragment": np.asarray(fragments, dtype=np.int64), "sequences": np.asarray(sequences, np.int64),
+                "tokens": np.asarray(tokens, dtype=np.int64), "seconds": np.asarray(seconds, dtype=np.float64)}
+
+
+class _Counted:
+    """Passes sequences through, counting their tokens."""
+
+    def __init__(self, sequences: Iterable[TrainingSequence]):
+        self.sequences, self.tokens = sequences, 0
+
+    def __iter__(self):
+        for sequence in self.sequences:
+            self.tokens += len(sequence.input_ids)
+            yield sequence

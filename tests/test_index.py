@@ -1,0 +1,267 @@
+"""The gradient index (whence.index, `whence index`, `whence query`): exact when nothing is truncated, the same
+top-k for any number of workers, resumable, and refused against other factors or another model."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.references import per_sequence_gradients
+from tests.tiny import TEXTS
+from whence import FitConfig, fit
+from whence.index import GradientCompressor, build_projections, score_shard
+from whence.index.projection import random_projection
+from whence.model import find_tracked_layers
+from whence.queries import factors_for_method, query_gradients
+from whence.task import LanguageModelingTask
+from whence.text import Query, iter_sequences
+
+FLOAT64 = dict(atol=1e-10, rtol=1e-8)
+QUERIES = [Query("whale", "The whale swam far", " beyond the harbour"), Query("ishmael", "Call me", " Ishmael."),
+           Query("fox", "A quick brown", " fox jumps")]
+EVERY_DIMENSION = 10_000  # larger than any tiny layer's d_in and d_out: nothing truncated
+
+
+@pytest.fixture
+def fitted(tokenizer):
+    from tests.tiny import make_model
+
+    model = make_model("llama", len(tokenizer))
+    layers = find_tracked_layers(model, "mlp")
+    factors = fit(model, tokenizer, layers, enumerate(TEXTS), FitConfig(seq_len=12))
+    sequences = list(iter_sequences(tokenizer, enumerate(TEXTS), 12))
+    return model, layers, factors, sequences
+
+
+def dense_scores(model, tokenizer, layers, factors, sequences, method):
+    """(Q, N) sum_l <P_l(grad f(q)), dW_n> from dense per-sequence gradients (the definition)."""
+    train = per_sequence_gradients(model, tokenizer, layers, sequences,
+                                   objective=LanguageModelingTask().sequence_log_likelihood)
+    grads = query_gradients(model, tokenizer, layers, QUERIES)
+    preconditioner = factors_for_method(factors, method)
+    return sum(preconditioner.precondition(layer.name, grads[layer.name]).flatten(1) @ train[layer.name].T
+               for layer in layers)
+
+
+def index_scores(model, tokenizer, layers, projections, factors, sequences, method, batch_size=3):
+    shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, batch_size)
+    prepared = projections.prepare(query_gradients(model, tokenizer, layers, QUERIES), factors, method)
+    return score_shard(shard, prepared, projections.offsets)
+
+
+@pytest.mark.parametrize(("kind", "method"), [("eigen", "ekfac"), ("eigen", "identity"), ("eigen", "kfac"),
+                                              ("random", "ekfac"), ("random", "diagonal")])
+def test_an_untruncated_index_gives_the_exact_scores(fitted, tokenizer, kind, method):
+    model, layers, factors, sequences = fitted
+    if method == "diagonal":  # the random kind preconditions the full gradient: any derivable method
+        from whence.factors import Factors
+
+        factors = Factors("diagonal", factors.layers, dict.fromkeys(factors.layer_names), factors.eigenvalues,
+                          factors.metadata)
+    expected = dense_scores(model, tokenizer, layers, factors, sequences, method)
+    projections = build_projections(factors if kind == "random" else fitted[2], kind, EVERY_DIMENSION, seed=3)
+    scored = index_scores(model, tokenizer, layers, projections, factors, sequences, method)
+    torch.testing.assert_close(torch.from_numpy(scored.scores.T), expected, **FLOAT64)
+    np.testing.assert_allclose(scored.layer_scores.sum(axis=2), scored.scores, rtol=1e-12)
+
+
+def test_a_truncated_index_ranks_like_the_exact_scores(fitted, tokenizer):
+    from scipy.stats import spearmanr
+
+    model, layers, factors, sequences = fitted
+    expected = dense_scores(model, tokenizer, layers, factors, sequences, "ekfac").numpy()
+    projections = build_projections(factors, "eigen", 12)  # of d_in 16 / 32 and d_out 32 / 16
+    scored = index_scores(model, tokenizer, layers, projections, factors, sequences, "ekfac").scores.T
+    rho = np.mean([spearmanr(scored[q], expected[q]).statistic for q in range(len(QUERIES))])
+    assert 0.8 < rho < 1.0 - 1e-9  # close, and not the exact scores: something was truncated
+
+
+def test_random_projections_are_seeded_and_unbiased():
+    first, again, other = (random_projection(40, 8, seed, "layer/input") for seed in (1, 1, 2))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, other)
+    torch.testing.assert_close(first @ first.T, torch.eye(8, dtype=torch.float64) * 5.0)  # sqrt(d/k) rows
+    mean = sum(random_projection(6, 2, seed, "k").T @ random_projection(6, 2, seed, "k") for seed in range(2000))
+    torch.testing.assert_close(mean / 2000, torch.eye(6, dtype=torch.float64), atol=0.1, rtol=0)
+
+
+def test_the_batch_size_does_not_change_the_rows(fitted, tokenizer):
+    model, layers, factors, sequences = fitted
+    projections = build_projections(factors, "eigen", 4)
+    compressor = GradientCompressor(model, tokenizer, layers, projections)
+    one, five = (compressor.shard(0, sequences, size).gradients for size in (1, 5))
+    torch.testing.assert_close(one, five, **FLOAT64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `whence index` and `whence query` on Ray (one small workspace: three fragments, bad rows, a duplicate id)
+
+SEQ_LEN = 16
+INDEX_CONFIG = dict(dim=8, dtype="float32", batch_size=4)
+
+
+def write_factors(space, directory, seed=0):
+    """Factors fitted in process on the workspace's documents and saved as `whence fit` saves them."""
+    from whence import load_causal_lm
+
+    model, tokenizer = load_causal_lm(space["model"], device="cpu", dtype="float64")
+    layers = find_tracked_layers(model, "mlp")
+    factors = fit(model, tokenizer, layers, space["documents"], FitConfig(seq_len=SEQ_LEN, batch_size=4, seed=seed))
+    factors.save(directory)
+    return str(directory)
+
+
+def build(space, out, workers=1, overwrite=False, **config):
+    from flows.cluster import ClusterSettings
+    from flows.index import build_index
+    from whence.index.config import IndexConfig
+
+    return build_index(space["model"], space["factors"], [space["corpus"]], str(out),
+                       IndexConfig(**{**INDEX_CONFIG, **config}), ClusterSettings(workers=workers, dtype="float64"),
+                       overwrite=overwrite)
+
+
+def run_query(index_dir, space, out, workers=1, rescore=0, **config):
+    from flows.cluster import ClusterSettings
+    from flows.query import QuerySettings, query_index
+    from whence import ScoreConfig
+
+    return query_index(str(index_dir), space["queries"], str(out),
+                       ScoreConfig(**{"top_k": 5, "tfidf_candidates": 0, **config}),
+                       ClusterSettings(workers=workers, dtype="float64"), inputs=QuerySettings(rescore=rescore))
+
+
+def shard_contents(path):
+    """A shard's fragment, keys and rows (its file's bytes vary: safetensors writes metadata in hash order)."""
+    from whence.index import read_shard
+
+    shard = read_shard(path)
+    return shard.fragment, shard.doc_ids, shard.chunks.tolist(), shard.gradients.numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, ray_cluster):
+    from tests.pipeline_fixtures import write_workspace
+
+    root = tmp_path_factory.mktemp("index")
+    space = write_workspace(root)
+    space["factors"] = write_factors(space, root / "factors")
+    build(space, root / "index-1")
+    build(space, root / "index-2", workers=2)
+    space["root"] = root
+    return space
+
+
+def test_one_and_two_workers_write_identical_shards_and_top_k(indexed, tmp_path):
+    import pyarrow.parquet as pq
+
+    root = indexed["root"]
+    one, two = (sorted((root / f"index-{w}" / "shards").glob("*.safetensors")) for w in (1, 2))
+    assert len(one) == 3, "one shard per fragment"
+    assert [shard_contents(p) for p in one] == [shard_contents(p) for p in two]
+    run_query(root / "index-1", indexed, tmp_path / "q1")
+    run_query(root / "index-2", indexed, tmp_path / "q2", workers=2)
+    first, second = (pq.read_table(tmp_path / name / "topk.parquet") for name in ("q1", "q2"))
+    assert first.num_rows == 5 * 3 and first.equals(second)
+
+
+def test_an_interrupted_build_resumes_and_other_arguments_are_refused(indexed, tmp_path):
+    import json
+    import shutil
+
+    from whence.errors import RunStateError
+
+    out = tmp_path / "index"
+    shutil.copytree(indexed["root"] / "index-1", out)
+    shards = sorted((out / "shards").glob("*.safetensors"))
+    reference = [shard_contents(p) for p in shards]
+    # Interrupted after two of three fragments: the last shard and the manifest missing, the run still running.
+    shards[-1].unlink()
+    (out / "manifest.json").unlink()
+    run_file = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run_file, "status": "running"}))
+    kept = [p.stat().st_mtime_ns for p in shards[:-1]]
+    summary = build(indexed, out)
+    assert [shard_contents(p) for p in shards] == reference
+    assert [p.stat().st_mtime_ns for p in shards[:-1]] == kept, "finished shards are not redone"
+    assert summary["sequences"] == build(indexed, indexed["root"] / "index-1")["sequences"]
+    with pytest.raises(RunStateError, match="other arguments.*dim"):
+        build(indexed, out, dim=4)
+
+
+def test_a_query_with_other_factors_or_another_model_is_an_error(indexed, tmp_path, capsys):
+    from flows.cli import main
+    from tests.tiny import make_model, make_tokenizer
+
+    index = str(indexed["root"] / "index-1")
+    other_factors = write_factors(indexed, tmp_path / "other-factors", seed=1)
+    other_model = tmp_path / "other-model"
+    make_model("llama", len(make_tokenizer()), context=64, seed=1).save_pretrained(other_model)
+    make_tokenizer().save_pretrained(other_model)
+    base = ["query", "--index", index, "--queries", indexed["queries"], "--dtype", "float64"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--factors", other_factors]) == 2
+    assert "built with other factors" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--model", str(other_model)]) == 2
+    assert "built for another model" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "c"), "--method", "lissa"]) == 2
+    assert "cannot be applied" in capsys.readouterr().err
+    assert main(["index", "--model", indexed["model"], "--factors", indexed["factors"], "--corpus",
+                 indexed["corpus"], "--out", str(tmp_path / "d"), "--shards", "2"]) == 2
+    assert "pipeline-sharded indexing is not supported" in capsys.readouterr().err
+
+
+def test_query_results_read_like_score_results_with_per_token_scores(indexed, tmp_path):
+    import pyarrow.parquet as pq
+
+    from flows.cli import main
+    from whence.results import load_results
+
+    full = tmp_path / "full"
+    build(indexed, full, dim=EVERY_DIMENSION)
+    out = tmp_path / "results"
+    run_query(full, indexed, out, per_token=True, query_rank="full", tfidf_candidates=4)
+    results = load_results(out)
+    assert pq.read_table(out / "candidates.parquet").num_rows == 4 * 3
+    for query in results.queries:
+        rows = results.top(query.id)
+        assert rows and all(row.tokens for row in rows)
+        for row in rows:  # untruncated: the index's score is the full score the tokens sum to (float32 rows)
+            assert np.isclose(row.token_scores.sum(), row.score, rtol=1e-4, atol=1e-6)
+    assert main(["report", str(out)]) == 0
+
+
+def test_rescoring_ranks_the_shortlist_by_the_full_score(indexed, tmp_path):
+    from whence.results import load_results
+
+    full = tmp_path / "full"
+    build(indexed, full, dim=EVERY_DIMENSION)
+    run_query(full, indexed, tmp_path / "untruncated")
+    # dim 8 ranks only approximately; rescoring every sequence it shortlists ranks them by the full score
+    run_query(indexed["root"] / "index-1", indexed, tmp_path / "rescored", rescore=1000, per_token=True,
+              query_rank="full")
+    reference, rescored = (load_results(tmp_path / name) for name in ("untruncated", "rescored"))
+    for query in reference.queries:
+        expected, found = reference.top(query.id), rescored.top(query.id)
+        assert [(r.doc_id, r.chunk) for r in found] == [(r.doc_id, r.chunk) for r in expected]
+        np.testing.assert_allclose([r.score for r in found], [r.score for r in expected], rtol=1e-5)
+        for row in found:  # exact scores now: the per-token scores sum to them
+            np.testing.assert_allclose(row.token_scores.sum(), row.score, rtol=1e-9)
+
+
+def test_the_python_api_answers_as_the_command_line(indexed, tmp_path):
+    import json
+
+    import whence
+    from whence.results import load_results
+
+    index_dir = indexed["root"] / "index-1"
+    run_query(index_dir, indexed, tmp_path / "cli", top_k=3)
+    cli = load_results(tmp_path / "cli")
+    index = whence.Index.open(index_dir, dtype="float64")
+    queries = [json.loads(line) for line in open(indexed["queries"])]
+    for _ in range(2):  # a loop in a notebook: shards stay loaded, answers stay the same
+        table = index.query(queries, top_k=3)
+        for query in queries:
+            rows = table.top(query["id"], 3)
+            assert [(r["doc_id"], r["chunk"]) for r in rows] == [(r.doc_id, r.chunk) for r in cli.top(query["id"])]
+            np.testing.assert_allclose([r["score"] for r in rows], [r.score for r in cli.top(query["id"])],
+                                       rtol=1e-12)

@@ -1,0 +1,38 @@
+"""Settings of an index build (`whence index`, flows.index): validated, with help text on every field.
+`whence query` takes whence.config.ScoreConfig (top_k, tfidf_candidates, method, damping, per_token)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from whence.errors import SettingsError
+from whence.index.projection import DEFAULT_DIM, DEFAULT_KIND, KINDS
+from whence.index.shards import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
+from whence.settings import setting
+
+
+@dataclass
+class IndexConfig:
+    dim: int = setting("per tracked layer, keep K input and K output dimensions (k_in = min(K, d_in), k_out = "
+                       "min(K, d_out)): K*K stored values per layer and sequence", DEFAULT_DIM)
+    projection: str = setting("'eigen': the fitted EK-FAC eigenvectors of largest eigenvalue (exact "
+                              "preconditioning in the kept space); 'random': seeded random orthogonal "
+                              "projections of the gradient (a Johnson-Lindenstrauss estimate)", DEFAULT_KIND)
+    seed: int = setting("seed of the random projections", 0)
+    dtype: str = setting(f"storage dtype of the compressed gradients: {', '.join(STORAGE_DTYPES)}",
+                         DEFAULT_STORAGE_DTYPE)
+    batch_size: int = setting("sequences per forward/backward pass", 8)
+    seq_len: int | None = setting("tokens per training sequence (None: as the factors were fitted)", None)
+
+    def __post_init__(self):
+        checks = [(self.dim >= 1, "dim", f"must be a positive integer, got {self.dim}"),
+                  (self.projection in KINDS, "projection", f"must be one of {', '.join(KINDS)}, got {self.projection!r}"),
+                  (self.dtype in STORAGE_DTYPES, "dtype", f"must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}"),
+                  (self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}"),
+                  (self.seq_len is None or self.seq_len >= 2, "seq_len", f"must be at least 2, got {self.seq_len}")]
+        for ok, name, message in checks:
+            if not ok:
+                raise SettingsError(f"{name} {message}", name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

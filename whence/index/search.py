@@ -1,0 +1,195 @@
+"""Answering queries from an index: prepare the queries in the compressed space, then one matrix product per
+layer and shard.
+
+For queries Q and a shard of N sequences, layer l's scores are
+    S_l = G~[:, block_l] @ X~[:, block_l]^T        (N, w_l) x (w_l, Q) -> (N, Q),   w_l = k_out * k_in
+with G~ the stored rows and X~ the prepared query rows (whence.index.projection); the total is their sum over
+layers, so per-layer scores sum to the total as in `whence score`. Shard rows are widened from their storage
+dtype to float32 ROW_BLOCK rows and one layer at a time (float64 when the query rows are float64, as in the tests), and the
+per-layer scores are accumulated in float64.
+
+`Index.open(path)` loads the model and factors the index was built with (or others given, which must be the
+same: their fingerprints are checked against the manifest) once; `Index.query(queries, top_k=10)` returns a
+whence.api.ScoreTable as `whence.score` does, and can be called in a loop (shards stay loaded).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from whence.errors import FactorsMismatchError, WhenceError
+from whence.index.projection import PROJECTIONS_FILE, Projections
+from whence.index.shards import Shard, read_shard, shard_path
+from whence.topk import TopK
+
+MANIFEST_FILE = "manifest.json"
+ROW_BLOCK = 4096  # shard rows widened to the compute dtype at a time, one layer block at a time
+
+
+@dataclass(frozen=True)
+class ShardScores:
+    """A shard's scored rows: keys, scores (N, Q) and per-layer scores (N, Q, L), float64."""
+
+    fragment: int
+    doc_ids: np.ndarray  # (N,) object
+    chunks: np.ndarray  # (N,) int64
+    scores: np.ndarray
+    layer_scores: np.ndarray
+
+    def topk(self, query_ids: list[str], k: int | None) -> TopK:
+        topk = TopK.empty(query_ids, k, self.layer_scores.shape[2])
+        topk.update(self.doc_ids, self.chunks, self.scores, self.layer_scores,
+                    np.full(len(self.chunks), self.fragment, dtype=np.int64))
+        return topk
+
+
+def score_shard(shard: Shard, prepared: torch.Tensor, offsets: Sequence[int],
+                keys: set[tuple[str, int]] | None = None) -> ShardScores:
+    """Scores of every row of `shard` (only those whose (doc_id, chunk) is in `keys`, when given) against the
+    prepared query rows (Q, width)."""
+    rows = np.arange(shard.num_sequences)
+    gradients = shard.gradients  # (N, width) in the storage dtype
+    if keys is not None:
+        rows = np.asarray([i for i, key in enumerate(zip(shard.doc_ids, shard.chunks.tolist())) if key in keys],
+                          dtype=np.int64)
+        gradients = gradients[torch.from_numpy(rows)]
+    compute = torch.float64 if prepared.dtype == torch.float64 else torch.float32
+    queries = prepared.to(compute)
+    layers = len(offsets) - 1
+    layer_scores = np.zeros((len(rows), queries.shape[0], layers), dtype=np.float64)  # (N, Q, L)
+    for start in range(0, len(rows), ROW_BLOCK):
+        for layer in range(layers):
+            lo, hi = offsets[layer], offsets[layer + 1]
+            # One layer's block of ROW_BLOCK rows widened at a time: (n, w_l) temporaries, not (n, width).
+            block = gradients[start : start + ROW_BLOCK, lo:hi].to(compute)
+            part = block @ queries[:, lo:hi].T  # (n, Q)
+            layer_scores[start : start + len(block), :, layer] = part.to(torch.float64).numpy()
+    doc_ids = np.asarray(shard.doc_ids, dtype=object)[rows] if len(rows) else np.empty(0, dtype=object)
+    return ShardScores(shard.fragment, doc_ids, shard.chunks[rows], layer_scores.sum(axis=2), layer_scores)
+
+
+def score_shard_file(path: str, prepared: np.ndarray, offsets: list[int], query_ids: list[str], k: int | None,
+                     keys: set[tuple[str, int]] | None = None) -> TopK:
+    """One shard file's per-query top-k (what a Ray task over shards returns: small, mergeable)."""
+    return score_shard(read_shard(path), torch.from_numpy(prepared), offsets, keys).topk(query_ids, k)
+
+
+def read_index_manifest(index_dir: str | Path) -> dict:
+    path = Path(index_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise WhenceError(f"{index_dir}: no {MANIFEST_FILE}; is this a finished index written by `whence index`?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("command") != "index":
+        raise WhenceError(f"{path} is a `whence {manifest.get('command')}` manifest, not an index's")
+    return manifest
+
+
+def check_index_inputs(manifest: dict, model_fingerprint: str, factors_dir: str | Path) -> None:
+    """FactorsMismatchError unless the model (by fingerprint) and the factors directory (by
+    whence.fingerprints.factors_fingerprint) are those the index was built with."""
+    from whence.fingerprints import factors_fingerprint
+
+    built = manifest["model"]
+    if model_fingerprint != built["fingerprint"]:
+        raise FactorsMismatchError(f"the index was built for another model (fingerprint {built['fingerprint']}, "
+                                   f"model {built['path']}; this model {model_fingerprint})")
+    recorded = manifest["factors"]
+    if factors_fingerprint(factors_dir) != recorded["fingerprint"]:
+        raise FactorsMismatchError(f"the index was built with other factors than {factors_dir} (it used "
+                                   f"{recorded['path']}, fingerprint {recorded['fingerprint'][:12]}...; refitted "
+                                   "factors need a new `whence index`)")
+
+
+@dataclass
+class Index:
+    """An opened index: its manifest, projections, the model and factors it was built with, and its shards
+    (loaded on first use and kept)."""
+
+    path: Path
+    manifest: dict
+    projections: Projections
+    hosted: object  # whence.queries.HostedModel
+    factors: object  # whence.factors.Factors
+    shards: dict[int, Shard] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path, model: str | None = None, factors: str | None = None,
+             dtype: str = "auto") -> Index:
+        """The index at `path` with the model and factors it records (or `model` / `factors` given instead,
+        which must be the same ones: FactorsMismatchError otherwise)."""
+        from whence.factors import Factors
+        from whence.model import find_tracked_layers, load_causal_lm, model_fingerprint
+        from whence.queries import HostedModel
+
+        path = Path(path)
+        manifest = read_index_manifest(path)
+        factors_dir = factors or manifest["factors"]["path"]
+        loaded, tokenizer = load_causal_lm(model or manifest["model"]["path"], dtype=dtype)
+        check_index_inputs(manifest, model_fingerprint(loaded), factors_dir)
+        layers = find_tracked_layers(loaded, manifest["arguments"].get("modules", "mlp"))
+        fitted = Factors.load(factors_dir)
+        fitted.check_compatible(manifest["model"]["fingerprint"], [layer.describe() for layer in layers])
+        return cls(path, manifest, Projections.load(path / PROJECTIONS_FILE), HostedModel(loaded, tokenizer, layers),
+                   fitted)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.projections.layer_names
+
+    @property
+    def fragments(self) -> list[int]:
+        return [int(f) for f in self.manifest["shards"]]
+
+    def shard(self, fragment: int) -> Shard:
+        if fragment not in self.shards:
+            self.shards[fragment] = read_shard(shard_path(self.path, fragment))
+        return self.shards[fragment]
+
+    def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic") -> torch.Tensor:
+        """(Q, width) float64 query rows: the queries' gradients projected and preconditioned by `method`."""
+        from whence.queries import query_gradients
+
+        hosted = self.hosted
+        gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
+        return self.projections.prepare(gradients, self.factors, method, damping)
+
+    def search(self, query_ids: list[str], prepared: torch.Tensor, top_k: int | None,
+               keys: set[tuple[str, int]] | None = None) -> TopK:
+        """Per-query top-k over every shard, in this process."""
+        merged = TopK.empty(query_ids, top_k, len(self.layer_names))
+        for fragment in self.fragments:
+            merged.merge(score_shard(self.shard(fragment), prepared, self.projections.offsets, keys)
+                         .topk(query_ids, top_k))
+        return merged
+
+    def query(self, queries, top_k: int | None = 10, method: str = "ekfac", damping: float | str = "heuristic"):
+        """A whence.api.ScoreTable of the sequences in any query's top-k (every sequence with top_k=None),
+        with their scores for every query; `table.top(query_id, k)` as for `whence.score`."""
+        from whence.api import ScoreTable
+        from whence.text import Query
+
+        queries = [q if isinstance(q, Query) else Query(str(q["id"]), q["prompt"], q["completion"]) for q in queries]
+        query_ids = [q.id for q in queries]
+        prepared = self.prepare(queries, method, damping)
+        parts = [score_shard(self.shard(f), prepared, self.projections.offsets) for f in self.fragments]
+        if top_k is not None:
+            merged = TopK.empty(query_ids, top_k, len(self.layer_names))
+            for part in parts:
+                merged.merge(part.topk(query_ids, top_k))
+            wanted = {(str(d), int(c)) for entry in merged.entries for d, c in zip(entry["doc_id"], entry["chunk"])}
+            parts = [_rows_of(part, wanted) for part in parts]
+        return ScoreTable(query_ids, self.layer_names, [str(d) for p in parts for d in p.doc_ids],
+                          np.concatenate([p.chunks for p in parts]), np.concatenate([p.scores for p in parts]),
+                          np.concatenate([p.layer_scores for p in parts]))
+
+
+def _rows_of(part: ShardScores, wanted: set[tuple[str, int]]) -> ShardScores:
+    keep = np.asarray([(str(d), int(c)) in wanted for d, c in zip(part.doc_ids, part.chunks)], dtype=bool)
+    return ShardScores(part.fragment, part.doc_ids[keep], part.chunks[keep], part.scores[keep],
+                       part.layer_scores[keep])
