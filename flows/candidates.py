@@ -162,24 +162,20 @@ def candidate_keys(run: ScoringRun, scans: list[dict], skip: dict[int, set[int]]
     return keys
 
 
-# The candidates' token ids are gathered once (candidate_sequences.parquet) for the scoring and per-token passes
-# while they hold at most this many tokens (8 bytes each in the driver and the object store); beyond, every
-# pass tokenises the candidates' documents again.
-MAX_STORED_TOKENS = 32_000_000
-
-
 def stored_candidates(run: ScoringRun, scans: list[dict], skip: dict[int, set[int]], keys: set[tuple[str, int]]
                       ) -> dict[int, object] | None:
     """fragment -> an ObjectRef of its candidate sequences (flows.corpus_pipeline.StoredSequences), tokenised
     once into candidate_sequences.parquet and read from there by this run's later passes, a resumed run and a
-    run given this one as candidates_from; None when too many to keep (MAX_STORED_TOKENS). The token ids come
+    run given this one as candidates_from; None when too many to keep
+    (flows.corpus_pipeline.MAX_STORED_TOKENS). The token ids come
     from the (cached) scan when it kept them, else from one read of the candidates' documents."""
     import ray
 
+    from flows import corpus_pipeline
     from flows.corpus_pipeline import FragmentPlan, gather_sequences, sequences_from_scans
     from whence.results import CANDIDATE_SEQUENCES_FILE
 
-    if len(keys) * run.settings.seq_len > MAX_STORED_TOKENS:
+    if len(keys) * run.settings.seq_len > corpus_pipeline.MAX_STORED_TOKENS:
         return None
     path = run.state.path / CANDIDATE_SEQUENCES_FILE
     gathered = _read_candidate_sequences(path, keys)

@@ -23,6 +23,7 @@ whence.corpus.CorpusSource), and FragmentPlan (which of them the sequences pass 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +43,9 @@ TERM_BATCH = 2048
 # candidates' sequences read the corpus again. ~200 MB each at the limits: about half a million such sequences.
 MAX_CACHED_TERM_ENTRIES = 40_000_000
 MAX_CACHED_TOKENS = 50_000_000
+# A plan's sequences are put in Ray's object store from the scan (or gathered once) for the passes that read them
+# while they hold at most this many tokens (8 bytes each); beyond, every pass tokenises its documents again.
+MAX_STORED_TOKENS = 32_000_000
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,10 @@ def scan_fragment(fragment: Fragment, settings: ReadSettings, tfidf_features: in
         result["terms"] = (sp.vstack(term_rows, format="csr") if term_rows
                            else sp.csr_matrix((0, tfidf_features), dtype=bool))
         result["doc_ids"] = np.asarray(ids, dtype=object)
-        result["window_lengths"] = np.asarray([len(w) for w in windows], dtype=np.int64)  # (sequences,)
-        result["token_ids"] = np.asarray([t for w in windows for t in w], dtype=np.int32)  # (tokens,) in order
+        lengths = np.asarray([len(w) for w in windows], dtype=np.int64)  # (sequences,)
+        result["window_lengths"] = lengths
+        result["token_ids"] = np.fromiter(itertools.chain.from_iterable(windows), dtype=np.int32,
+                                          count=int(lengths.sum()))  # (tokens,) in order
     return result
 
 
@@ -338,14 +344,16 @@ def gather_sequences(fragments: list[Fragment], settings: ReadSettings, plan: Fr
     return dict(pickle.loads(row["result"]) for row in dataset.iter_rows())
 
 
-def sequences_from_scans(scans: list[dict], skip_lines: dict[int, set[int]], keys: set[tuple[str, int]]
-                         ) -> dict[int, StoredSequences] | None:
-    """What gather_sequences returns for `keys`, from the token ids the scans kept (no corpus read), or None
-    when a scan has none. The same sequences in the same order: documents in order, duplicates' lines skipped."""
+def sequences_from_scans(scans: list[dict], skip_lines: dict[int, set[int]], keys: set[tuple[str, int]] | None = None,
+                         quota: dict[int, int] | None = None) -> dict[int, StoredSequences] | None:
+    """What gather_sequences returns for a plan with `keys` and (or) a `quota` per fragment, from the token ids
+    the scans kept (no corpus read), or None when a scan has none. The same sequences in the same order:
+    documents in order, duplicates' lines skipped, each fragment's first quota ones."""
     if not scans or any(scan.get("token_ids") is None for scan in scans):
         return None
     gathered = {}
     for scan in scans:
+        limit = None if quota is None else quota.get(scan["fragment"], 0)
         counts = scan["sequence_counts"]  # (documents,)
         kept = np.repeat(~np.isin(scan["lines"], list(skip_lines.get(scan["fragment"], ()))), counts)
         doc_ids = np.repeat(scan["doc_ids"], counts)
@@ -354,8 +362,10 @@ def sequences_from_scans(scans: list[dict], skip_lines: dict[int, set[int]], key
         starts = ends - scan["window_lengths"]
         stored = StoredSequences([], [], [])
         for i in np.flatnonzero(kept):
+            if limit is not None and len(stored.doc_ids) >= limit:
+                break
             key = (str(doc_ids[i]), int(chunks[i]))
-            if key in keys:
+            if keys is None or key in keys:
                 stored.doc_ids.append(key[0])
                 stored.chunks.append(key[1])
                 stored.input_ids.append(tuple(scan["token_ids"][starts[i]:ends[i]].tolist()))

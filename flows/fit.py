@@ -147,6 +147,7 @@ def plan_corpus(corpus: CorpusSource, settings: ReadSettings, max_sequences: int
     total = sum(plan.quota.values()) if plan.quota is not None else sum(counts.values())
     if total == 0:
         raise CorpusError(f"no training sequences in {', '.join(corpus.paths)} ({tally.total_bad} bad rows)")
+    plan = _with_stored_sequences(plan, scans, total * settings.seq_len)
     log.info("corpus: %d fragments, %d documents, %d bad rows, %d sequences to fit on",
              len(fragments), tally.documents, tally.total_bad, total)
     return PlannedCorpus(fragments, settings, plan, total, tally,
@@ -204,6 +205,23 @@ def fit_layers(pool, state, config: FitConfig, corpus: PlannedCorpus, layers: li
 
 
 COUNTS_FILE = "covariance_counts.json"  # the covariance pass's tokens and sequences, for a resumed run
+
+
+def _with_stored_sequences(plan: FragmentPlan, scans: list[dict], tokens: int) -> FragmentPlan:
+    """The plan with its sequences from the token ids a (cached) TF-IDF scan kept, put in the object store once
+    for both passes (no corpus read, the same sequences in the same order), when there are not too many."""
+    import dataclasses
+
+    import ray
+
+    from flows import corpus_pipeline
+
+    if tokens > corpus_pipeline.MAX_STORED_TOKENS:
+        return plan
+    gathered = corpus_pipeline.sequences_from_scans(scans, plan.skip_lines, quota=plan.quota)
+    if gathered is None:
+        return plan
+    return dataclasses.replace(plan, stored={fragment: ray.put(s) for fragment, s in gathered.items()})
 
 
 def _quotas(counts: dict[int, int], max_sequences: int | None) -> dict[int, int] | None:

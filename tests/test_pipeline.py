@@ -107,9 +107,23 @@ def test_fit_on_one_worker_equals_two_and_survives_a_killed_actor_in_either_pass
                                                          one.bases[name].gradient_vectors))
 
 
-def test_two_fits_are_bit_identical(workspace, tmp_path):
+def test_two_fits_are_bit_identical(workspace, tmp_path, monkeypatch):
+    """Also when the second takes its sequences from the token ids a cached TF-IDF scan kept (no corpus read)."""
+    import flows.corpus_pipeline
+    from flows.corpus_pipeline import ReadSettings
+    from flows.scan_cache import cached_scan
+    from whence.corpus import list_fragments
+    from whence.tfidf import DEFAULT_FEATURES
+
+    source = CorpusSource([workspace["corpus"]])
+    cached_scan(list_fragments(source.paths), ReadSettings.for_corpus(workspace["model"], SEQ_LEN, source),
+                DEFAULT_FEATURES)
+    stored, from_scans = [], flows.corpus_pipeline.sequences_from_scans
+    monkeypatch.setattr(flows.corpus_pipeline, "sequences_from_scans",
+                        lambda *args, **kwargs: stored.append(from_scans(*args, **kwargs)) or stored[-1])
     fit_corpus(workspace["model"], [workspace["corpus"]], str(tmp_path / "again"), FIT_CONFIG,
                ClusterSettings(workers=2, dtype="float64"))
+    assert len(stored) == 1 and stored[0] is not None
     first, again = Factors.load(workspace["factors"]), Factors.load(tmp_path / "again")
     for name in first.layer_names:
         assert torch.equal(first.eigenvalues[name], again.eigenvalues[name])
@@ -196,7 +210,7 @@ def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path, mon
                         counted("gather", flows.corpus_pipeline.gather_sequences))
     run_score(workspace, tmp_path / "two", workers=2, tfidf_candidates=6, query_rank=4, per_token=True)
     assert reads == {"candidates": 1, "gather": 1}
-    monkeypatch.setattr(flows.candidates, "MAX_STORED_TOKENS", 0)
+    monkeypatch.setattr(flows.corpus_pipeline, "MAX_STORED_TOKENS", 0)
     run_score(workspace, tmp_path / "again", workers=1, tfidf_candidates=6, query_rank=4, per_token=True)
     assert not (tmp_path / "again" / "candidate_sequences.parquet").exists() and reads["candidates"] == 2
     one = pq.read_table(tmp_path / "one" / "topk.parquet")
