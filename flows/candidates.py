@@ -24,6 +24,7 @@ from flows.corpus_pipeline import (
     fragment_documents,
     fragment_of,
     fragments_dataset,
+    kept_sequences,
     load_document_tokenizer,
     window_bounds,
 )
@@ -45,7 +46,6 @@ class CandidateSelection:
     idf: object  # (F,) float64, or its ObjectRef once shared through Ray's object store
     num_candidates: int
     n_features: int
-
 
 
 def select_fragment_candidates(fragment: Fragment, settings: ReadSettings, skip_lines,
@@ -118,12 +118,8 @@ def candidates_from_scans(scans: list[dict], skip_lines: dict[int, set[int]], se
         return None
     selector = CandidateSelector(selection.query_ids, selection.num_candidates)
     for scan in scans:
-        counts = scan["sequence_counts"]  # (documents,): the windows of each document, in order
-        kept = np.repeat(~np.isin(scan["lines"], list(skip_lines.get(scan["fragment"], ()))), counts)
-        doc_ids = np.repeat(scan["doc_ids"], counts)[kept]
-        starts = np.repeat(np.cumsum(counts) - counts, counts)  # each row's first row of its document
-        chunks = (np.arange(int(counts.sum())) - starts)[kept]
-        rows = scan["terms"][np.flatnonzero(kept)]  # (n, F)
+        kept, doc_ids, chunks = kept_sequences(scan, skip_lines)
+        rows = scan["terms"][kept]  # (n, F)
         for start in range(0, rows.shape[0], TERM_BATCH):  # (Q, TERM_BATCH) score temporaries
             end = start + TERM_BATCH
             selector.update(bm25_scores(selection.query_terms, rows[start:end], selection.idf), doc_ids[start:end],

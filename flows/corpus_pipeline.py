@@ -354,23 +354,31 @@ def sequences_from_scans(scans: list[dict], skip_lines: dict[int, set[int]], key
     gathered = {}
     for scan in scans:
         limit = None if quota is None else quota.get(scan["fragment"], 0)
-        counts = scan["sequence_counts"]  # (documents,)
-        kept = np.repeat(~np.isin(scan["lines"], list(skip_lines.get(scan["fragment"], ()))), counts)
-        doc_ids = np.repeat(scan["doc_ids"], counts)
-        chunks = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows, doc_ids, chunks = kept_sequences(scan, skip_lines)
         ends = np.cumsum(scan["window_lengths"])
         starts = ends - scan["window_lengths"]
         stored = StoredSequences([], [], [])
-        for i in np.flatnonzero(kept):
+        for row, doc_id, chunk in zip(rows.tolist(), doc_ids.tolist(), chunks.tolist()):
             if limit is not None and len(stored.doc_ids) >= limit:
                 break
-            key = (str(doc_ids[i]), int(chunks[i]))
-            if keys is None or key in keys:
-                stored.doc_ids.append(key[0])
-                stored.chunks.append(key[1])
-                stored.input_ids.append(tuple(scan["token_ids"][starts[i]:ends[i]].tolist()))
+            if keys is None or (doc_id, chunk) in keys:
+                stored.doc_ids.append(doc_id)
+                stored.chunks.append(chunk)
+                stored.input_ids.append(tuple(scan["token_ids"][starts[row]:ends[row]].tolist()))
         gathered[scan["fragment"]] = stored
     return gathered
+
+
+def kept_sequences(scan: dict, skip_lines: dict[int, set[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, doc_ids, chunks) of a scan's sequences that the passes keep, in corpus order: the positions of those
+    sequences among all the scan's sequences (its term rows and windows), with their keys. A document whose line
+    is in skip_lines (a later duplicate) drops all its windows."""
+    counts = scan["sequence_counts"]  # (documents,): the windows of each document, in order
+    kept = np.repeat(~np.isin(scan["lines"], list(skip_lines.get(scan["fragment"], ()))), counts)  # (sequences,)
+    doc_ids = np.repeat(scan["doc_ids"], counts)
+    chunks = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)  # window in document
+    rows = np.flatnonzero(kept)
+    return rows, doc_ids[rows], chunks[rows]
 
 
 def _sequences_batch(batch: dict, settings: ReadSettings, plan: FragmentPlan) -> Iterator[dict]:
