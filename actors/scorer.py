@@ -21,6 +21,14 @@ from whence.queries import PreparedQueries
 from whence.scoring import QueryScorer
 
 
+def load_prepared(paths: str | list[str]) -> PreparedQueries:
+    """The prepared queries of one file, or of several side by side (a run's queries and its baselines' scored
+    in one pass: the scores of file i are the columns of its queries, in file order)."""
+    if isinstance(paths, str):
+        return PreparedQueries.load(paths)
+    return PreparedQueries.concatenate([PreparedQueries.load(path) for path in paths])
+
+
 class RowScorer:
     """Scores the sequence rows of Ray Data batches with `scorer` (Q queries, L tracked layers), in row order,
     `rows_per_call` rows per call to scorer.score, and lays the scores out per row."""
@@ -67,12 +75,13 @@ class RowScorer:
 
 
 class SequenceScorer:
-    """The model (a replica on this process's device) and its QueryScorer, with the queries at `queries_path`."""
+    """The model (a replica on this process's device) and its QueryScorer, with the queries at `queries_path`
+    (one prepared-queries file, or several scored side by side: load_prepared)."""
 
-    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, batch_size: int = 8,
+    def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, batch_size: int = 8,
                  num_threads: int | None = None):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
-        queries = PreparedQueries.load(queries_path)
+        queries = load_prepared(queries_path)
         self.scorer = QueryScorer(self.model, self.layers, queries)
         # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
         # order, so which sequences share a forward pass depends only on the block (not on scheduling).
@@ -88,11 +97,11 @@ class ShardedSequenceScorer:
     Data batch is cut into micro-batches of `batch_size` sequences that go through the pipeline several at a
     time."""
 
-    def __init__(self, spec: ModelSpec, queries_path: str, per_token: bool = False, shards: int = 2,
+    def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, shards: int = 2,
                  batch_size: int = 8, options: ShardOptions | None = None):
         options = options or ShardOptions(micro_batch_size=batch_size)
         self.worker = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
-        queries = PreparedQueries.load(queries_path)
+        queries = load_prepared(queries_path)
         self.worker.set_queries(queries)
         # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
         rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2

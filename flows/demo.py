@@ -2,9 +2,9 @@
 
     0. scan the corpus once (bad rows, duplicates, sequences, TF-IDF document frequencies) into flows.scan_cache
     1. fit EK-FAC factors of the bundled model on the bundled corpus (a deterministic subset of sequences)
-    2. TF-IDF filtering and EK-FAC scoring of the bundled queries, with per-token scores
-    3. the same candidates scored by the gradient dot product (identity), for comparison
-    4. report.html, the top 3 documents per query in the terminal, and for the verbatim quotations whether the
+    2. TF-IDF filtering and EK-FAC scoring of the bundled queries, with per-token scores; the same pass scores the
+       candidates by the gradient dot product too (`--baseline identity`: results/baselines/identity/)
+    3. report.html, the top 3 documents per query in the terminal, and for the verbatim quotations whether the
        quoted document is in the top 10 by EK-FAC, by TF-IDF alone and by the gradient dot product
 Every stage is a resumable run directory under --out, so a second run reuses what the first one made. The
 bundled corpus is flows/demo_assets/corpus/, eight gzipped JSON-lines shards (a gzip file is one fragment, so
@@ -29,9 +29,9 @@ log = logging.getLogger("whence.demo")
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 TOP_N_CHECK = 10
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
-# The stages whose seconds the summary reports, in order; "fit" and "identity baseline" are whole commands, the
-# others the parts of the EK-FAC scoring run (its manifest's timings, TIMING_OF).
-STAGES = ("fit", "prepare", "scan", "candidates", "gather", "score", "per-token", "identity baseline", "report")
+# The stages whose seconds the summary reports, in order; "fit" is a whole command, the others the parts of the
+# EK-FAC scoring run (its manifest's timings, TIMING_OF; its score stage scores the identity baseline too).
+STAGES = ("fit", "prepare", "scan", "candidates", "gather", "score", "per-token", "report")
 TIMING_OF = {"prepare": "prepare_queries_s", "scan": "scan_s", "candidates": "tfidf_s", "gather": "gather_s",
              "score": "score_s", "per-token": "per_token_s"}
 
@@ -78,25 +78,19 @@ def run(args: argparse.Namespace) -> int:
     scan_once(args.model, corpus, args.seq_len, cluster)
     scanned = time.monotonic() - tick
     tick = time.monotonic()
-    log.info("1/4 fitting EK-FAC factors on up to %d sequences", args.fit_sequences)
+    log.info("1/3 fitting EK-FAC factors on up to %d sequences", args.fit_sequences)
     fit_corpus(args.model, [corpus], str(out / "factors"),
                FitConfig(seq_len=args.seq_len, max_sequences=args.fit_sequences, batch_size=args.batch_size),
                cluster, overwrite=args.overwrite)
     seconds["fit"] = time.monotonic() - tick
-    log.info("2/4 TF-IDF filtering and EK-FAC scoring of %d queries", len(queries))
-    common = dict(tfidf_candidates=args.candidates, top_k=args.top_k, batch_size=args.batch_size)
-    summary = score_corpus(args.model, str(out / "factors"), args.queries, [corpus], str(out / "results"),
-                           ScoreConfig(per_token=True, save_all_scores=True, **common), cluster,
-                           overwrite=args.overwrite)
+    log.info("2/3 TF-IDF filtering and scoring of %d queries by EK-FAC and by the gradient dot product", len(queries))
+    config = ScoreConfig(tfidf_candidates=args.candidates, top_k=args.top_k, batch_size=args.batch_size,
+                         per_token=True, save_all_scores=True, baselines=["identity"])
+    summary = score_corpus(args.model, str(out / "factors"), args.queries, [corpus], str(out / "results"), config,
+                           cluster, overwrite=args.overwrite)
     seconds.update({stage: summary.get("timings", {}).get(key) for stage, key in TIMING_OF.items()})
     seconds["scan"] = scanned + (seconds["scan"] or 0.0)
-    log.info("3/4 the same candidates by the gradient dot product (identity)")
-    tick = time.monotonic()
-    score_corpus(args.model, str(out / "factors"), args.queries, [corpus], str(out / "results-identity"),
-                 ScoreConfig(method="identity", **common), cluster, overwrite=args.overwrite,
-                 candidates_from=str(out / "results"))
-    seconds["identity baseline"] = time.monotonic() - tick
-    log.info("4/4 report")
+    log.info("3/3 report")
     tick = time.monotonic()
     report = write_report(out / "results")
     comparison = compare_methods(out, queries)
@@ -122,7 +116,7 @@ def scan_once(model: str, corpus: str, seq_len: int, cluster) -> None:
         return
     connect(cluster.address)
     source = CorpusSource((corpus,))
-    log.info("0/4 scanning the corpus once (bad rows, duplicates, sequences, TF-IDF document frequencies)")
+    log.info("0/3 scanning the corpus once (bad rows, duplicates, sequences, TF-IDF document frequencies)")
     cached_scan(list_fragments(source.paths), ReadSettings.for_corpus(model, seq_len, source), DEFAULT_FEATURES)
 
 
@@ -164,6 +158,13 @@ def corpus_slice(corpus: str, docs: int, queries: list[dict], out: Path) -> Path
     return path
 
 
+def identity_results(out: Path) -> Path:
+    """The results directory of the gradient-dot-product baseline scored in the EK-FAC run's pass."""
+    from whence.results import BASELINES_DIR
+
+    return out / "results" / BASELINES_DIR / "identity"
+
+
 def source_rank(table_path: Path, query_id: str, source: str) -> tuple[int | None, float | None]:
     """(rank, score) of the best sequence of document `source` for the query, or (None, None) if absent.
     Works on topk.parquet (column score) and candidates.parquet (column bm25)."""
@@ -190,7 +191,7 @@ def compare_methods(out: Path, queries: list[dict]) -> list[dict]:
         row = {"query": query["id"], "kind": query["kind"], "source": source,
                "ekfac_rank": ekfac_rank,
                "tfidf_rank": source_rank(out / "results" / "candidates.parquet", query["id"], source)[0],
-               "identity_rank": source_rank(out / "results-identity" / "topk.parquet", query["id"], source)[0]}
+               "identity_rank": source_rank(identity_results(out) / "topk.parquet", query["id"], source)[0]}
         original = by_id.get(query.get("flipped_from", ""))
         if original is not None and ekfac_score is not None:
             _, original_score = source_rank(out / "results" / "topk.parquet", original["id"], source)

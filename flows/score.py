@@ -8,6 +8,8 @@
                  per-query top-k per corpus fragment and writes it to parts/ when the fragment is complete
     reduce       parts merged into topk.parquet (ties by doc id and chunk: independent of worker count)
     per-token    with --per-token, the top-k sequences are scored again token by token: tokens.parquet
+    baselines    with --baseline METHOD, the scorers also score METHOD's queries in the same pass (one forward
+                 and backward pass per sequence for every method), reduced into RESULTS_DIR/baselines/METHOD/
 Finished fragments survive an interruption; rerunning with the same arguments scores only the rest.
 
 This module is the orchestration only. What the files hold, and their names, belong to whence.results (the
@@ -32,7 +34,7 @@ import numpy as np
 from flows.cluster import ClusterSettings, surface_user_errors
 from flows.options import add_model_and_corpus, positive_int
 from whence.config import ScoreConfig, help_for
-from whence.queries import METHODS
+from whence.queries import BASELINE_METHODS, METHODS
 from whence.refine import DEFAULT_REFINE_SEQUENCES, DEFAULT_REFINE_STEPS, DEFAULT_REFINE_TOLERANCE
 
 if TYPE_CHECKING:
@@ -82,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=help_for(ScoreConfig, "refine_sequences"))
     parser.add_argument("--refine-tolerance", type=float, default=DEFAULT_REFINE_TOLERANCE, metavar="TOL",
                         help=help_for(ScoreConfig, "refine_tolerance"))
+    parser.add_argument("--baseline", dest="baselines", action="append", default=[], choices=BASELINE_METHODS,
+                        metavar="METHOD", help=help_for(ScoreConfig, "baselines") + " (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +121,19 @@ class ScoringRun:
         from whence.results import QUERIES_FILE
 
         return self.state.path / QUERIES_FILE
+
+    def baseline_dir(self, method: str) -> Path:
+        """The results directory of baseline `method` (config.baselines), inside this run's."""
+        from whence.results import BASELINES_DIR
+
+        return self.state.path / BASELINES_DIR / method
+
+    @property
+    def queries_files(self) -> list[Path]:
+        """The prepared-queries files the scoring pass scores side by side: the run's, then each baseline's."""
+        from whence.results import QUERIES_FILE
+
+        return [self.queries_file] + [self.baseline_dir(m) / QUERIES_FILE for m in self.config.baselines]
 
 
 @surface_user_errors
@@ -158,7 +175,9 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: Corpus
     run = ScoringRun(state, ModelSpec(model, fitted.get("modules", "mlp"), cluster.dtype), fragments,
                      ReadSettings.for_corpus(model, seq_len, corpus), config, cluster, queries)
     summary, layer_names = _run_passes(run, factors_dir, candidates_from, started, factors_manifest)
-    state.write_json("manifest.json", _manifest(run, factors_manifest, layer_names, summary))
+    manifest = _manifest(run, factors_manifest, layer_names, summary)
+    _write_baselines(run, manifest)
+    state.write_json("manifest.json", manifest)
     state.finish(summary)
     return summary
 
@@ -199,7 +218,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
         shutil.copyfile(Path(candidates_from) / CANDIDATES_FILE, candidates_file)
         if (Path(candidates_from) / CANDIDATE_SEQUENCES_FILE).exists():  # their token ids too: no corpus read
             shutil.copyfile(Path(candidates_from) / CANDIDATE_SEQUENCES_FILE, state.path / CANDIDATE_SEQUENCES_FILE)
-    if not run.queries_file.exists():
+    if not all(path.exists() for path in run.queries_files):
         with _timed(timings, "prepare_queries_s"):
             _prepare_remotely(run, factors_dir)
     tfidf = config.tfidf_candidates > 0
@@ -259,8 +278,25 @@ def _manifest(run: ScoringRun, factors_manifest: dict, layer_names: list[str], s
         "factors": {"path": arguments["factors"], "strategy": factors_manifest.get("strategy")},
         FISHER_SEQUENCES: fisher_sequences(factors_manifest),
         "refine": run.state.read_json(REFINE_FILE),  # ekfac-cg: residual norms per step (whence.refine)
+        "baselines": {method: str(run.baseline_dir(method)) for method in run.config.baselines},
         "summary": summary, "versions": versions(),
     }
+
+
+def _write_baselines(run: ScoringRun, manifest: dict) -> None:
+    """Each baseline's results directory: its top-k reduced from its parts, the run's candidates, and a manifest
+    like the run's with the baseline's method (`baseline_of` names the run that scored it)."""
+    from whence.fragment_parts import baseline_part, reduce_topk
+    from whence.results import CANDIDATES_FILE, FISHER_SEQUENCES, MANIFEST_FILE, TOPK_FILE
+
+    for method in run.config.baselines:
+        directory = run.baseline_dir(method)
+        reduce_topk(run.state.finished_parts(baseline_part(method)), run.query_ids, run.config.top_k,
+                    len(manifest["layers"]), directory / TOPK_FILE, manifest[FISHER_SEQUENCES])
+        if (run.state.path / CANDIDATES_FILE).exists():
+            shutil.copyfile(run.state.path / CANDIDATES_FILE, directory / CANDIDATES_FILE)
+        body = {**manifest, "method": method, "baseline_of": str(run.state.path), "refine": None, "baselines": {}}
+        (directory / MANIFEST_FILE).write_text(json.dumps(body, indent=2, default=str))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,20 +314,44 @@ def _prepare_remotely(run: ScoringRun, factors_dir: str) -> None:
 
 
 def prepare_queries_task(run: ScoringRun, factors_dir: str) -> None:
-    """Write run.queries_file: the queries' gradients preconditioned by run.config.method (whence.queries)."""
+    """Write run.queries_files that are missing: the queries' gradients preconditioned by run.config.method
+    (whence.queries), then by each baseline method, the model and factors loaded once."""
     from actors.hosting import host_model
-    from flows.refine_source import refinement
-    from whence.checksums import write_checksum
     from whence.factors import Factors
     from whence.model import model_fingerprint
     from whence.queries import HostedModel, prepare_queries
-    from whence.refine import REFINE_FILE
-    from whence.scoring import check_finite_queries
 
     config = run.config
     hosted = HostedModel(*host_model(run.spec))
     factors = Factors.load(factors_dir)
     factors.check_compatible(model_fingerprint(hosted.model), [layer.describe() for layer in hosted.layers])
+    main, *baselines = run.queries_files
+    if not main.exists():
+        _prepare_method(run, hosted, factors)
+    for method, path in zip(config.baselines, baselines):
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save_prepared(prepare_queries(hosted, factors, run.queries, config.query_rank, config.damping, method),
+                           path)
+
+
+def _save_prepared(prepared, path: Path) -> None:
+    """Prepared queries checked finite, written, and their checksum (a resume verifies it: flows.score_checks)."""
+    from whence.checksums import write_checksum
+    from whence.scoring import check_finite_queries
+
+    check_finite_queries(prepared)
+    prepared.save(path)
+    write_checksum(path)
+
+
+def _prepare_method(run: ScoringRun, hosted, factors) -> None:
+    """run.queries_file by run.config.method; ekfac-cg's residuals beside it (whence.refine.REFINE_FILE)."""
+    from flows.refine_source import refinement
+    from whence.queries import prepare_queries
+    from whence.refine import REFINE_FILE
+
+    config = run.config
     if config.method == "lissa":
         from whence.lissa import lissa_prepare_queries
 
@@ -301,11 +361,9 @@ def prepare_queries_task(run: ScoringRun, factors_dir: str) -> None:
         batches, refine, notes = refinement(hosted.tokenizer, run, factors)
         prepared = prepare_queries(hosted, factors, run.queries, config.query_rank, config.damping, config.method,
                                    batches, refine)
-    check_finite_queries(prepared)
     if prepared.diagnostics:
         run.state.write_json(REFINE_FILE, {**notes, **prepared.diagnostics})
-    prepared.save(run.queries_file)
-    write_checksum(run.queries_file)  # a resume verifies the file against it (flows.score_checks)
+    _save_prepared(prepared, run.queries_file)
 
 
 def _lissa_batches(tokenizer, run: ScoringRun) -> list[dict]:
@@ -340,7 +398,9 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
     config, workers = run.config, run.cluster.workers
     shards = 1 if per_token else run.cluster.shards
     resources = actor_resources(workers)
-    scorer_class, constructor = SequenceScorer, {"spec": run.spec, "queries_path": str(run.queries_file),
+    # The scoring pass scores the run's queries and its baselines' side by side; the per-token pass the run's only.
+    queries = str(run.queries_file) if per_token else [str(path) for path in run.queries_files]
+    scorer_class, constructor = SequenceScorer, {"spec": run.spec, "queries_path": queries,
                                                   "per_token": per_token, "batch_size": config.batch_size,
                                                   "num_threads": torch_threads(resources.get("num_cpus", 1))}
     if shards > 1:
@@ -349,7 +409,7 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
 
         scorer_class = ShardedSequenceScorer
         options = ShardOptions(micro_batch_size=config.batch_size, stage_gpus=gpu_share(workers * shards))
-        constructor = {"spec": run.spec, "queries_path": str(run.queries_file), "per_token": per_token,
+        constructor = {"spec": run.spec, "queries_path": queries, "per_token": per_token,
                        "shards": shards, "batch_size": config.batch_size, "options": options}
         resources = {"num_cpus": 0.1}
     # batch_size=None: each block the reader made is one batch, so which sequences are scored together (and so
@@ -375,7 +435,8 @@ def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expec
     from flows.progress import Progress
     from whence.fragment_parts import TOPK_PART, FragmentResults, part_sequences, verified_parts
 
-    done = verified_parts(run.state.finished_parts(TOPK_PART), run.state.part_path, run.config.save_all_scores)
+    done = verified_parts(run.state.finished_parts(TOPK_PART), run.state.part_path, run.config.save_all_scores,
+                          run.config.baselines)
     pending = [f for f in run.fragments if f.index not in done]
     already = sum(part_sequences(path) for path in done.values())
     if not pending:
@@ -390,7 +451,7 @@ def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expec
             rows = batch["fragment"] == fragment
             if fragment not in open_fragments:
                 open_fragments[fragment] = FragmentResults(fragment, run.query_ids, run.config.top_k, num_layers,
-                                                           run.config.save_all_scores)
+                                                           run.config.save_all_scores, run.config.baselines)
             results = open_fragments[fragment]
             scored = results.add({name: values[rows] for name, values in batch.items()})
             progress.advance(scored, int(batch["num_tokens"][rows].sum()))

@@ -27,19 +27,20 @@ log = logging.getLogger("whence.score")
 
 
 def discard_damaged_queries(run: ScoringRun) -> None:
-    """A queries.safetensors left by an earlier attempt is reused only if it matches its checksum and holds
-    these queries; otherwise it is removed (to be prepared again) with a warning, and with it the parts scored
-    against other queries."""
-    if not run.queries_file.exists():
-        return
-    problem, stale = prepared_queries_problem(run.queries_file, run.query_ids)
-    if problem is None:
-        return
-    log.warning("%s: %s; preparing the queries again", run.queries_file, problem)
-    remove_with_checksum(run.queries_file)
-    if stale:
-        shutil.rmtree(run.state.path / PARTS, ignore_errors=True)
-        (run.state.path / CANDIDATES_FILE).unlink(missing_ok=True)
+    """A queries.safetensors left by an earlier attempt (the run's or a baseline's) is reused only if it matches
+    its checksum and holds these queries; otherwise it is removed (to be prepared again) with a warning, and with
+    it the parts scored against other queries."""
+    for path in run.queries_files:
+        if not path.exists():
+            continue
+        problem, stale = prepared_queries_problem(path, run.query_ids)
+        if problem is None:
+            continue
+        log.warning("%s: %s; preparing the queries again", path, problem)
+        remove_with_checksum(path)
+        if stale:
+            shutil.rmtree(run.state.path / PARTS, ignore_errors=True)
+            (run.state.path / CANDIDATES_FILE).unlink(missing_ok=True)
 
 
 def fisher_sequences(factors_manifest: dict) -> int | None:

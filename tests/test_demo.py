@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flows.cli import main
-from flows.demo import ASSETS, STAGES
+from flows.demo import ASSETS, STAGES, identity_results
 from tests.tiny import make_model, make_tokenizer
 
 
@@ -50,9 +50,14 @@ def test_demo_on_a_corpus_slice(tmp_path, ray_cluster, capsys, monkeypatch):
     assert all(isinstance(summary["stage_seconds"][stage], float) for stage in STAGES)
     for stage in STAGES:
         assert f"   {stage} " in printed
-    # The corpus is scanned once: the fit, the EK-FAC run and the identity baseline reuse the scan.
-    for run in ("results", "results-identity"):
-        assert json.loads((out / run / "manifest.json").read_text())["summary"]["timings"]["scan_cached"] is True
+    # The corpus is scanned once: the fit and the scoring run reuse the scan; the identity baseline is scored in
+    # the EK-FAC run's pass, on the same candidates, into a results directory of its own.
+    assert json.loads((out / "results" / "manifest.json").read_text())["summary"]["timings"]["scan_cached"] is True
+    identity = pq.read_table(identity_results(out) / "topk.parquet").to_pandas()
+    assert set(identity.query_id) == set(topk.query_id)
+    candidates = pq.read_table(out / "results" / "candidates.parquet").to_pandas()
+    assert set(zip(identity.doc_id, identity.chunk)) <= set(zip(candidates.doc_id, candidates.chunk))
+    assert json.loads((identity_results(out) / "manifest.json").read_text())["method"] == "identity"
     assert json.loads((out / "factors" / "manifest.json").read_text())["summary"]["scan_cached"] is True
     assert len(list((tmp_path / "cache" / "scans").glob("*.pkl"))) == 1
 

@@ -136,7 +136,8 @@ def test_a_resume_prepares_damaged_or_foreign_queries_again(tmp_path, caplog):
     path = tmp_path / "queries.safetensors"
     (tmp_path / "parts").mkdir()
     (tmp_path / "parts" / "topk-000000.parquet").write_bytes(b"scored against the file's queries")
-    run = SimpleNamespace(queries_file=path, query_ids=QUERY_IDS, state=SimpleNamespace(path=tmp_path))
+    run = SimpleNamespace(queries_file=path, queries_files=[path], query_ids=QUERY_IDS,
+                          state=SimpleNamespace(path=tmp_path))
     _prepared(torch.ones(2, 3, 4, dtype=torch.float64)).save(path)
     write_checksum(path)
     discard_damaged_queries(run)

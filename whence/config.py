@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 
 from whence.errors import SettingsError
 from whence.factors import STRATEGIES
-from whence.queries import DEFAULT_QUERY_RANK, METHODS, parse_rank
+from whence.queries import BASELINE_METHODS, DEFAULT_QUERY_RANK, METHODS, parse_rank
 from whence.refine import DEFAULT_REFINE_SEQUENCES, DEFAULT_REFINE_STEPS, DEFAULT_REFINE_TOLERANCE
+from whence.results import BASELINES_DIR
 from whence.settings import help_for, setting
 from whence.task import FISHER_MODES
 
@@ -66,6 +67,9 @@ class ScoreConfig:
                                     DEFAULT_REFINE_SEQUENCES)
     refine_tolerance: float = setting("ekfac-cg: stop once every query's relative residual is below this",
                                       DEFAULT_REFINE_TOLERANCE)
+    baselines: list[str] = setting(
+        f"methods also scored in the same pass, each into RESULTS_DIR/{BASELINES_DIR}/METHOD (one of "
+        f"{', '.join(BASELINE_METHODS)}): they share its forward and backward passes", [])
 
     def __post_init__(self):
         _require(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
@@ -87,9 +91,18 @@ class ScoreConfig:
         _require(self.refine_sequences >= 1, "refine_sequences", f"must be positive, got {self.refine_sequences}")
         self.refine_tolerance = _finite_float(self.refine_tolerance, "refine_tolerance")
         _require(self.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {self.refine_tolerance}")
+        self.baselines = list(self.baselines)
+        for baseline in self.baselines:
+            _require(baseline in BASELINE_METHODS, "baselines",
+                     f"must be among {BASELINE_METHODS} (methods prepared from the factors alone), got {baseline!r}")
+        _require(len(set(self.baselines)) == len(self.baselines) and self.method not in self.baselines, "baselines",
+                 f"must name each method once and not the scored method {self.method!r}, got {self.baselines}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not values["baselines"]:  # as runs recorded their arguments before baselines existed: they resume
+            del values["baselines"]
+        return values
 
 
 def _require(condition: bool, name: str, message: str) -> None:

@@ -5,6 +5,8 @@ While `whence score` runs, each corpus fragment that completes leaves
                                  metadata `fragment` (its index) and `sequences` (how many sequences it scored)
     parts/scores-NNNNNN.parquet  every (query, sequence) score of it, in the scores.parquet schema (only with
                                  --save-all-scores)
+    parts/baseline.METHOD-NNNNNN.parquet   with --baseline METHOD: its top-k by that method's scores, made in
+                                 the same pass (the scorers score the run's queries and each baseline's side by side)
 Each part has a sha256 sidecar (whence.checksums), written once the part is in place. The top-k part is written
 last, so its existence marks the fragment as finished; a resumed run skips it if it and its scores part match
 their checksums (`verified_parts`), and scores the fragment again otherwise, with a warning naming the part.
@@ -15,7 +17,7 @@ module owns what is in them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +35,21 @@ TOPK_PART = "topk"
 SCORES_PART = "scores"
 
 
-class FragmentResults:
-    """One fragment's scores as they arrive from the scorers: its per-query top-k, optionally every score."""
+def baseline_part(method: str) -> str:
+    """The part kind of baseline `method`'s top-k (its name does not start with TOPK_PART's "topk-")."""
+    return f"baseline.{method}"
 
-    def __init__(self, fragment: int, query_ids: list[str], k: int | None, num_layers: int, keep_all: bool):
+
+class FragmentResults:
+    """One fragment's scores as they arrive from the scorers: its per-query top-k, optionally every score, and
+    the top-k of each baseline method. With B baselines a batch's scores hold Q x (1 + B) columns: the run's
+    queries, then each baseline's same queries in `baselines` order."""
+
+    def __init__(self, fragment: int, query_ids: list[str], k: int | None, num_layers: int, keep_all: bool,
+                 baselines: Sequence[str] = ()):
         self.fragment = fragment
         self.topk = TopK.empty(query_ids, k, num_layers)
+        self.baselines = {method: TopK.empty(query_ids, k, num_layers) for method in baselines}
         self.query_ids = list(query_ids)
         self.keep_all = keep_all
         self.all_scores: list[dict] = []  # per batch: doc_id (N,), chunk (N,), scores (N, Q)
@@ -59,19 +70,24 @@ class FragmentResults:
         count = int(rows.sum())
         if count:
             self.received += count
-            self.topk.update(batch["doc_id"][rows], batch["chunk"][rows], batch["scores"][rows],
-                             batch["layer_scores"][rows], batch["fragment"][rows])
+            q = len(self.query_ids)
+            scores, layer_scores = batch["scores"][rows], batch["layer_scores"][rows]  # (N, Q(1+B)), (N, Q(1+B), L)
+            for i, topk in enumerate([self.topk, *self.baselines.values()]):
+                topk.update(batch["doc_id"][rows], batch["chunk"][rows], scores[:, i * q : (i + 1) * q],
+                            layer_scores[:, i * q : (i + 1) * q], batch["fragment"][rows])
             if self.keep_all:
                 self.all_scores.append({"doc_id": batch["doc_id"][rows], "chunk": batch["chunk"][rows],
-                                        "scores": batch["scores"][rows]})
+                                        "scores": scores[:, :q]})
         return count
 
     def write(self, part_path: Callable[[str, int], Path]) -> None:
         """Write this fragment's parts to part_path(kind, fragment); the top-k part last."""
+        metadata = {"fragment": str(self.fragment), "sequences": str(self.received)}
+        for method, topk in self.baselines.items():
+            write_part(topk_table(topk, metadata), part_path(baseline_part(method), self.fragment))
         if self.keep_all:
             write_part(self._scores(), part_path(SCORES_PART, self.fragment))
-        table = topk_table(self.topk, {"fragment": str(self.fragment), "sequences": str(self.received)})
-        write_part(table, part_path(TOPK_PART, self.fragment))
+        write_part(topk_table(self.topk, metadata), part_path(TOPK_PART, self.fragment))
 
     def _scores(self) -> pa.Table:
         # Per arrived batch, query-major: its rows for the first query, then for the second, ...
@@ -93,14 +109,15 @@ def write_part(table: pa.Table, path: Path) -> None:
     write_checksum(path)
 
 
-def verified_parts(finished: dict[int, Path], part_path: Callable[[str, int], Path], with_scores: bool
-                   ) -> dict[int, Path]:
-    """The finished top-k parts (fragment -> path) whose files, and scores parts when `with_scores`, match their
-    checksums. A damaged or unverifiable fragment's parts are deleted with a warning naming the file, so that the
+def verified_parts(finished: dict[int, Path], part_path: Callable[[str, int], Path], with_scores: bool,
+                   baselines: Sequence[str] = ()) -> dict[int, Path]:
+    """The finished top-k parts (fragment -> path) whose files, scores parts when `with_scores` and the parts of
+    the `baselines`, match their checksums. A damaged or unverifiable fragment's parts are deleted with a warning naming the file, so that the
     fragment is scored again: a damaged part costs time, not results."""
     kept = {}
     for fragment, path in finished.items():
         files = [path] + ([part_path(SCORES_PART, fragment)] if with_scores else [])
+        files += [part_path(baseline_part(method), fragment) for method in baselines]
         problems = [(file, problem) for file in files if (problem := checksum_problem(file)) is not None]
         if not problems:
             kept[fragment] = path

@@ -28,6 +28,7 @@ from whence.tracking import LayerTracker
 DEFAULT_QUERY_RANK = 32
 METHODS = ("ekfac", "kfac", "diagonal", "identity", "lissa", "ekfac-cg")
 FITTING_METHODS = ("lissa", "ekfac-cg")  # need the fitting sequences' Fisher-vector products to prepare
+BASELINE_METHODS = ("ekfac", "kfac", "diagonal", "identity")  # prepared from the factors alone
 SEPARATOR = "\x1f"  # joined the query ids and the layer names in older prepared-queries files' metadata
 
 
@@ -52,6 +53,19 @@ class PreparedQueries:
         if name in self.full:
             return self.full[name]
         return torch.einsum("qro,qri->qoi", self.left[name], self.right[name])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[PreparedQueries]) -> PreparedQueries:
+        """The queries of `parts` side by side, in order (Q = sum of theirs): one set scored in one pass, each
+        part's scores then the columns of its queries. The parts must track the same layers at the same rank."""
+        first = parts[0]
+        for part in parts[1:]:
+            if part.layer_names != first.layer_names or part.rank != first.rank:
+                raise QueryError(f"prepared queries of other layers or rank ({part.rank} vs {first.rank}) cannot "
+                                 "be scored in one pass")
+        join = lambda kind: {n: torch.cat([getattr(p, kind)[n] for p in parts]) for n in getattr(first, kind)}  # noqa: E731
+        return cls([i for p in parts for i in p.query_ids], first.layer_names, first.rank, join("left"),
+                   join("right"), join("full"))
 
     def to(self, device=None, dtype=None) -> PreparedQueries:
         move = lambda d: {n: t.to(device=device, dtype=dtype) for n, t in d.items()}  # noqa: E731

@@ -11,6 +11,8 @@ A results directory:
     documents.parquet   doc_id, title                                        (optional, provided by the user)
     report.html         `whence report`
     parts/              one top-k (and scores) part per finished corpus fragment (whence.fragment_parts)
+    baselines/METHOD/   with --baseline METHOD: the same sequences scored by METHOD in the same pass, itself a
+                        results directory (manifest.json, queries.safetensors, candidates.parquet, topk.parquet)
 
 Writing: `topk_table`, `scores_table`, `tokens_table`, `candidates_table` build tables in these schemas and
 `write_table_atomically` writes one. Reading: `load_results` gives a `Results` whose rows are `Influence`s;
@@ -49,6 +51,7 @@ TOKENS_FILE = "tokens.parquet"
 SCORES_FILE = "scores.parquet"
 DOCUMENTS_FILE = "documents.parquet"
 REPORT_FILE = "report.html"
+BASELINES_DIR = "baselines"
 
 TOPK_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int64()), ("doc_id", pa.string()),
                          ("chunk", pa.int64()), ("score", pa.float64()), ("layer_scores", pa.list_(pa.float64())),
