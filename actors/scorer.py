@@ -33,10 +33,12 @@ class RowScorer:
     """Scores the sequence rows of Ray Data batches with `scorer` (Q queries, L tracked layers), in row order,
     `rows_per_call` rows per call to scorer.score, and lays the scores out per row."""
 
-    def __init__(self, scorer, num_queries: int, num_layers: int, pad_id: int, per_token: bool, rows_per_call: int):
+    def __init__(self, scorer, num_queries: int, num_layers: int, pad_id: int, per_token: bool, rows_per_call: int,
+                 skip_non_finite: bool = False):
         self.scorer = scorer
         self.num_queries, self.num_layers = num_queries, num_layers
         self.pad_id, self.per_token, self.rows_per_call = pad_id, per_token, rows_per_call
+        self.skip_non_finite = skip_non_finite
         self.batches_done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -45,33 +47,51 @@ class RowScorer:
         scores = np.zeros((n, self.num_queries), dtype=np.float64)  # (rows, Q)
         layer_scores = np.zeros((n, self.num_queries, self.num_layers), dtype=np.float64)  # (rows, Q, L)
         token_scores = np.empty(n, dtype=object) if self.per_token else None  # each (Q, T_row)
+        non_finite = np.zeros(n, dtype=bool)  # rows skipped for NaN or inf (skip_non_finite): not scored
         sequence_rows = np.flatnonzero(keep)
         for start in range(0, len(sequence_rows), self.rows_per_call):
-            rows = sequence_rows[start : start + self.rows_per_call]
-            chunk = np.zeros(n, dtype=bool)
-            chunk[rows] = True
-            try:
-                result = self.scorer.score(rows_to_batch(batch, chunk, self.pad_id), per_token=self.per_token)
-            except NonFiniteError as error:  # name the sequences: doc id and chunk of each batch row
-                raise error.naming([f"{batch['doc_id'][r]}#{batch['chunk'][r]}" for r in rows]) from None
-            scores[rows] = result.total.T.cpu().numpy()
-            layer_scores[rows] = result.per_layer.permute(1, 0, 2).cpu().numpy()
-            if self.per_token:
-                per_token = result.per_token.permute(1, 0, 2).cpu().numpy()  # (B, Q, T)
-                for j, row in enumerate(rows):
-                    token_scores[row] = per_token[j, :, : len(batch["input_ids"][row])].copy()
+            for rows, result in self._scored(batch, sequence_rows[start : start + self.rows_per_call], non_finite):
+                scores[rows] = result.total.T.cpu().numpy()
+                layer_scores[rows] = result.per_layer.permute(1, 0, 2).cpu().numpy()
+                if self.per_token:
+                    per_token = result.per_token.permute(1, 0, 2).cpu().numpy()  # (B, Q, T)
+                    for j, row in enumerate(rows):
+                        token_scores[row] = per_token[j, :, : len(batch["input_ids"][row])].copy()
         if token_scores is not None:
-            for row in np.flatnonzero(~keep):
+            for row in np.flatnonzero(~keep | non_finite):
                 token_scores[row] = np.zeros((self.num_queries, 0))
         self.batches_done += 1
         maybe_fail(self.batches_done)
         out = {"fragment": batch["fragment"], "doc_id": batch["doc_id"], "chunk": batch["chunk"],
                "marker_total": batch["marker_total"], "scores": scores, "layer_scores": layer_scores,
+               "non_finite": non_finite,
                "num_tokens": np.asarray([len(t) for t in batch["input_ids"]], dtype=np.int64)}
         if token_scores is not None:
             out["token_scores"] = token_scores
             out["input_ids"] = batch["input_ids"]
         return out
+
+    def _scored(self, batch: dict[str, np.ndarray], rows: np.ndarray, non_finite: np.ndarray):
+        """(rows, BatchScores) for `rows` of the batch, scored together. A NaN or inf raises NonFiniteError naming
+        the sequences; with skip_non_finite the rows are scored one by one instead, and those that fail are
+        marked in `non_finite` and left out (a sequence's scores never depend on the others in its batch)."""
+        try:
+            return [(rows, self._score(batch, rows))]
+        except NonFiniteError as error:  # name the sequences: doc id and chunk of each batch row
+            if not self.skip_non_finite:
+                raise error.naming([f"{batch['doc_id'][r]}#{batch['chunk'][r]}" for r in rows]) from None
+        scored = []
+        for row in rows:
+            try:
+                scored.append((np.asarray([row]), self._score(batch, np.asarray([row]))))
+            except NonFiniteError:
+                non_finite[row] = True
+        return scored
+
+    def _score(self, batch: dict[str, np.ndarray], rows: np.ndarray):
+        chunk = np.zeros(len(batch["doc_id"]), dtype=bool)
+        chunk[rows] = True
+        return self.scorer.score(rows_to_batch(batch, chunk, self.pad_id), per_token=self.per_token)
 
 
 class SequenceScorer:
@@ -79,14 +99,14 @@ class SequenceScorer:
     (one prepared-queries file, or several scored side by side: load_prepared)."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, batch_size: int = 8,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, skip_non_finite: bool = False):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
         queries = load_prepared(queries_path)
         self.scorer = QueryScorer(self.model, self.layers, queries)
         # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
         # order, so which sequences share a forward pass depends only on the block (not on scheduling).
         self.rows = RowScorer(self.scorer, queries.num_queries, len(self.layers), pad_id_of(self.tokenizer),
-                              per_token, rows_per_call=batch_size)
+                              per_token, rows_per_call=batch_size, skip_non_finite=skip_non_finite)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.rows(batch)
@@ -98,7 +118,7 @@ class ShardedSequenceScorer:
     time."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, shards: int = 2,
-                 batch_size: int = 8, options: ShardOptions | None = None):
+                 batch_size: int = 8, options: ShardOptions | None = None, skip_non_finite: bool = False):
         options = options or ShardOptions(micro_batch_size=batch_size)
         self.worker = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
         queries = load_prepared(queries_path)
@@ -106,7 +126,7 @@ class ShardedSequenceScorer:
         # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
         rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2
         self.rows = RowScorer(self.worker, queries.num_queries, len(self.worker.layers), self.worker.pad_id,
-                              per_token, rows_per_call)
+                              per_token, rows_per_call, skip_non_finite)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.rows(batch)

@@ -59,9 +59,13 @@ def settings_from_args(settings_class, args: argparse.Namespace):
         raise SettingsError(f"{option_name(error.setting)} {values[error.setting]}: {error}", error.setting) from None
 
 
+# Fields whose option is not their name with dashes (a repeatable option, named in the singular).
+OPTION_OF = {"baselines": "--baseline"}
+
+
 def option_name(setting: str) -> str:
     """The command-line option of a settings field: seq_len -> --seq-len."""
-    return "--" + setting.replace("_", "-")
+    return OPTION_OF.get(setting, "--" + setting.replace("_", "-"))
 
 
 # A scheme (s3://, gs://, file://, hdfs://, ...) at the start of a path; one slash too, as pathlib.Path("s3://b")

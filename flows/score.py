@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=help_for(ScoreConfig, "refine_sequences"))
     parser.add_argument("--refine-tolerance", type=float, default=DEFAULT_REFINE_TOLERANCE, metavar="TOL",
                         help=help_for(ScoreConfig, "refine_tolerance"))
+    parser.add_argument("--skip-non-finite", action="store_true", help=help_for(ScoreConfig, "skip_non_finite"))
     parser.add_argument("--baseline", dest="baselines", action="append", default=[], choices=BASELINE_METHODS,
                         metavar="METHOD", help=help_for(ScoreConfig, "baselines") + " (repeatable)")
 
@@ -250,6 +251,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     # After start-up: sequences that arrived after the first scored batch, and the seconds they took.
     timings["score_steady_sequences"], timings["score_steady_s"] = steady
 
+    skipped = _non_finite_sequences(run, scored)
     topk = reduce_topk(state.finished_parts(TOPK_PART), run.query_ids, config.top_k, len(layer_names),
                        state.path / TOPK_FILE, fisher_sequences(factors_manifest))
     if config.save_all_scores:
@@ -260,8 +262,24 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     summary = {"queries": len(run.queries), "sequences_scored": scored, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "fragments": len(run.fragments),
                "workers": run.cluster.workers, "shards": run.cluster.shards, "seconds": time.monotonic() - started,
-               "timings": timings}
+               "timings": timings, "non_finite_skipped": len(skipped), "non_finite_sequences": skipped[:100]}
     return summary, layer_names
+
+
+def _non_finite_sequences(run: ScoringRun, scored: int) -> list[str]:
+    """The sequences ("doc_id#chunk") the scorers skipped for NaN or inf (--skip-non-finite), from the finished
+    parts, with a warning; NonFiniteError when that was every sequence (the model, not the data, is broken)."""
+    from whence.errors import NonFiniteError
+    from whence.fragment_parts import TOPK_PART, part_non_finite
+
+    skipped = [name for path in run.state.finished_parts(TOPK_PART).values() for name in part_non_finite(path)]
+    if skipped:
+        log.warning("skipped %d of %d sequences whose activations, gradients or scores hold NaN or inf: %s%s",
+                    len(skipped), scored, ", ".join(skipped[:8]), " ..." if len(skipped) > 8 else "")
+    if skipped and len(skipped) == scored:
+        raise NonFiniteError(f"every one of the {scored} sequences scored NaN or inf: is the model finite in "
+                             f"dtype {run.cluster.dtype}?")
+    return skipped
 
 
 def _manifest(run: ScoringRun, factors_manifest: dict, layer_names: list[str], summary: dict) -> dict:
@@ -402,7 +420,8 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
     queries = str(run.queries_file) if per_token else [str(path) for path in run.queries_files]
     scorer_class, constructor = SequenceScorer, {"spec": run.spec, "queries_path": queries,
                                                   "per_token": per_token, "batch_size": config.batch_size,
-                                                  "num_threads": torch_threads(resources.get("num_cpus", 1))}
+                                                  "num_threads": torch_threads(resources.get("num_cpus", 1)),
+                                                  "skip_non_finite": config.skip_non_finite}
     if shards > 1:
         from actors.scorer import ShardedSequenceScorer
         from actors.sharded_worker import ShardOptions
@@ -410,7 +429,8 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
         scorer_class = ShardedSequenceScorer
         options = ShardOptions(micro_batch_size=config.batch_size, stage_gpus=gpu_share(workers * shards))
         constructor = {"spec": run.spec, "queries_path": queries, "per_token": per_token,
-                       "shards": shards, "batch_size": config.batch_size, "options": options}
+                       "shards": shards, "batch_size": config.batch_size, "options": options,
+                       "skip_non_finite": config.skip_non_finite}
         resources = {"num_cpus": 0.1}
     # batch_size=None: each block the reader made is one batch, so which sequences are scored together (and so
     # the floating-point result) does not depend on the number of workers or on scheduling. Ray Data refuses

@@ -67,6 +67,8 @@ class ScoreConfig:
                                     DEFAULT_REFINE_SEQUENCES)
     refine_tolerance: float = setting("ekfac-cg: stop once every query's relative residual is below this",
                                       DEFAULT_REFINE_TOLERANCE)
+    skip_non_finite: bool = setting("skip and count the sequences whose activations, gradients or scores hold NaN "
+                                    "or inf, named in the manifest (default: stop with an error naming them)", False)
     baselines: list[str] = setting(
         f"methods also scored in the same pass, each into RESULTS_DIR/{BASELINES_DIR}/METHOD (one of "
         f"{', '.join(BASELINE_METHODS)}): they share its forward and backward passes", [])
@@ -100,8 +102,9 @@ class ScoreConfig:
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        if not values["baselines"]:  # as runs recorded their arguments before baselines existed: they resume
-            del values["baselines"]
+        for name in ("baselines", "skip_non_finite"):  # off: as runs recorded before the option, so they resume
+            if not values[name]:
+                del values[name]
         return values
 
 

@@ -16,6 +16,7 @@ module owns what is in them.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger("whence.score")
 
 TOPK_PART = "topk"
 SCORES_PART = "scores"
+NON_FINITE = "non_finite"  # top-k part metadata: the sequences skipped for NaN or inf (--skip-non-finite), JSON
 
 
 def baseline_part(method: str) -> str:
@@ -54,6 +56,7 @@ class FragmentResults:
         self.keep_all = keep_all
         self.all_scores: list[dict] = []  # per batch: doc_id (N,), chunk (N,), scores (N, Q)
         self.received = 0
+        self.non_finite: list[str] = []  # "doc_id#chunk" of the sequences skipped for NaN or inf
         self.expected: int | None = None
 
     @property
@@ -66,10 +69,12 @@ class FragmentResults:
         markers = batch["marker_total"] >= 0
         if markers.any():
             self.expected = int(batch["marker_total"][markers][0])
-        rows = ~markers
-        count = int(rows.sum())
-        if count:
-            self.received += count
+        skipped = ~markers & batch["non_finite"] if "non_finite" in batch else np.zeros_like(markers)
+        self.non_finite += [f"{d}#{c}" for d, c in zip(batch["doc_id"][skipped], batch["chunk"][skipped])]
+        count = int((~markers).sum())  # every sequence counts toward completion, a skipped one too
+        self.received += count
+        rows = ~markers & ~skipped
+        if rows.any():
             q = len(self.query_ids)
             scores, layer_scores = batch["scores"][rows], batch["layer_scores"][rows]  # (N, Q(1+B)), (N, Q(1+B), L)
             for i, topk in enumerate([self.topk, *self.baselines.values()]):
@@ -82,7 +87,8 @@ class FragmentResults:
 
     def write(self, part_path: Callable[[str, int], Path]) -> None:
         """Write this fragment's parts to part_path(kind, fragment); the top-k part last."""
-        metadata = {"fragment": str(self.fragment), "sequences": str(self.received)}
+        metadata = {"fragment": str(self.fragment), "sequences": str(self.received),
+                    NON_FINITE: json.dumps(self.non_finite)}
         for method, topk in self.baselines.items():
             write_part(topk_table(topk, metadata), part_path(baseline_part(method), self.fragment))
         if self.keep_all:
@@ -135,6 +141,12 @@ def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as error:
         raise WhenceError(f"{path} is damaged ({error}); rerun the same command to score its fragment again"
                           ) from error
+
+
+def part_non_finite(path: str | Path) -> list[str]:
+    """The sequences ("doc_id#chunk") a finished top-k part's fragment skipped for NaN or inf."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(NON_FINITE.encode(), b"[]"))
 
 
 def part_sequences(path: str | Path) -> int:

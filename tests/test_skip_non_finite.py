@@ -1,0 +1,87 @@
+"""`--skip-non-finite`: a sequence whose activations hold NaN or inf is skipped and counted, not scored, while the
+other sequences of its batch are scored as if it were not there; without the option it stops the run, named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from actors.scorer import RowScorer
+from tests.tiny import TEXTS, make_model, make_tokenizer
+from whence.errors import NonFiniteError
+from whence.fragment_parts import TOPK_PART, FragmentResults, part_non_finite, part_sequences
+from whence.model import find_tracked_layers
+from whence.queries import PreparedQueries
+from whence.scoring import QueryScorer
+from whence.text import iter_sequences
+
+QUERY_IDS = ["q0", "q1"]
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    """A tiny model whose embedding of one token is inf, a batch of sequences of which two hold that token, and a
+    RowScorer factory."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer))
+    layers = find_tracked_layers(model, "mlp")
+    generator = torch.Generator().manual_seed(0)
+    full = {layer.name: torch.randn(len(QUERY_IDS), layer.d_out, layer.d_in, generator=generator, dtype=torch.float64)
+            for layer in layers}
+    queries = PreparedQueries(QUERY_IDS, [layer.name for layer in layers], "full", {}, {}, full)
+    sequences = list(iter_sequences(tokenizer, [(f"doc-{i}", t) for i, t in enumerate(TEXTS)], seq_len=12))[:8]
+    # The poisoned token: the rarest among these sequences; the sequences that hold it are the bad ones.
+    holders = {t: [i for i, s in enumerate(sequences) if t in s.input_ids] for s in sequences for t in s.input_ids}
+    poison = min(holders, key=lambda t: (len(holders[t]), t))
+    bad = holders[poison]
+    assert 0 < len(bad) < len(sequences)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[poison] = float("inf")
+    batch = {"fragment": np.zeros(len(sequences) + 1, dtype=np.int64),
+             "doc_id": np.asarray([s.doc_id for s in sequences] + ["marker"], dtype=object),
+             "chunk": np.asarray([s.chunk for s in sequences] + [0], dtype=np.int64),
+             "input_ids": np.asarray([np.asarray(s.input_ids) for s in sequences] + [np.zeros(0, dtype=np.int64)],
+                                     dtype=object),
+             "marker_total": np.asarray([-1] * len(sequences) + [len(sequences)], dtype=np.int64)}
+
+    def scorer(skip: bool) -> RowScorer:
+        return RowScorer(QueryScorer(model, layers, queries), len(QUERY_IDS), len(layers), tokenizer.pad_token_id,
+                         per_token=False, rows_per_call=len(sequences), skip_non_finite=skip)
+
+    return {"batch": batch, "bad": bad, "scorer": scorer, "labels": [f"{s.doc_id}#{s.chunk}" for s in sequences]}
+
+
+def test_without_the_option_a_non_finite_sequence_stops_scoring_named(poisoned):
+    with pytest.raises(NonFiniteError) as info:
+        poisoned["scorer"](False)(poisoned["batch"])
+    assert all(poisoned["labels"][i] in str(info.value) for i in poisoned["bad"])
+
+
+def test_with_the_option_it_is_skipped_and_the_others_scored_as_without_it(poisoned):
+    batch, bad = poisoned["batch"], poisoned["bad"]
+    out = poisoned["scorer"](True)(batch)
+    assert np.flatnonzero(out["non_finite"]).tolist() == bad
+    good = [i for i in range(len(batch["doc_id"]) - 1) if i not in bad]
+    alone = poisoned["scorer"](False)({name: values[good + [len(values) - 1]] for name, values in batch.items()})
+    np.testing.assert_allclose(out["scores"][good], alone["scores"][: len(good)], rtol=1e-9, atol=1e-12)
+    assert np.isfinite(out["scores"]).all()
+
+    results = FragmentResults(0, QUERY_IDS, None, out["layer_scores"].shape[2], keep_all=False)
+    results.add(out)
+    assert results.complete, "a skipped sequence counts toward the fragment's completion"
+    assert results.non_finite == [poisoned["labels"][i] for i in bad]
+    written = {}
+    results.write(lambda kind, index: written.setdefault(kind, poisoned["tmp"] / f"{kind}-{index}.parquet"))
+    part = written[TOPK_PART]
+    assert part_non_finite(part) == results.non_finite and part_sequences(part) == len(batch["doc_id"]) - 1
+    table = pq.read_table(part).to_pandas()
+    ranked = {f"{d}#{c}" for d, c in zip(table.doc_id, table.chunk)}
+    assert not ranked & set(results.non_finite), "skipped sequences are not ranked"
+    assert len(table) == len(QUERY_IDS) * len(good)
+
+
+@pytest.fixture(autouse=True)
+def _tmp(poisoned, tmp_path):
+    poisoned["tmp"] = tmp_path
