@@ -7,7 +7,8 @@
 
 Callable classes (Ray's batch-inference pattern): the model and the queries load once in __init__; __call__
 takes and returns dict[str, np.ndarray]. Marker rows (the end of a corpus fragment) pass through unscored so the
-driver can tell when a fragment is complete.
+driver can tell when a fragment is complete. With top_k a batch leaves as its per-query top-k entries and a tally
+(whence.fragment_parts.reduce_to_top_k) rather than a row of Q x (L + 1) scores per sequence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
 from actors.sharded_worker import ShardedWorker, ShardOptions
 from whence.errors import NonFiniteError
+from whence.fragment_parts import reduce_to_top_k
 from whence.queries import PreparedQueries
 from whence.scoring import QueryScorer
 
@@ -34,11 +36,12 @@ class RowScorer:
     `rows_per_call` rows per call to scorer.score, and lays the scores out per row."""
 
     def __init__(self, scorer, num_queries: int, num_layers: int, pad_id: int, per_token: bool, rows_per_call: int,
-                 skip_non_finite: bool = False):
+                 skip_non_finite: bool = False, top_k: int | None = None):
         self.scorer = scorer
         self.num_queries, self.num_layers = num_queries, num_layers
         self.pad_id, self.per_token, self.rows_per_call = pad_id, per_token, rows_per_call
         self.skip_non_finite = skip_non_finite
+        self.top_k = top_k  # when set, each batch leaves cut to its per-query top-k (reduce_to_top_k)
         self.batches_done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -69,7 +72,7 @@ class RowScorer:
         if token_scores is not None:
             out["token_scores"] = token_scores
             out["input_ids"] = batch["input_ids"]
-        return out
+        return out if self.top_k is None else reduce_to_top_k(out, self.top_k)
 
     def _scored(self, batch: dict[str, np.ndarray], rows: np.ndarray, non_finite: np.ndarray):
         """(rows, BatchScores) for `rows` of the batch, scored together. A NaN or inf raises NonFiniteError naming
@@ -99,14 +102,14 @@ class SequenceScorer:
     (one prepared-queries file, or several scored side by side: load_prepared)."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, batch_size: int = 8,
-                 num_threads: int | None = None, skip_non_finite: bool = False):
+                 num_threads: int | None = None, skip_non_finite: bool = False, top_k: int | None = None):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
         queries = load_prepared(queries_path)
         self.scorer = QueryScorer(self.model, self.layers, queries)
         # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
         # order, so which sequences share a forward pass depends only on the block (not on scheduling).
         self.rows = RowScorer(self.scorer, queries.num_queries, len(self.layers), pad_id_of(self.tokenizer),
-                              per_token, rows_per_call=batch_size, skip_non_finite=skip_non_finite)
+                              per_token, rows_per_call=batch_size, skip_non_finite=skip_non_finite, top_k=top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.rows(batch)
@@ -118,7 +121,8 @@ class ShardedSequenceScorer:
     time."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, shards: int = 2,
-                 batch_size: int = 8, options: ShardOptions | None = None, skip_non_finite: bool = False):
+                 batch_size: int = 8, options: ShardOptions | None = None, skip_non_finite: bool = False,
+                 top_k: int | None = None):
         options = options or ShardOptions(micro_batch_size=batch_size)
         self.worker = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
         queries = load_prepared(queries_path)
@@ -126,7 +130,7 @@ class ShardedSequenceScorer:
         # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
         rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2
         self.rows = RowScorer(self.worker, queries.num_queries, len(self.worker.layers), self.worker.pad_id,
-                              per_token, rows_per_call, skip_non_finite)
+                              per_token, rows_per_call, skip_non_finite, top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.rows(batch)

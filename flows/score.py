@@ -418,10 +418,14 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
     resources = actor_resources(workers)
     # The scoring pass scores the run's queries and its baselines' side by side; the per-token pass the run's only.
     queries = str(run.queries_file) if per_token else [str(path) for path in run.queries_files]
+    # Scorers send their batches' top-k only, unless the driver needs every score (--save-all-scores, --top-k all)
+    # or the rows themselves (the per-token pass).
+    reduced_top_k = None if per_token or config.save_all_scores else config.top_k
     scorer_class, constructor = SequenceScorer, {"spec": run.spec, "queries_path": queries,
                                                   "per_token": per_token, "batch_size": config.batch_size,
                                                   "num_threads": torch_threads(resources.get("num_cpus", 1)),
-                                                  "skip_non_finite": config.skip_non_finite}
+                                                  "skip_non_finite": config.skip_non_finite,
+                                                  "top_k": reduced_top_k}
     if shards > 1:
         from actors.scorer import ShardedSequenceScorer
         from actors.sharded_worker import ShardOptions
@@ -430,7 +434,7 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
         options = ShardOptions(micro_batch_size=config.batch_size, stage_gpus=gpu_share(workers * shards))
         constructor = {"spec": run.spec, "queries_path": queries, "per_token": per_token,
                        "shards": shards, "batch_size": config.batch_size, "options": options,
-                       "skip_non_finite": config.skip_non_finite}
+                       "skip_non_finite": config.skip_non_finite, "top_k": reduced_top_k}
         resources = {"num_cpus": 0.1}
     # batch_size=None: each block the reader made is one batch, so which sequences are scored together (and so
     # the floating-point result) does not depend on the number of workers or on scheduling. Ray Data refuses

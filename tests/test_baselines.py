@@ -20,18 +20,20 @@ from whence.results import BASELINES_DIR, load_results
 
 SEQ_LEN = 16
 BASELINES = ["identity", "kfac"]
+TOP_K = 5
 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, ray_cluster):
-    """A tiny workspace fitted on one worker and scored by EK-FAC with two baselines, every sequence kept."""
+    """A tiny workspace fitted on one worker and scored by EK-FAC with two baselines, top TOP_K kept (the scorers
+    send their batches' top-k only: whence.fragment_parts.reduce_to_top_k)."""
     root = tmp_path_factory.mktemp("baselines")
     space = write_workspace(root)
     space["factors"] = str(root / "factors")
     fit_corpus(space["model"], [space["corpus"]], space["factors"], FitConfig(seq_len=SEQ_LEN, batch_size=4),
                ClusterSettings(dtype="float64"))
     space["out"] = root / "results"
-    space["config"] = ScoreConfig(top_k=None, tfidf_candidates=0, query_rank="full", batch_size=4,
+    space["config"] = ScoreConfig(top_k=TOP_K, tfidf_candidates=0, query_rank="full", batch_size=4,
                                   baselines=BASELINES)
     run_score(space)
     return space
@@ -58,7 +60,10 @@ def test_each_method_of_the_pass_equals_the_core_engine(scored, method):
     directory = scored["out"] if method == "ekfac" else scored["out"] / BASELINES_DIR / method
     topk = pq.read_table(directory / "topk.parquet").to_pandas()
     expected = engine_scores(scored, method)
-    assert len(topk) == len(expected), "every sequence of every query"
+    for query in QUERIES:  # the TOP_K best of every sequence's scores, in order
+        best = sorted((score for key, score in expected.items() if key[0] == query["id"]), reverse=True)[:TOP_K]
+        rows = topk[topk.query_id == query["id"]].sort_values("rank")
+        assert rows.score.tolist() == pytest.approx(best, rel=1e-9, abs=1e-12)
     for row in topk.itertuples():
         assert row.score == pytest.approx(expected[(row.query_id, row.doc_id, row.chunk)], rel=1e-9, abs=1e-12)
     manifest = json.loads((directory / "manifest.json").read_text())

@@ -69,6 +69,8 @@ class FragmentResults:
         markers = batch["marker_total"] >= 0
         if markers.any():
             self.expected = int(batch["marker_total"][markers][0])
+        if "query" in batch:  # already cut to its top-k by the scorer (reduce_to_top_k)
+            return self._add_entries(batch)
         skipped = ~markers & batch["non_finite"] if "non_finite" in batch else np.zeros_like(markers)
         self.non_finite += [f"{d}#{c}" for d, c in zip(batch["doc_id"][skipped], batch["chunk"][skipped])]
         count = int((~markers).sum())  # every sequence counts toward completion, a skipped one too
@@ -83,6 +85,24 @@ class FragmentResults:
             if self.keep_all:
                 self.all_scores.append({"doc_id": batch["doc_id"][rows], "chunk": batch["chunk"][rows],
                                         "scores": scores[:, :q]})
+        return count
+
+    def _add_entries(self, batch: dict) -> int:
+        """A batch of reduce_to_top_k rows: its entries into the top-k of their query (column q of Q x (1 + B):
+        the run's query q mod Q, of the run itself or of baseline q div Q), its tallies into the counts."""
+        tally = (batch["query"] < 0) & (batch["marker_total"] < 0)
+        skipped = tally & batch["non_finite"]
+        self.non_finite += [f"{d}#{c}" for d, c in zip(batch["doc_id"][skipped], batch["chunk"][skipped])]
+        count = int(batch["sequences"][tally].sum())
+        self.received += count
+        q, topks = len(self.query_ids), [self.topk, *self.baselines.values()]
+        entries = np.flatnonzero(batch["query"] >= 0)
+        by_query = entries[np.argsort(batch["query"][entries], kind="stable")]
+        columns, starts = batch["query"][by_query], np.flatnonzero(np.diff(batch["query"][by_query], prepend=-1))
+        for start, end in zip(starts, [*starts[1:], len(by_query)]):
+            rows, column = by_query[start:end], int(columns[start])
+            topks[column // q].update_query(column % q, batch["doc_id"][rows], batch["chunk"][rows],
+                                            batch["score"][rows], batch["layer_scores"][rows], batch["fragment"][rows])
         return count
 
     def write(self, part_path: Callable[[str, int], Path]) -> None:
@@ -107,6 +127,50 @@ class FragmentResults:
         for name in ("chunk", "score"):
             columns[name] = np.concatenate(columns[name]) if columns[name] else []
         return scores_table(columns)
+
+
+def reduce_to_top_k(scored: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """A scorer's output batch cut to what the driver's top-k can use, so the driver receives O(k x Q') rows per
+    fragment and batch instead of every score. `scored` has a row per sequence (scores (N, Q'), layer_scores
+    (N, Q', L); Q' columns: the queries and any baselines'). The result has a row per kept entry instead:
+        entry rows   query >= 0 (its column in scores), doc_id, chunk, score, layer_scores (L,), fragment
+        tally rows   query -1, marker_total -1: one per fragment, `sequences` and `num_tokens` of its rows here
+        skip rows    query -1, marker_total -1, non_finite: a sequence skipped for NaN or inf, named
+        markers      passed through (marker_total >= 0)
+    Exact: an entry of the final top-k is in the top-k of its own batch (the same order, ties by key; whence.topk),
+    so the driver's top-k of these rows equals its top-k of every row."""
+    markers = scored["marker_total"] >= 0
+    skipped = ~markers & scored["non_finite"]
+    num_queries, num_layers = scored["layer_scores"].shape[1:]
+    rows: list[dict] = []
+    for fragment in np.unique(scored["fragment"][~markers]).tolist():
+        mine = ~markers & (scored["fragment"] == fragment)
+        kept = mine & ~skipped
+        topk = TopK.empty([str(q) for q in range(num_queries)], k, num_layers)
+        topk.update(scored["doc_id"][kept], scored["chunk"][kept], scored["scores"][kept],
+                    scored["layer_scores"][kept], scored["fragment"][kept])
+        rows.append(topk.long_columns())
+        rows.append({"fragment": [fragment], "sequences": [int(mine.sum())],
+                     "num_tokens": [int(scored["num_tokens"][mine].sum())]})
+        rows.append({"fragment": scored["fragment"][mine & skipped], "doc_id": scored["doc_id"][mine & skipped],
+                     "chunk": scored["chunk"][mine & skipped], "non_finite": np.ones(int((mine & skipped).sum()), bool)})
+    rows.append({name: scored[name][markers] for name in ("fragment", "doc_id", "chunk", "marker_total")})
+    return _stack_rows(rows, num_layers)
+
+
+def _stack_rows(parts: list[dict], num_layers: int) -> dict[str, np.ndarray]:
+    """reduce_to_top_k's row groups as one batch; a column a group lacks takes its default."""
+    defaults = {"fragment": -1, "doc_id": "", "chunk": 0, "marker_total": -1, "query": -1, "score": 0.0,
+                "sequences": 0, "num_tokens": 0, "non_finite": False}
+    dtypes = {"doc_id": object, "score": np.float64, "non_finite": bool}
+    lengths = [len(next(iter(part.values()))) for part in parts]
+    out = {name: np.concatenate([np.asarray(part[name], dtype=dtypes.get(name, np.int64)) if name in part
+                                 else np.full(n, default, dtype=dtypes.get(name, np.int64))
+                                 for part, n in zip(parts, lengths)]) for name, default in defaults.items()}
+    out["layer_scores"] = np.concatenate([np.asarray(part["layer_scores"], dtype=np.float64).reshape(n, num_layers)
+                                          if "layer_scores" in part else np.zeros((n, num_layers))
+                                          for part, n in zip(parts, lengths)])
+    return out
 
 
 def write_part(table: pa.Table, path: Path) -> None:

@@ -61,6 +61,22 @@ class TopK:
                         "fragment": fragments}
             self.entries[q] = _prune(_concat(kept, incoming), self.k)
 
+    def update_query(self, q: int, doc_ids, chunks, scores: np.ndarray, layer_scores: np.ndarray, fragments) -> None:
+        """Query q's candidates only: scores (N,), layer_scores (N, L) (from another TopK's long_columns)."""
+        incoming = {"doc_id": np.asarray(doc_ids, dtype=object), "chunk": np.asarray(chunks, dtype=np.int64),
+                    "score": np.asarray(scores, dtype=np.float64), "layer_scores": np.asarray(layer_scores),
+                    "fragment": np.asarray(fragments, dtype=np.int64)}
+        self.entries[q] = _prune(_concat(self.entries[q], incoming), self.k)
+
+    def long_columns(self) -> dict[str, np.ndarray]:
+        """Every kept entry as rows: query (n,) its query's index, doc_id, chunk, score (n,), layer_scores (n, L),
+        fragment (n,); query by query, each in rank order."""
+        entries = self.entries or [_blank(0)]
+        columns = {name: np.concatenate([entry[name] for entry in entries]) for name in entries[0]}
+        columns["query"] = np.repeat(np.arange(len(self.entries), dtype=np.int64),
+                                     [len(entry["score"]) for entry in self.entries])
+        return columns
+
     def merge(self, other: TopK) -> TopK:
         """Fold another worker's TopK (same queries) into this one."""
         self.entries = [_prune(_concat(mine, theirs), self.k) for mine, theirs in zip(self.entries, other.entries)]
