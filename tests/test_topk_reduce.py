@@ -43,7 +43,7 @@ def test_the_top_k_of_reduced_batches_equals_the_top_k_of_every_row(tmp_path, k)
         assert results.complete
         counts[name] = (results.received, results.non_finite)
         paths = {}
-        results.write(lambda kind, index, name=name: paths.setdefault(kind, tmp_path / f"{name}-{kind}.parquet"))
+        results.write(lambda kind, index, name=name, paths=paths: paths.setdefault(kind, tmp_path / f"{name}-{kind}.parquet"))
         tables[name] = {kind: pq.read_table(path) for kind, path in paths.items()}
     assert counts["reduced"] == counts["rows"] and counts["rows"][0] == 65
     for kind, table in tables["rows"].items():

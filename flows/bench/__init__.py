@@ -16,6 +16,8 @@ the weights. The measurements:
     7. 2 workers over 1, 8. 2 model shards (pipeline stages) over 1 and the stages' idle share   (Ray)
     9. `whence fit` peak memory of the driver and of each fitting actor over the factors' bytes, and the memory
        estimate over the measured peak (--only memory; flows.bench.memory)   (Ray)
+   10. the scoring driver's bytes and CPU seconds per sequence, scorers sending their batches' top-k over every
+       score (--only reduce; flows.bench.reduce)
 
 Layout of this package (beside the flows it measures; nothing in whence/ imports it):
     configs.py    BenchConfig, the named CONFIGS (tiny, medium), the queries about the demo corpus
@@ -26,6 +28,7 @@ Layout of this package (beside the flows it measures; nothing in whence/ imports
     kernels.py    measurements 1-4, in process
     pipeline.py   measurements 5-8, the Ray scoring pipeline and sharded workers
     memory.py     measurement 9, `whence fit` in subprocesses; real_model.py: SmolLM2-135M from its GGUF file
+    reduce.py     measurement 10, in process
     measure.py    the measurements by name (--only) and Results
     table.py      the targets, the printed table and the JSON written by --out
 """

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MEASUREMENTS = ("fitting", "scoring", "lissa", "refine", "tfidf", "pipeline", "score_memory", "workers", "shards",
-                "memory", "index")
+MEASUREMENTS = ("fitting", "scoring", "lissa", "refine", "tfidf", "reduce", "pipeline", "score_memory", "workers",
+                "shards", "memory", "index")
 PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory", "index")  # need Ray
 
 
@@ -70,6 +70,13 @@ def measure_tfidf(bench, results: Results) -> None:
     results.add("tfidf", *tfidf_scaling(demo_corpus(), bench.config))
 
 
+def measure_reduce(bench, results: Results) -> None:
+    """The driver's bytes and CPU seconds per sequence, scorers sending every score or their batches' top-k."""
+    from flows.bench.reduce import driver_costs
+
+    results.add("reduce", *driver_costs())
+
+
 def measure_pipeline(name: str):
     """Measurement `name` (5-8) of flows.bench.pipeline: `whence score` or sharded workers, on Ray."""
     function = {"pipeline": "pipeline_overhead", "score_memory": "score_memory", "workers": "worker_scaling",
@@ -109,6 +116,7 @@ MEASURE = {
     "lissa": measure_query_preparation,
     "refine": measure_refine,
     "tfidf": measure_tfidf,
+    "reduce": measure_reduce,
     **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS if name not in ("memory", "index")},
     "memory": measure_fit_memory,
     "index": measure_index,
