@@ -143,7 +143,7 @@ def method_score_matrices(setup: ScoredSequences, factors, queries, methods, fit
     """name -> (Q, N) scores; influence methods NaN outside each query's TF-IDF candidates."""
     import numpy as np
 
-    from whence.evaluation.methods import influence_scores
+    from whence.evaluation.methods import INDEX_METHODS, index_scores, influence_scores
     from whence.evaluation.trace import bm25_matrix, candidate_mask, query_text, random_scores
 
     bm25 = bm25_matrix([query_text(q) for q in queries], setup.sequence_texts)  # (Q, N)
@@ -157,6 +157,7 @@ def method_score_matrices(setup: ScoredSequences, factors, queries, methods, fit
             matrices[name] = random_scores(len(queries), len(doc_ids), settings.seed)
         else:
             log.info("scoring %d queries x %d sequences with %s", len(queries), len(doc_ids), name)
-            scores = influence_scores(setup.scoring, factors, queries, name, fitting)
+            scores = (index_scores(setup.scoring, factors, queries, INDEX_METHODS[name]) if name in INDEX_METHODS
+                      else influence_scores(setup.scoring, factors, queries, name, fitting))
             matrices[name] = np.where(candidates, scores, np.nan)
     return matrices

@@ -22,7 +22,9 @@ from whence.queries import METHODS, HostedModel
 from whence.text import Query, TrainingSequence
 
 BASELINES = ("tfidf", "random")
-ALL_METHODS = METHODS + BASELINES
+# The gradient index (whence.index) at its default dimension, EK-FAC-preconditioned: method -> projection kind.
+INDEX_METHODS = {"index": "eigen", "index-random": "random"}
+ALL_METHODS = METHODS + tuple(INDEX_METHODS) + BASELINES
 
 
 def parse_methods(text: str | Sequence[str], allowed: Sequence[str] = ALL_METHODS) -> list[str]:
@@ -68,3 +70,18 @@ def influence_scores(setup: ScoringSetup, factors: Factors, queries: Sequence[Qu
         prepared = prepare(setup.model, setup.tokenizer, setup.layers, factors, list(queries), config, fitting or None)
     table = score(setup.model, setup.tokenizer, setup.layers, prepared, setup.documents, config)
     return np.ascontiguousarray(table.scores.T)  # (Q, N)
+
+
+def index_scores(setup: ScoringSetup, factors: Factors, queries: Sequence[Query], kind: str) -> np.ndarray:
+    """(Q, N) scores of an in-memory gradient index of the setup's sequences (projection `kind`, the default
+    dimension and seed), queries preconditioned by EK-FAC in the compressed space, as `whence query` scores."""
+    from whence.index import DEFAULT_DIM, GradientCompressor, build_projections, score_shard
+    from whence.queries import query_gradients
+    from whence.text import iter_sequences
+
+    projections = build_projections(factors, kind, DEFAULT_DIM)
+    compressor = GradientCompressor(setup.model, setup.tokenizer, setup.layers, projections)
+    shard = compressor.shard(0, iter_sequences(setup.tokenizer, setup.documents, setup.seq_len), setup.batch_size)
+    gradients = query_gradients(setup.model, setup.tokenizer, setup.layers, list(queries))
+    prepared = projections.prepare(gradients, factors, "ekfac", setup.damping)  # (Q, width)
+    return np.ascontiguousarray(score_shard(shard, prepared, projections.offsets).scores.T)  # (Q, N)
