@@ -130,11 +130,11 @@ def print_table(body: dict, out) -> None:
     print(f"noise: across subsets {noise['across_subsets_std']:.4f} nats, across seeds "
           f"{'n/a' if seeds is None else f'{seeds:.4f}'} nats")
     paired = body.get("versus_" + PAIRED_BASELINE, {})
-    print(f"{'method':<10} {'lds':>8} {'stderr':>8}   paired difference from {PAIRED_BASELINE} (stderr, queries "
+    print(f"{'method':<12} {'lds':>8} {'stderr':>8}   paired difference from {PAIRED_BASELINE} (stderr, queries "
           "better/worse)")
     for name, row in body["methods"].items():
         lds, err = row["lds"], row["stderr"]
-        line = f"{name:<10} {_figure(lds):>8} {_figure(err):>8}"
+        line = f"{name:<12} {_figure(lds):>8} {_figure(err):>8}"
         if name in paired:
             pair = paired[name]
             line += (f"   {_figure(pair['mean_difference'], '+.4f')} ({_figure(pair['stderr'])}, "

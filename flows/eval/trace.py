@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
 def print_trace_table(body: dict, out) -> None:
     print(f"fact tracing of {body['queries']} queries over {body['sequences']} sequences -> {out}/{TRACE_FILE}")
-    print(f"{'method':<10} {'recall@1':>9} {'recall@10':>10} {'recall@100':>11} {'mrr':>7}")
+    print(f"{'method':<12} {'recall@1':>9} {'recall@10':>10} {'recall@100':>11} {'mrr':>7}")
     for name, row in body["methods"].items():
-        print(f"{name:<10} {row['recall@1']:>9.3f} {row['recall@10']:>10.3f} {row['recall@100']:>11.3f} "
+        print(f"{name:<12} {row['recall@1']:>9.3f} {row['recall@10']:>10.3f} {row['recall@100']:>11.3f} "
               f"{row['mrr']:>7.3f}")
 
 
