@@ -23,12 +23,13 @@ from whence.queries import PreparedQueries
 from whence.scoring import QueryScorer
 
 
-def load_prepared(paths: str | list[str]) -> PreparedQueries:
+def load_prepared(paths: str | list[str], query_range: tuple[int, int] | None = None) -> PreparedQueries:
     """The prepared queries of one file, or of several side by side (a run's queries and its baselines' scored
-    in one pass: the scores of file i are the columns of its queries, in file order)."""
+    in one pass: the scores of file i are the columns of its queries, in file order); only the queries in
+    [start, stop) = query_range of each (a query group) when given."""
     if isinstance(paths, str):
-        return PreparedQueries.load(paths)
-    return PreparedQueries.concatenate([PreparedQueries.load(path) for path in paths])
+        return PreparedQueries.load(paths, queries=query_range)
+    return PreparedQueries.concatenate([PreparedQueries.load(path, queries=query_range) for path in paths])
 
 
 class RowScorer:
@@ -102,9 +103,10 @@ class SequenceScorer:
     (one prepared-queries file, or several scored side by side: load_prepared)."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, batch_size: int = 8,
-                 num_threads: int | None = None, skip_non_finite: bool = False, top_k: int | None = None):
+                 num_threads: int | None = None, skip_non_finite: bool = False, top_k: int | None = None,
+                 query_range: tuple[int, int] | None = None):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
-        queries = load_prepared(queries_path)
+        queries = load_prepared(queries_path, query_range)
         self.scorer = QueryScorer(self.model, self.layers, queries)
         # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
         # order, so which sequences share a forward pass depends only on the block (not on scheduling).
@@ -122,10 +124,10 @@ class ShardedSequenceScorer:
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, shards: int = 2,
                  batch_size: int = 8, options: ShardOptions | None = None, skip_non_finite: bool = False,
-                 top_k: int | None = None):
+                 top_k: int | None = None, query_range: tuple[int, int] | None = None):
         options = options or ShardOptions(micro_batch_size=batch_size)
         self.worker = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
-        queries = load_prepared(queries_path)
+        queries = load_prepared(queries_path, query_range)
         self.worker.set_queries(queries)
         # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
         rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2

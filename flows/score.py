@@ -25,7 +25,7 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ from whence.refine import DEFAULT_REFINE_SEQUENCES, DEFAULT_REFINE_STEPS, DEFAUL
 if TYPE_CHECKING:
     from actors.hosting import ModelSpec
     from flows.corpus_pipeline import FragmentPlan, ReadSettings
+    from flows.query_groups import QueryGroup
     from flows.run_state import RunDirectory
     from whence.corpus import CorpusSource, Fragment
     from whence.text import Query
@@ -84,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=help_for(ScoreConfig, "refine_sequences"))
     parser.add_argument("--refine-tolerance", type=float, default=DEFAULT_REFINE_TOLERANCE, metavar="TOL",
                         help=help_for(ScoreConfig, "refine_tolerance"))
+    parser.add_argument("--query-batch", type=positive_int, default=None, metavar="N",
+                        help=help_for(ScoreConfig, "query_batch"))
     parser.add_argument("--skip-non-finite", action="store_true", help=help_for(ScoreConfig, "skip_non_finite"))
     parser.add_argument("--baseline", dest="baselines", action="append", default=[], choices=BASELINE_METHODS,
                         metavar="METHOD", help=help_for(ScoreConfig, "baselines") + " (repeatable)")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class ScoringRun:
     """A scoring run's fixed inputs, read by every pass: its directory, how actors load the model, the corpus
     fragments and how to read them, the settings, the cluster, and the queries."""
@@ -112,6 +115,7 @@ class ScoringRun:
     config: ScoreConfig
     cluster: ClusterSettings
     queries: list[Query]
+    groups: list[QueryGroup] = field(default_factory=list)  # set once the queries are prepared (plan_groups)
 
     @property
     def query_ids(self) -> list[str]:
@@ -205,11 +209,11 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     returns the run's summary and the tracked layers' names."""
     from flows.candidates import candidate_keys, stored_candidates
     from flows.corpus_pipeline import FragmentPlan, reduce_scans
+    from flows.query_groups import plan_groups
     from flows.scan_cache import cached_scan
-    from flows.score_checks import discard_damaged_queries, fisher_sequences
-    from whence.fragment_parts import SCORES_PART, TOPK_PART, concatenate_scores, reduce_topk
+    from flows.score_checks import discard_damaged_queries
     from whence.queries import QueriesHeader
-    from whence.results import CANDIDATE_SEQUENCES_FILE, CANDIDATES_FILE, SCORES_FILE, TOPK_FILE
+    from whence.results import CANDIDATE_SEQUENCES_FILE, CANDIDATES_FILE
     from whence.tfidf import DEFAULT_FEATURES
 
     state, config, timings = run.state, run.config, {}
@@ -243,27 +247,57 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
         with _timed(timings, "gather_s"):
             stored = stored_candidates(run, scans, skip, keys)
     layer_names = QueriesHeader.read(run.queries_file).layer_names
-
-    with _timed(timings, "score_s"):
-        expected = len(keys) if keys is not None else sum(counts.values())
-        plan = FragmentPlan(skip_lines=skip, keys=keys, stored=stored)
-        scored, steady = _score_fragments(run, plan, len(layer_names), expected)
-    # After start-up: sequences that arrived after the first scored batch, and the seconds they took.
-    timings["score_steady_sequences"], timings["score_steady_s"] = steady
-
-    skipped = _non_finite_sequences(run, scored)
-    topk = reduce_topk(state.finished_parts(TOPK_PART), run.query_ids, config.top_k, len(layer_names),
-                       state.path / TOPK_FILE, fisher_sequences(factors_manifest))
-    if config.save_all_scores:
-        concatenate_scores(state.finished_parts(SCORES_PART), state.path / SCORES_FILE)
+    run.groups = plan_groups(len(run.queries), config.query_batch, run.queries_file, len(run.queries_files),
+                             run.cluster.workers)
+    plan = FragmentPlan(skip_lines=skip, keys=keys, stored=stored)
+    expected = len(keys) if keys is not None else sum(counts.values())
+    scored, skipped, topk = _score_and_reduce(run, plan, len(layer_names), expected, timings, factors_manifest)
     if config.per_token:
         with _timed(timings, "per_token_s"):
-            _per_token(run, skip, topk, stored)
+            for group in run.groups:
+                _per_token(run, plan, topk, group)
     summary = {"queries": len(run.queries), "sequences_scored": scored, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "fragments": len(run.fragments),
                "workers": run.cluster.workers, "shards": run.cluster.shards, "seconds": time.monotonic() - started,
-               "timings": timings, "non_finite_skipped": len(skipped), "non_finite_sequences": skipped[:100]}
+               "timings": timings, "non_finite_skipped": len(skipped), "non_finite_sequences": skipped[:100],
+               "query_groups": [list(group.range) for group in run.groups]}
     return summary, layer_names
+
+
+def _score_and_reduce(run: ScoringRun, plan: FragmentPlan, num_layers: int, expected: int, timings: dict,
+                      factors_manifest: dict) -> tuple[int, list[str], TopK]:
+    """The scoring pass of each query group, then its parts reduced: topk.parquet (and scores.parquet). Returns
+    the sequences scored, those skipped as non-finite, and the top-k of every query."""
+    from flows.score_checks import fisher_sequences
+    from whence.fragment_parts import SCORES_PART, TOPK_PART, concatenate_scores
+    from whence.results import SCORES_FILE, TOPK_FILE, topk_table, write_table_atomically
+
+    with _timed(timings, "score_s"):
+        passes = [_score_fragments(run, plan, num_layers, expected, group) for group in run.groups]
+    scored = passes[0][0]  # every group scores the same sequences
+    # After start-up: sequences that arrived after the first scored batch, and the seconds they took.
+    timings["score_steady_sequences"] = sum(steady[0] for _, steady in passes)
+    timings["score_steady_s"] = sum(steady[1] for _, steady in passes)
+    skipped = _non_finite_sequences(run, scored)
+    topk = _stitched_topk(run, TOPK_PART, num_layers)
+    write_table_atomically(topk_table(topk, fisher_sequences=fisher_sequences(factors_manifest)),
+                           run.state.path / TOPK_FILE)
+    if run.config.save_all_scores:
+        parts = [path for group in run.groups for path in group.finished_parts(run.state.path, SCORES_PART).values()]
+        concatenate_scores(dict(enumerate(parts)), run.state.path / SCORES_FILE)
+    return scored, skipped, topk
+
+
+def _stitched_topk(run: ScoringRun, kind: str, num_layers: int) -> TopK:
+    """The top-k of every query from the parts of `kind` of each query group, in query order."""
+    from whence.fragment_parts import merge_parts
+    from whence.topk import TopK
+
+    entries = []
+    for group in run.groups:
+        ids = run.query_ids[group.start : group.stop]
+        entries += merge_parts(group.finished_parts(run.state.path, kind), ids, run.config.top_k, num_layers).entries
+    return TopK(run.query_ids, run.config.top_k, entries)
 
 
 def _non_finite_sequences(run: ScoringRun, scored: int) -> list[str]:
@@ -272,7 +306,9 @@ def _non_finite_sequences(run: ScoringRun, scored: int) -> list[str]:
     from whence.errors import NonFiniteError
     from whence.fragment_parts import TOPK_PART, part_non_finite
 
-    skipped = [name for path in run.state.finished_parts(TOPK_PART).values() for name in part_non_finite(path)]
+    named = (name for group in run.groups for path in group.finished_parts(run.state.path, TOPK_PART).values()
+             for name in part_non_finite(path))
+    skipped = list(dict.fromkeys(named))  # each group skips the same sequences (their activations are not finite)
     if skipped:
         log.warning("skipped %d of %d sequences whose activations, gradients or scores hold NaN or inf: %s%s",
                     len(skipped), scored, ", ".join(skipped[:8]), " ..." if len(skipped) > 8 else "")
@@ -304,13 +340,20 @@ def _manifest(run: ScoringRun, factors_manifest: dict, layer_names: list[str], s
 def _write_baselines(run: ScoringRun, manifest: dict) -> None:
     """Each baseline's results directory: its top-k reduced from its parts, the run's candidates, and a manifest
     like the run's with the baseline's method (`baseline_of` names the run that scored it)."""
-    from whence.fragment_parts import baseline_part, reduce_topk
-    from whence.results import CANDIDATES_FILE, FISHER_SEQUENCES, MANIFEST_FILE, TOPK_FILE
+    from whence.fragment_parts import baseline_part
+    from whence.results import (
+        CANDIDATES_FILE,
+        FISHER_SEQUENCES,
+        MANIFEST_FILE,
+        TOPK_FILE,
+        topk_table,
+        write_table_atomically,
+    )
 
     for method in run.config.baselines:
         directory = run.baseline_dir(method)
-        reduce_topk(run.state.finished_parts(baseline_part(method)), run.query_ids, run.config.top_k,
-                    len(manifest["layers"]), directory / TOPK_FILE, manifest[FISHER_SEQUENCES])
+        topk = _stitched_topk(run, baseline_part(method), len(manifest["layers"]))
+        write_table_atomically(topk_table(topk, fisher_sequences=manifest[FISHER_SEQUENCES]), directory / TOPK_FILE)
         if (run.state.path / CANDIDATES_FILE).exists():
             shutil.copyfile(run.state.path / CANDIDATES_FILE, directory / CANDIDATES_FILE)
         body = {**manifest, "method": method, "baseline_of": str(run.state.path), "refine": None, "baselines": {}}
@@ -403,10 +446,11 @@ def _lissa_batches(tokenizer, run: ScoringRun) -> list[dict]:
 # score
 
 
-def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPlan, per_token: bool = False):
-    """The sequences of `fragments` (those `plan` lets through) streamed through an actor pool of scorers; the
-    per-token pass runs unsharded. The run's actor_env goes to the scoring actors (CUDA or fault-injection
-    settings)."""
+def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPlan, group: QueryGroup,
+                    per_token: bool = False):
+    """The sequences of `fragments` (those `plan` lets through) streamed through an actor pool of scorers holding
+    the queries of `group`; the per-token pass runs unsharded. The run's actor_env goes to the scoring actors
+    (CUDA or fault-injection settings)."""
     import ray.data
 
     from actors.scorer import SequenceScorer
@@ -425,7 +469,7 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
                                                   "per_token": per_token, "batch_size": config.batch_size,
                                                   "num_threads": torch_threads(resources.get("num_cpus", 1)),
                                                   "skip_non_finite": config.skip_non_finite,
-                                                  "top_k": reduced_top_k}
+                                                  "top_k": reduced_top_k, "query_range": group.range}
     if shards > 1:
         from actors.scorer import ShardedSequenceScorer
         from actors.sharded_worker import ShardOptions
@@ -434,7 +478,8 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
         options = ShardOptions(micro_batch_size=config.batch_size, stage_gpus=gpu_share(workers * shards))
         constructor = {"spec": run.spec, "queries_path": queries, "per_token": per_token,
                        "shards": shards, "batch_size": config.batch_size, "options": options,
-                       "skip_non_finite": config.skip_non_finite, "top_k": reduced_top_k}
+                       "skip_non_finite": config.skip_non_finite, "top_k": reduced_top_k,
+                       "query_range": group.range}
         resources = {"num_cpus": 0.1}
     # batch_size=None: each block the reader made is one batch, so which sequences are scored together (and so
     # the floating-point result) does not depend on the number of workers or on scheduling. Ray Data refuses
@@ -453,34 +498,38 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
     )
 
 
-def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expected: int) -> tuple[int, tuple[int, float]]:
-    """Stream every pending fragment through the scorers; write each fragment's parts when it completes.
-    Returns the sequences scored in all (resumed parts included) and Progress.steady() of this run."""
+def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expected: int, group: QueryGroup
+                     ) -> tuple[int, tuple[int, float]]:
+    """Stream every fragment `group` has not finished through the scorers; write each fragment's parts when it
+    completes. Returns the sequences scored in all (resumed parts included) and Progress.steady() of this pass."""
     from flows.progress import Progress
     from whence.fragment_parts import TOPK_PART, FragmentResults, part_sequences, verified_parts
 
-    done = verified_parts(run.state.finished_parts(TOPK_PART), run.state.part_path, run.config.save_all_scores,
-                          run.config.baselines)
+    part_path, config = group.part_path(run.state.path), run.config
+    done = verified_parts(group.finished_parts(run.state.path, TOPK_PART), part_path, config.save_all_scores,
+                          config.baselines)
     pending = [f for f in run.fragments if f.index not in done]
     already = sum(part_sequences(path) for path in done.values())
+    queries = "" if group.only else f" queries {group.start + 1}-{group.stop} of {len(run.queries)}:"
     if not pending:
-        log.info("resuming: all %d fragments already scored", len(run.fragments))
+        log.info("resuming:%s all %d fragments already scored", queries, len(run.fragments))
         return already, (0, 0.0)
     if done:
-        log.info("resuming: %d of %d fragments already scored", len(done), len(run.fragments))
-    progress = Progress("scoring", max(expected - already, 0) or None)
+        log.info("resuming:%s %d of %d fragments already scored", queries, len(done), len(run.fragments))
+    progress = Progress(f"scoring{queries}", max(expected - already, 0) or None)
     open_fragments: dict[int, FragmentResults] = {}
-    for batch in scoring_dataset(run, pending, plan).iter_batches(batch_size=None, batch_format="numpy"):
+    ids = run.query_ids[group.start : group.stop]
+    for batch in scoring_dataset(run, pending, plan, group).iter_batches(batch_size=None, batch_format="numpy"):
         for fragment in np.unique(batch["fragment"]).tolist():
             rows = batch["fragment"] == fragment
             if fragment not in open_fragments:
-                open_fragments[fragment] = FragmentResults(fragment, run.query_ids, run.config.top_k, num_layers,
-                                                           run.config.save_all_scores, run.config.baselines)
+                open_fragments[fragment] = FragmentResults(fragment, ids, config.top_k, num_layers,
+                                                           config.save_all_scores, config.baselines)
             results = open_fragments[fragment]
             scored = results.add({name: values[rows] for name, values in batch.items()})
             progress.advance(scored, int(batch["num_tokens"][rows].sum()))
             if results.complete:
-                results.write(run.state.part_path)
+                results.write(part_path)
                 del open_fragments[fragment]
     if open_fragments:
         raise RuntimeError(f"fragments {sorted(open_fragments)} did not complete; rerun to resume")
@@ -492,20 +541,21 @@ def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expec
 # per-token
 
 
-def _per_token(run: ScoringRun, skip: dict[int, set[int]], topk: TopK, stored: dict[int, object] | None) -> None:
-    """Score the top-k sequences again, token by token (read from `stored` when the candidates were gathered),
-    and write tokens.parquet."""
+def _per_token(run: ScoringRun, plan: FragmentPlan, topk: TopK, group: QueryGroup) -> None:
+    """Score the top-k sequences of `group`'s queries again, token by token (read from plan.stored when the
+    candidates were gathered), and write tokens.parquet (a part of it per group when there are several)."""
     from flows.corpus_pipeline import FragmentPlan, load_tokenizer
     from whence.results import TOKENS_FILE, TOKENS_SCHEMA, tokens_table, write_table_atomically
     from whence.text import token_pieces
 
-    wanted: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (doc_id, chunk) -> [(query index, rank)]
-    for q, entry in enumerate(topk.entries):
+    entries = topk.entries[group.start : group.stop]  # query q of the group is the run's group.start + q
+    wanted: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (doc_id, chunk) -> [(query in group, rank)]
+    for q, entry in enumerate(entries):
         for rank, (doc_id, chunk) in enumerate(zip(entry["doc_id"], entry["chunk"]), start=1):
             wanted.setdefault((str(doc_id), int(chunk)), []).append((q, rank))
-    involved = {int(f) for entry in topk.entries for f in entry["fragment"]}
-    plan = FragmentPlan(skip_lines=skip, keys=set(wanted), stored=stored)
-    dataset = scoring_dataset(run, [f for f in run.fragments if f.index in involved], plan, per_token=True)
+    involved = {int(f) for entry in entries for f in entry["fragment"]}
+    plan = FragmentPlan(skip_lines=plan.skip_lines, keys=set(wanted), stored=plan.stored)
+    dataset = scoring_dataset(run, [f for f in run.fragments if f.index in involved], plan, group, per_token=True)
     tokenizer = load_tokenizer(run.settings.tokenizer_path)
     rows = []  # (query index, rank, doc_id, chunk, tokens, token_ids, token_scores)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -517,5 +567,18 @@ def _per_token(run: ScoringRun, skip: dict[int, set[int]], topk: TopK, stored: d
                 rows.append((q, rank, *key, pieces, ids, batch["token_scores"][i][q].tolist()))
     rows.sort(key=lambda row: row[:2])  # query order, then rank
     columns = {name: [row[j] for row in rows] for j, name in enumerate(TOKENS_SCHEMA.names)}
-    columns["query_id"] = [run.query_ids[q] for q in columns["query_id"]]
-    write_table_atomically(tokens_table(columns), run.state.path / TOKENS_FILE)
+    columns["query_id"] = [run.query_ids[group.start + q] for q in columns["query_id"]]
+    path = run.state.path / TOKENS_FILE if group.only else group.directory(run.state.path) / TOKENS_FILE
+    write_table_atomically(tokens_table(columns), path)
+    if not group.only and group is run.groups[-1]:  # the groups' parts, in query order, as tokens.parquet
+        _join_token_parts(run)
+
+
+def _join_token_parts(run: ScoringRun) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from whence.results import TOKENS_FILE, write_table_atomically
+
+    tables = [pq.read_table(group.directory(run.state.path) / TOKENS_FILE) for group in run.groups]
+    write_table_atomically(pa.concat_tables(tables), run.state.path / TOKENS_FILE)

@@ -69,6 +69,9 @@ class ScoreConfig:
                                       DEFAULT_REFINE_TOLERANCE)
     skip_non_finite: bool = setting("skip and count the sequences whose activations, gradients or scores hold NaN "
                                     "or inf, named in the manifest (default: stop with an error naming them)", False)
+    query_batch: int | None = setting("score the queries in groups of N, one pass each, so an actor holds N queries' "
+                                      "prepared gradients at a time (None: as many as fit a quarter of its "
+                                      "node's memory share, logged)", None)
     baselines: list[str] = setting(
         f"methods also scored in the same pass, each into RESULTS_DIR/{BASELINES_DIR}/METHOD (one of "
         f"{', '.join(BASELINE_METHODS)}): they share its forward and backward passes", [])
@@ -93,6 +96,8 @@ class ScoreConfig:
         _require(self.refine_sequences >= 1, "refine_sequences", f"must be positive, got {self.refine_sequences}")
         self.refine_tolerance = _finite_float(self.refine_tolerance, "refine_tolerance")
         _require(self.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {self.refine_tolerance}")
+        _require(self.query_batch is None or self.query_batch >= 1, "query_batch",
+                 f"must be positive or None, got {self.query_batch}")
         self.baselines = list(self.baselines)
         for baseline in self.baselines:
             _require(baseline in BASELINE_METHODS, "baselines",
@@ -102,7 +107,7 @@ class ScoreConfig:
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        for name in ("baselines", "skip_non_finite"):  # off: as runs recorded before the option, so they resume
+        for name in ("baselines", "skip_non_finite", "query_batch"):  # unset: recorded as before they existed
             if not values[name]:
                 del values[name]
         return values

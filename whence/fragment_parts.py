@@ -222,14 +222,19 @@ def part_sequences(path: str | Path) -> int:
                           ) from error
 
 
-def reduce_topk(parts: dict[int, Path], query_ids: list[str], k: int | None, num_layers: int, out: Path,
-                fisher_sequences: int | None = None) -> TopK:
-    """Merge the finished top-k parts (fragment -> path) into topk.parquet at `out` (with its predicted_change
-    column from `fisher_sequences`, whence.results.topk_table); returns the merged TopK, whose entries remember
-    their fragment."""
+def merge_parts(parts: dict[int, Path], query_ids: list[str], k: int | None, num_layers: int) -> TopK:
+    """The finished top-k parts (fragment -> path) merged into one TopK, whose entries remember their fragment."""
     merged = TopK.empty(query_ids, k, num_layers)
     for fragment, path in parts.items():
         merged.merge(TopK.from_table(_read_part(path), query_ids, k, num_layers, fragment=fragment))
+    return merged
+
+
+def reduce_topk(parts: dict[int, Path], query_ids: list[str], k: int | None, num_layers: int, out: Path,
+                fisher_sequences: int | None = None) -> TopK:
+    """Merge the finished top-k parts (fragment -> path) into topk.parquet at `out` (with its predicted_change
+    column from `fisher_sequences`, whence.results.topk_table); returns the merged TopK."""
+    merged = merge_parts(parts, query_ids, k, num_layers)
     write_table_atomically(topk_table(merged, fisher_sequences=fisher_sequences), out)
     return merged
 

@@ -84,14 +84,18 @@ class PreparedQueries:
         partial.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, device="cpu") -> PreparedQueries:
+    def load(cls, path: str | Path, device="cpu", queries: tuple[int, int] | None = None) -> PreparedQueries:
+        """The file's queries, or only those in [start, stop) = `queries` (read alone: a query group's actors
+        never hold the others)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             header = QueriesHeader.of(handle.metadata())
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            start, stop = queries or (0, len(header.query_ids))
+            tensors = {k: handle.get_slice(k)[start:stop] for k in handle.keys()}  # the leading dimension is Q
         pick = lambda kind: {k.rsplit("/", 1)[0]: v for k, v in tensors.items() if k.endswith("/" + kind)}  # noqa: E731
-        return cls(header.query_ids, header.layer_names, header.rank, pick("left"), pick("right"), pick("full"))
+        return cls(header.query_ids[start:stop], header.layer_names, header.rank, pick("left"), pick("right"),
+                   pick("full"))
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,25 @@ class QueriesHeader:
 
         with safe_open(str(path), framework="pt") as handle:
             return cls.of(handle.metadata())
+
+
+def bytes_per_query(path: str | Path) -> int:
+    """What one query of a prepared-queries file takes in memory: its tensors' bytes over Q (read from the
+    file's header: no tensor is loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        queries = max(len(QueriesHeader.of(handle.metadata()).query_ids), 1)
+        total = 0
+        for key in handle.keys():
+            part = handle.get_slice(key)
+            total += math.prod(part.get_shape()) * torch.tensor([], dtype=_DTYPES[part.get_dtype()]).element_size()
+    return total // queries
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def parse_rank(rank: int | str) -> int | str:
