@@ -66,7 +66,7 @@ def connect(address: str | None = None):
         # Ray Data's actors' "constructor arguments in the object store and max_restarts > 0"). The level is read
         # when ray.init starts the core worker; the workers log at Ray's default level to their files.
         options["runtime_env"]["env_vars"]["RAY_BACKEND_LOG_LEVEL"] = "info"
-        with _environment(RAY_BACKEND_LOG_LEVEL="fatal"):
+        with _environment(RAY_BACKEND_LOG_LEVEL="fatal"), _without_log_level_notice():
             _init_with_retry(ray, options)
     else:
         _init_with_retry(ray, options)
@@ -153,6 +153,32 @@ def local_only_node(enabled: bool):
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+@contextmanager
+def _without_log_level_notice():
+    """Ray's C++ logger announces "Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL ..." on the
+    driver's stderr as the core worker starts, whatever the level. While ray.init runs, file descriptor 2 goes to
+    a temporary file, replayed afterwards without that line: every other line, and all of them on an error, kept.
+    (The processes ray.init starts log to their own files; one that inherited the descriptor writes to the
+    unlinked file.)"""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if "Set ray log level from" not in line))
+            sys.stderr.flush()
 
 
 @contextmanager
