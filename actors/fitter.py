@@ -9,7 +9,7 @@ only; the sums stay here until their owners fetch them.
 from __future__ import annotations
 
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
-from actors.owner import LayerOwner
+from actors.owner import LayerOwner, basis_from_transfer, release_free_memory
 from whence.errors import NonFiniteError
 from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.fitting import FactorFitter
@@ -60,22 +60,25 @@ class FitterActor(LayerOwner):
         self.held = {}
         self.fitter = FactorFitter(self.model, [layer for layer in self.layers if layer.name in set(names)],
                                    self.fisher, self.num_blocks)
+        release_free_memory()  # what the last pass freed, on another thread's arena
 
     def covariance_pass(self, dataset, names: list[str]) -> dict:
         """Covariance sums of the layers `names` over this actor's sequences, kept here: returns the counts."""
         self._track(names)
-        self._accumulate(dataset, self.fitter.covariance_step)
-        sums = self.held[COVARIANCE] = self.fitter.take_covariance()
+        with self.phase(COVARIANCE):
+            self._accumulate(dataset, self.fitter.covariance_step)
+            sums = self.held[COVARIANCE] = self.fitter.take_covariance()
         return {"tokens": sums.tokens, "sequences": sums.sequences}
 
     def correction_pass(self, dataset, names: list[str], bases_refs: list) -> dict:
-        """Eigenvalue-correction sums of `names` in the owners' bases (bases_refs: ObjectRefs of {name: basis},
-        fetched here from the object store; a layer without one uses the identity basis: diagonal)."""
+        """Eigenvalue-correction sums of `names` in the owners' bases (bases_refs: ObjectRefs of {name: its basis's
+        arrays}, fetched here from the object store; a layer without one uses the identity basis: diagonal)."""
         self._track(names)
-        self.fitter.set_bases(fetch_bases(names, bases_refs))  # cast to the compute dtype; the fetched copies go
-        self._accumulate(dataset, self.fitter.correction_step)
-        self.fitter.set_bases(dict.fromkeys(names))  # the bases are not needed any more
-        sums = self.held[CORRECTION] = self.fitter.take_corrections()
+        with self.phase(CORRECTION):
+            self.fitter.set_bases(fetch_bases(names, bases_refs))  # in the compute dtype already: no copy
+            self._accumulate(dataset, self.fitter.correction_step)
+            self.fitter.set_bases(dict.fromkeys(names))  # the bases are not needed any more
+            sums = self.held[CORRECTION] = self.fitter.take_corrections()
         return {"tokens": 0, "sequences": sums.sequences}
 
     def eigh_device(self):
@@ -92,10 +95,11 @@ class FitterActor(LayerOwner):
 
 
 def fetch_bases(names: list[str], bases_refs: list) -> dict:
-    """{name: basis or None} for `names`, from the owners' objects (their other layers dropped)."""
+    """{name: basis or None} for `names`, from the owners' objects (LayerOwner.load_bases; other layers dropped).
+    The bases share the object store's memory: fetched, they take no memory beyond the store's pages."""
     import ray
 
     bases = dict.fromkeys(names)
     for part in ray.get(list(bases_refs)):
-        bases.update({name: basis for name, basis in part.items() if name in bases})
+        bases.update({name: basis_from_transfer(arrays) for name, arrays in part.items() if name in bases})
     return bases

@@ -123,14 +123,16 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
 
 
 def measured_memory(pool, estimate) -> dict:
-    """Peak resident bytes of the driver and of each fitting actor so far, beside the estimate."""
+    """Peak resident bytes of the driver and of each fitting actor so far (and each actor's per phase: covariance,
+    covariance finish, bases, correction, correction finish), beside the estimate."""
     import ray
 
     from actors.owner import peak_rss
 
     return {"estimate": {"driver": estimate.driver, "actors": estimate.actors, "stages": estimate.stages,
                          "factors": estimate.factors},
-            "peak_rss": {"driver": peak_rss(), "actors": ray.get([a.peak_rss.remote() for a in pool.actors])}}
+            "peak_rss": {"driver": peak_rss(), "actors": ray.get([a.peak_rss.remote() for a in pool.actors]),
+                         "phases": ray.get([a.phase_peaks.remote() for a in pool.actors])}}
 
 
 def plan_corpus(corpus: CorpusSource, settings: ReadSettings, max_sequences: int | None) -> PlannedCorpus:

@@ -6,7 +6,8 @@ The driver holds actor handles, ObjectRefs, plans and counts only; sums and fact
                it returns its counts
     finish     each owner fetches the other actors' parts of its layers (ObjectRefs from `export`), adds them in
                worker order, and writes the layers' files (actors.owner.LayerOwner.finish)
-    bases      each owner's bases as one object-store object, passed on to every actor for the correction pass
+    bases      each owner's bases as object-store objects (one per layer, in the actors' compute dtype), passed on to
+               every actor for the correction pass
     step       a pass and its finish, retried as a whole (after the actors are up again) when an actor dies:
                a dead actor's partial sums are gone, so the pass is rerun; finished layers stay finished
 """
@@ -37,6 +38,8 @@ class FitterPool:
 
         workers, shards = cluster.workers, cluster.shards
         self.workers, self.shards = workers, shards
+        # The rotations' precision (whence.factors.compute_dtype): float64 models rotate in float64, others in float32.
+        self.basis_dtype = "float64" if cluster.dtype == "float64" else "float32"
         self.sequences_total: int | None = None  # for the progress lines
         resources = actor_resources(workers)
         # Restarted up to twice (a restart reloads the model); a step is retried as a whole (step).
@@ -143,8 +146,8 @@ class FitterPool:
         return records
 
     def bases(self, directory: str, names: list[str], owners: list[list[str]]) -> list:
-        """ObjectRefs of each owner's bases of `names`, read from its files: handed to every actor, never fetched
-        by the driver."""
+        """ObjectRefs of the bases of `names`, one per layer, each read by its owner from its files: handed to
+        every actor, never fetched by the driver (objects the driver owns: an owner's death loses none)."""
         wanted = set(names)
-        return [self.actors[position].load_bases.remote(directory, [n for n in layers if n in wanted])
-                for position, layers in enumerate(owners) if any(n in wanted for n in layers)]
+        return [self.actors[position].load_bases.remote(directory, [name], self.basis_dtype)
+                for position, layers in enumerate(owners) for name in layers if name in wanted]

@@ -1,23 +1,29 @@
 """How much memory each process of a fit will need at its peak: pure arithmetic over layer shapes and settings.
 
-Bytes per process (flows.memory_check compares them with the cluster's memory before any work):
+Bytes per process (flows.memory_check compares them with the cluster's memory before any work). N = B T tokens
+of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's float64 A and S blocks):
 
-    driver          DRIVER_BASELINE: plans, counts and ObjectRefs only; no sums or factors pass through it
-    fitting actor   ACTOR_BASELINE + model weights + the larger of its phases:
-      covariance    its partial sums of every tracked layer (float64, C = sum_l layer_sum_bytes) + one batch's
-                    captures and autograd graph (ACTIVATION_FACTOR x B T (d_in + d_out) per layer, compute
-                    dtype) + the logits' softmax and gradient (3 B T V floats)
-      finish        what is left of C + one reduced layer + eigh's copies of its largest block (normalised,
-                    symmetrised, eigenvectors: 3 x 8 d^2)
-      correction    every layer's bases as fetched (factor dtype) and as used (compute dtype) while they are cast;
-                    then the bases used, the Lambda sums (float64, d_out d_in per layer), one layer's rotated
-                    per-sequence gradients (B d_out d_in) and a batch's activations, as above
+    driver          DRIVER_BASELINE (Python, torch, Ray, Ray Data's executor: plans, counts and ObjectRefs only)
+                    + the checkpoint's largest file, memory-mapped while whence.model.check_finite_checkpoint reads
+                    it, + a copy of its largest tensor
+    fitting actor   ACTOR_BASELINE + its tokenizer (TOKENIZER_BYTES_PER_TOKEN x V) + the model's weights + the
+                    largest of its phases:
+      covariance    C (its partial sums, float64) + a batch's step
+      finish        what is left of C + the parts it exports to other owners (object store, C (W - 1) / W)
+                    + one reduced layer + eigh's copies of its largest block (normalised, symmetrised,
+                    eigenvectors, workspace: 4 x 8 d^2)
+      correction    every layer's bases in the compute dtype (object-store pages, shared by the actors of a node;
+                    BASES_COPIES) + the Lambda sums (float64, d_out d_in per layer) + a batch's step + one layer's rotations
+                    (B, d_out, d_in) and rotated captures (N (d_in + d_out)), compute dtype
+      step          the logits (N, V) that the log-likelihood saves and their gradient, model dtype: LOGIT_COPIES N V
+                    + the autograd graph and the captures: GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype
     pipeline (--shards N): each stage loads the whole model before keeping its blocks (weights x 1, at start);
                     the pipeline's worker process collects every layer's sums (C) and finishes its layers, as a
                     fitting actor without weights.
 
-Python, torch and Ray's worker take ACTOR_BASELINE before any tensor (measured on CPU: `whence bench --only
-memory` prints the estimate beside the measured peaks).
+The constants are measured on CPU (SmolLM2-135M's layer shapes at 6 and 12 blocks, batch 8 x 256 tokens:
+tests/test_memory_estimate.py checks the step against a measured peak; `whence bench --only memory` prints the
+estimate beside the peaks of whole fits, and `whence fit` records both in the factors manifest).
 """
 
 from __future__ import annotations
@@ -27,12 +33,25 @@ from dataclasses import dataclass, field
 from whence.factors import block_slices
 from whence.fit_plan import FLOAT64_BYTES, layer_sum_bytes, plan_owners
 
-DRIVER_BASELINE = 600 * 2**20  # the driver: Python, torch, Ray's core worker and Ray Data's executor
-ACTOR_BASELINE = 540 * 2**20  # a fitting actor before its model: Python, torch, transformers, Ray Data (measured)
-# One batch's activations: the captured inputs and output gradients of every tracked layer plus the tensors
-# autograd saves for the backward pass, about ACTIVATION_FACTOR x B T sum_l (d_in + d_out) (measured: a
-# SmolLM2-135M actor at batch 8 x 256 tokens held ~5.5 GB beyond its weights and sums).
-ACTIVATION_FACTOR = 3
+DRIVER_BASELINE = 450 * 2**20  # the driver before it reads the checkpoint: Python, torch, Ray, Ray Data
+ACTOR_BASELINE = 540 * 2**20  # a fitting actor before its model: Python, torch, transformers, Ray (measured)
+# The tokenizer each actor loads beside its model (a fast tokenizer's vocabulary, merges and caches): measured
+# 150 MiB for SmolLM2's 49,152 tokens, about 3 KiB a token; 4 KiB keeps a margin.
+TOKENIZER_BYTES_PER_TOKEN = 4 * 2**10
+# The autograd graph of a batch (what the blocks save for the backward pass: norms' inputs, the attention's
+# q, k, v and output, the MLP's pre-activations) plus the captured inputs and output gradients, per token, as a
+# multiple of the tracked layers' sum_l (d_in + d_out). A Llama block with frozen weights saves about 8 d + 4 d_ff
+# floats a token, and its three MLP layers have sum (d_in + d_out) = 3 (d + d_ff): 1.7 to 1.8 x; measured 100 MiB
+# per SmolLM2-shaped block (d 576, d_ff 1536) at N = 2048 float32 tokens: 100 MiB / (2048 x 4 x 6336) = 2.0.
+GRAPH_FACTOR = 2.0
+# The (N, V) logits saved for the backward pass and their gradient (whence.task._LabelLogProbs), and what the
+# vocabulary-sized steps around them leave: measured 953 MiB for 2 x 384 MiB (N = 2048, V = 49,152).
+LOGIT_COPIES = 2.25
+EIGH_COPIES = 4  # a block normalised, symmetrised, its eigenvectors and LAPACK's workspace, float64
+# The correction pass's bases, in the compute dtype: the object store's pages that the owners write and every
+# actor reads (shared on a node) count twice in an actor's resident memory (measured at 6 and 12 blocks: its
+# correction phase exceeds its covariance phase by one more copy of the bases and Lambda than counted once).
+BASES_COPIES = 2
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -50,6 +69,8 @@ class FitShape:
     factor_dtype: str = "float64"
     workers: int = 1
     shards: int = 1
+    checkpoint_bytes: int = 0  # the largest *.safetensors file of a local checkpoint (0: none to check)
+    largest_tensor_bytes: int = 0  # its largest tensor, as stored
 
 
 @dataclass
@@ -80,6 +101,7 @@ def _size(count: int) -> str:
 
 
 def _basis_bytes(layer: dict, num_blocks: int, element: int) -> int:
+    """One layer's eigenvectors (blocks of Q_A and Q_S) in `element`-byte floats, and its eigenvalues."""
     squares = sum((s.stop - s.start) ** 2 for s in block_slices(layer["d_in"], num_blocks))
     squares += sum((s.stop - s.start) ** 2 for s in block_slices(layer["d_out"], num_blocks))
     return element * (squares + layer["d_in"] + layer["d_out"])
@@ -89,26 +111,48 @@ def _largest_block(layer: dict, num_blocks: int) -> int:
     return max(s.stop - s.start for d in (layer["d_in"], layer["d_out"]) for s in block_slices(d, num_blocks))
 
 
+def _sum_bytes(layer: dict, num_blocks: int) -> int:
+    return layer_sum_bytes(layer["d_out"], layer["d_in"], num_blocks)
+
+
+def step_bytes(shape: FitShape) -> int:
+    """One batch's forward and backward pass at its peak (the start of the backward pass): the logits and their
+    gradient (N, V), and the graph with the captures, GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype."""
+    element = DTYPE_BYTES.get(shape.model_dtype, 4)
+    tokens = shape.batch_size * shape.seq_len  # N
+    logits = LOGIT_COPIES * tokens * shape.vocab_size * element
+    graph = GRAPH_FACTOR * tokens * sum(layer["d_in"] + layer["d_out"] for layer in shape.layers) * element
+    return int(logits + graph)
+
+
+def phase_bytes(shape: FitShape, owned: list[dict], weights: int) -> dict[str, int]:
+    """Bytes beyond the baseline and weights of one fitting actor in each phase (weights 0: a pipeline's worker
+    process, which runs no batches itself)."""
+    compute = 8 if shape.model_dtype == "float64" else 4
+    sums = sum(_sum_bytes(layer, shape.num_blocks) for layer in shape.layers)  # C
+    step = step_bytes(shape) if weights else 0
+    exported = sums * (shape.workers - 1) // shape.workers  # the other owners' layers, through the object store
+    eigh = max((_sum_bytes(layer, shape.num_blocks) * min(shape.workers, 2)
+                + EIGH_COPIES * FLOAT64_BYTES * _largest_block(layer, shape.num_blocks) ** 2 for layer in owned),
+               default=0)
+    bases = BASES_COPIES * sum(_basis_bytes(layer, shape.num_blocks, compute) for layer in shape.layers)
+    lambdas = sum(FLOAT64_BYTES * layer["d_out"] * layer["d_in"] for layer in shape.layers)
+    tokens = shape.batch_size * shape.seq_len
+    rotations = max((compute * (2 * shape.batch_size * layer["d_out"] * layer["d_in"]
+                                + tokens * (layer["d_in"] + layer["d_out"])) for layer in shape.layers), default=0)
+    return {"covariance": sums + step, "finish": sums + exported + eigh,
+            "correction": bases + lambdas + (step + rotations if weights else 0)}
+
+
 def owner_peak(shape: FitShape, owned: list[dict], weights: int) -> int:
     """Peak bytes of one fitting actor (weights: its model's bytes; 0 for a pipeline's worker process)."""
-    compute = 8 if shape.model_dtype == "float64" else 4
-    stored = DTYPE_BYTES[shape.factor_dtype]
-    sums = sum(layer_sum_bytes(layer["d_out"], layer["d_in"], shape.num_blocks) for layer in shape.layers)
-    tokens = shape.batch_size * shape.seq_len
-    captures = sum(ACTIVATION_FACTOR * tokens * (layer["d_in"] + layer["d_out"]) * compute
-                   for layer in shape.layers) if weights else 0
-    logits = 3 * tokens * shape.vocab_size * compute if weights else 0
-    covariance = sums + captures + logits
-    finish = sums + max((layer_sum_bytes(layer["d_out"], layer["d_in"], shape.num_blocks)
-                         + 3 * FLOAT64_BYTES * _largest_block(layer, shape.num_blocks) ** 2 for layer in owned),
-                        default=0)
-    bases = sum(_basis_bytes(layer, shape.num_blocks, stored) + _basis_bytes(layer, shape.num_blocks, compute)
-                for layer in shape.layers)
-    lambdas = sum(FLOAT64_BYTES * layer["d_out"] * layer["d_in"] for layer in shape.layers)
-    rotated = max(shape.batch_size * layer["d_out"] * layer["d_in"] * compute for layer in shape.layers)
-    used = sum(_basis_bytes(layer, shape.num_blocks, compute) for layer in shape.layers)
-    correction = max(bases, used + lambdas + rotated + captures + logits)  # fetched copies go before any batch
-    return ACTOR_BASELINE + weights + max(covariance, finish, correction)
+    tokenizer = TOKENIZER_BYTES_PER_TOKEN * shape.vocab_size if weights else 0
+    return ACTOR_BASELINE + tokenizer + weights + max(phase_bytes(shape, owned, weights).values())
+
+
+def driver_peak(shape: FitShape) -> int:
+    """The driver: its baseline, and the checkpoint's largest file mapped while its largest tensor is checked."""
+    return DRIVER_BASELINE + shape.checkpoint_bytes + shape.largest_tensor_bytes
 
 
 def estimate_fit(shape: FitShape) -> MemoryEstimate:
@@ -121,8 +165,7 @@ def estimate_fit(shape: FitShape) -> MemoryEstimate:
                   for layer in shape.layers)
     if shape.shards > 1:
         actors = [owner_peak(shape, [by_name[n] for n in names], 0) for names in owners]
-        stage = ACTOR_BASELINE + weights + sum(layer_sum_bytes(lay["d_out"], lay["d_in"], shape.num_blocks)
-                                               for lay in shape.layers) // shape.shards
-        return MemoryEstimate(DRIVER_BASELINE, actors, [stage] * (shape.workers * shape.shards), factors)
+        stage = ACTOR_BASELINE + weights + sum(_sum_bytes(lay, shape.num_blocks) for lay in shape.layers) // shape.shards
+        return MemoryEstimate(driver_peak(shape), actors, [stage] * (shape.workers * shape.shards), factors)
     actors = [owner_peak(shape, [by_name[n] for n in names], weights) for names in owners]
-    return MemoryEstimate(DRIVER_BASELINE, actors, [], factors)
+    return MemoryEstimate(driver_peak(shape), actors, [], factors)

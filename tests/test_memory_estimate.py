@@ -1,0 +1,93 @@
+"""whence.memory_estimate against measured memory: one batch of the covariance pass, in this process (no Ray).
+
+The estimate of a fitting actor's covariance phase is its float64 sums plus one batch's step (the logits and
+their gradient, the autograd graph and the captures). We measure the rise of this process's peak resident memory
+(Linux: the kernel's high-water mark, reset before the batch) over one covariance step of a Llama with MLP
+shapes large enough for the step to dwarf allocator noise, and check the estimate against it, and that doubling
+the blocks or the vocabulary moves the estimate as it moves the measurement.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from actors.owner import peak_rss, release_free_memory, reset_peak_rss
+from tests.tiny import make_model
+from whence.fitting import FactorFitter
+from whence.memory_estimate import (
+    ACTOR_BASELINE,
+    TOKENIZER_BYTES_PER_TOKEN,
+    FitShape,
+    estimate_fit,
+    phase_bytes,
+)
+from whence.model import find_tracked_layers
+from whence.text import collate
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux")
+
+ESTIMATE_TOLERANCE = 0.25  # |estimate - measured| <= 25% of measured
+LOWEST_RATIO = 0.8  # the estimate may overshoot, never undershoot by more than this
+HIDDEN, BATCH, SEQ_LEN = 256, 8, 256  # 2048 tokens a batch: the step is hundreds of MiB
+
+
+def shape_of(model, layers, vocab: int) -> FitShape:
+    return FitShape([layer.describe() for layer in layers], sum(p.numel() for p in model.parameters()), vocab,
+                    "float32", BATCH, SEQ_LEN)
+
+
+def measured_covariance_step(blocks: int, vocab: int) -> tuple[int, int]:
+    """(measured, estimated) bytes above the loaded model of one covariance step of a float32 Llama."""
+    model = make_model("llama", vocab, hidden=HIDDEN, layers=blocks, context=SEQ_LEN, dtype=torch.float32)
+    layers = find_tracked_layers(model, "mlp")
+    generator = torch.Generator().manual_seed(0)
+    batch = collate([torch.randint(0, vocab, (SEQ_LEN,), generator=generator).tolist() for _ in range(BATCH)], 0)
+    batch["seeds"] = torch.arange(BATCH)
+    fitter = FactorFitter(model, layers, "true")
+    release_free_memory()  # what earlier tests freed would otherwise absorb the step's allocations
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    before = peak_rss()
+    fitter.covariance_step(batch)
+    measured = peak_rss() - before
+    estimated = phase_bytes(shape_of(model, layers, vocab), [], weights=1)["covariance"]
+    return measured, estimated
+
+
+@pytest.fixture(scope="module")
+def steps():
+    torch.set_num_threads(1)
+    measured_covariance_step(1, 1024)  # warm-up: torch's first calls allocate caches once per process
+    return {(blocks, vocab): measured_covariance_step(blocks, vocab)
+            for blocks, vocab in ((4, 16384), (8, 16384), (4, 32768))}
+
+
+def test_the_covariance_step_estimate_is_within_a_quarter_of_the_measurement(steps):
+    for (blocks, vocab), (measured, estimated) in steps.items():
+        assert abs(estimated - measured) <= ESTIMATE_TOLERANCE * measured, (blocks, vocab, measured, estimated)
+        assert estimated >= LOWEST_RATIO * measured
+
+
+def test_the_estimate_grows_with_blocks_and_vocabulary_as_the_measurement_does(steps):
+    base_measured, base_estimated = steps[(4, 16384)]
+    for key in ((8, 16384), (4, 32768)):
+        measured, estimated = steps[key]
+        growth_measured, growth_estimated = measured - base_measured, estimated - base_estimated
+        assert growth_measured > 0 and growth_estimated > 0
+        assert abs(growth_estimated - growth_measured) <= 0.5 * growth_measured, (key, growth_measured,
+                                                                                  growth_estimated)
+
+
+def test_an_actor_needs_its_largest_phase_and_the_driver_the_checkpoint_it_checks():
+    layers = [{"name": f"m.{i}", "d_out": 1536, "d_in": 576} for i in range(6)]
+    shape = FitShape(layers, 10**8, 49152, batch_size=8, seq_len=256, checkpoint_bytes=2**29,
+                     largest_tensor_bytes=2**27)
+    estimate = estimate_fit(shape)
+    bigger = estimate_fit(FitShape(layers * 2, 10**8, 49152, batch_size=8, seq_len=256))
+    assert estimate.driver - estimate_fit(FitShape(layers, 10**8, 49152)).driver == 2**29 + 2**27
+    assert bigger.actors[0] > estimate.actors[0]
+    phases = phase_bytes(shape, layers, weights=4 * 10**8)
+    assert estimate.actors[0] == ACTOR_BASELINE + TOKENIZER_BYTES_PER_TOKEN * 49152 + 4 * 10**8 + max(phases.values())
