@@ -8,6 +8,8 @@ only; the sums stay here until their owners fetch them.
 
 from __future__ import annotations
 
+import numpy as np
+
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
 from actors.owner import LayerOwner, basis_from_transfer, release_free_memory
 from whence.errors import NonFiniteError
@@ -18,7 +20,7 @@ from whence.model import model_fingerprint
 
 class FitterActor(LayerOwner):
     def __init__(self, spec: ModelSpec, fisher: str, num_blocks: int, seed: int, batch_size: int,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, skip_non_finite: bool = False):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
         self.fisher, self.num_blocks = fisher, num_blocks
         self.fitter = FactorFitter(self.model, self.layers, fisher, num_blocks)
@@ -28,6 +30,8 @@ class FitterActor(LayerOwner):
         self.batches_done = 0
         self.sequences_done = 0
         self.held = {}
+        self.skip_non_finite = skip_non_finite
+        self.non_finite: list[str] = []  # this pass's sequences skipped for NaN or inf ("doc_id#chunk")
 
     def describe(self) -> dict:
         return {"layers": [layer.describe() for layer in self.layers], "fingerprint": model_fingerprint(self.model),
@@ -37,27 +41,40 @@ class FitterActor(LayerOwner):
         return True
 
     def _batches(self, dataset):
-        """(batch, its sequences' labels "doc_id#chunk") for each batch of this actor's sequences."""
+        """(rows, the sequence rows' mask, their labels "doc_id#chunk") for each batch of this actor's sequences."""
         if dataset is None:  # more workers than fragments: this one has none
             return
         for rows in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             keep = sequence_rows_mask(rows)
             if keep.any():
                 labels = [f"{doc_id}#{chunk}" for doc_id, chunk in zip(rows["doc_id"][keep], rows["chunk"][keep])]
-                yield rows_to_batch(rows, keep, self.pad_id, self.seed), labels
+                yield rows, keep, labels
 
     def _accumulate(self, dataset, step) -> None:
-        """step(batch) over this actor's batches; a NaN or inf names its sequences, not just its batch rows."""
-        for batch, labels in self._batches(dataset):
+        """step(batch) over this actor's batches; a NaN or inf names its sequences, not just its batch rows. With
+        skip_non_finite the batch is taken one sequence at a time instead and the sequences that fail are skipped
+        and named in self.non_finite (a failed step adds nothing: captures are checked before any sum)."""
+        for rows, keep, labels in self._batches(dataset):
             try:
-                step(batch)
+                step(rows_to_batch(rows, keep, self.pad_id, self.seed))
             except NonFiniteError as error:
-                raise error.naming(labels) from None
+                if not self.skip_non_finite:
+                    raise error.naming(labels) from None
+                self._one_by_one(rows, keep, labels, step)
             self._count(len(labels))
+
+    def _one_by_one(self, rows, keep, labels: list[str], step) -> None:
+        for row, label in zip(np.flatnonzero(keep), labels):
+            alone = np.zeros_like(keep)
+            alone[row] = True
+            try:
+                step(rows_to_batch(rows, alone, self.pad_id, self.seed))  # its labels seeded by its key, as in a batch
+            except NonFiniteError:
+                self.non_finite.append(label)
 
     def _track(self, names: list[str]) -> None:
         """Accumulate the layers `names` only (a resumed fit skips the finished ones); sums start at zero."""
-        self.held = {}
+        self.held, self.non_finite = {}, []
         self.fitter = FactorFitter(self.model, [layer for layer in self.layers if layer.name in set(names)],
                                    self.fisher, self.num_blocks)
         release_free_memory()  # what the last pass freed, on another thread's arena
@@ -68,7 +85,7 @@ class FitterActor(LayerOwner):
         with self.phase(COVARIANCE):
             self._accumulate(dataset, self.fitter.covariance_step)
             sums = self.held[COVARIANCE] = self.fitter.take_covariance()
-        return {"tokens": sums.tokens, "sequences": sums.sequences}
+        return {"tokens": sums.tokens, "sequences": sums.sequences, "non_finite": list(self.non_finite)}
 
     def correction_pass(self, dataset, names: list[str], bases_refs: list) -> dict:
         """Eigenvalue-correction sums of `names` in the owners' bases (bases_refs: ObjectRefs of {name: its basis's
@@ -79,7 +96,7 @@ class FitterActor(LayerOwner):
             self._accumulate(dataset, self.fitter.correction_step)
             self.fitter.set_bases(dict.fromkeys(names))  # the bases are not needed any more
             sums = self.held[CORRECTION] = self.fitter.take_corrections()
-        return {"tokens": 0, "sequences": sums.sequences}
+        return {"tokens": 0, "sequences": sums.sequences, "non_finite": list(self.non_finite)}
 
     def eigh_device(self):
         return self.fitter.device  # its GPU, when it has one

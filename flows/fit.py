@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=positive_int, default=1, help=help_for(FitConfig, "num_blocks"))
     parser.add_argument("--factor-dtype", default="float64", choices=["float32", "float64"],
                         help=help_for(FitConfig, "factor_dtype"))
+    parser.add_argument("--skip-non-finite", action="store_true", help=help_for(FitConfig, "skip_non_finite"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +81,14 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
 
     check_window(check_model_source(model)[0], config.seq_len, model)  # before any Ray work: errors name the path
     check_finite_checkpoint(model)
+    if config.skip_non_finite and cluster.shards > 1:
+        from whence.errors import SettingsError
+
+        # Pipeline stages sum their own layers as a micro-batch passes: a NaN found by a later stage would leave
+        # the earlier stages' sums with the sequence in them, so there is no skipping it after the fact.
+        raise SettingsError("--skip-non-finite cannot be combined with --shards (the stages have summed a "
+                            "sequence before a later stage finds it non-finite); fit without --shards, or "
+                            "without --skip-non-finite to stop at the first such sequence", "skip_non_finite")
     started = time.monotonic()
     corpus = CorpusSource.of(corpus)
     source = corpus.to_arguments()  # the run.json keys, in the order they have always been written
@@ -110,9 +119,11 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
 
     memory = measured_memory(pool, estimate)
     tally = corpus_plan.tally
+    skipped = _non_finite_sequences(counts, corpus_plan.total)
     summary = {"memory": memory, "layers": len(layers), "sequences": corpus_plan.total, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "seconds": time.monotonic() - started,
-               **timings, "scan_cached": corpus_plan.scan_cached}
+               **timings, "scan_cached": corpus_plan.scan_cached, "non_finite_skipped": len(skipped),
+               "non_finite_sequences": skipped[:100]}
     metadata = {"command": "fit", "model_fingerprint": description["fingerprint"], "model": model,
                 "arguments": arguments, "tokens": counts.get("tokens"), "sequences": corpus_plan.total,
                 "summary": summary, "versions": versions(), "factor_dtype": config.factor_dtype}
@@ -120,6 +131,15 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
     state.finish(summary)
     log.info("wrote %s in %.1fs", out, summary["seconds"])
     return summary
+
+
+def _non_finite_sequences(counts: dict, total: int) -> list[str]:
+    """The sequences the fitting actors skipped for NaN or inf (--skip-non-finite), with a warning naming them."""
+    skipped = counts.get("non_finite", [])
+    if skipped:
+        log.warning("skipped %d of %d sequences whose activations or output gradients hold NaN or inf: %s%s",
+                    len(skipped), total, ", ".join(skipped[:8]), " ..." if len(skipped) > 8 else "")
+    return skipped
 
 
 def measured_memory(pool, estimate) -> dict:
@@ -199,10 +219,12 @@ def fit_layers(pool, state, config: FitConfig, corpus: PlannedCorpus, layers: li
         if todo:
             tick = time.monotonic()
             bases_from = str(state.path) if config.strategy == "ekfac" else None
-            written, _ = pool.step(CORRECTION, datasets, todo, owners, job, bases_from)
+            written, corrected = pool.step(CORRECTION, datasets, todo, owners, job, bases_from)
             for name, layer_records in written.items():
                 records[name].update(layer_records)
             timings["correction_s"] = time.monotonic() - tick
+            counts = {**counts, "non_finite": list(dict.fromkeys(counts.get("non_finite", []) +
+                                                                 corrected.get("non_finite", [])))}
     return records, counts, timings
 
 

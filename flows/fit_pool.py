@@ -57,7 +57,7 @@ class FitterPool:
             threads = torch_threads(resources.get("num_cpus", 1))
             remote = ray.remote(FitterActor).options(**resources, **policy)
             self.actors = [remote.remote(spec, config.fisher, config.num_blocks, config.seed, config.batch_size,
-                                         threads) for _ in range(workers)]
+                                         threads, config.skip_non_finite) for _ in range(workers)]
 
     def describe(self) -> dict:
         import ray
@@ -94,6 +94,12 @@ class FitterPool:
                 bases = [] if bases_from is None else self.bases(bases_from, names, owners)
                 counts = self.run_pass(kind, datasets, names, bases)
                 totals = {key: sum(c[key] for c in counts) for key in ("tokens", "sequences")}
+                totals["non_finite"] = [name for c in counts for name in c.get("non_finite", [])]  # worker order
+                if totals["non_finite"] and not totals["sequences"]:
+                    from whence.errors import NonFiniteError
+
+                    raise NonFiniteError(f"every one of the {len(totals['non_finite'])} sequences holds NaN or inf "
+                                         f"in the {kind} pass: is the model finite in its dtype?")
                 if kind == COVARIANCE:
                     job = FinishJob(job.directory, job.strategy, job.factor_dtype, totals["tokens"], totals["sequences"])
                 else:

@@ -22,7 +22,10 @@ def document_text(i: int) -> str:
     return " ".join(TEXTS[(i * 3 + j) % len(TEXTS)] for j in range(1 + i % 3))
 
 
-def write_workspace(root: Path, family: str = "llama") -> dict:
+def write_workspace(root: Path, family: str = "llama", per_fragment: int = 10) -> dict:
+    """The model, a corpus of three fragments (`per_fragment` documents each; a.jsonl also holds the four bad
+    rows, its duplicate id repeating doc03, so at least 4) and the queries, under `root`."""
+    assert per_fragment >= 4, "a.jsonl's duplicate id is doc03"
     tokenizer = make_tokenizer()
     model = make_model(family, len(tokenizer), context=64)
     model_dir = root / "model"
@@ -30,19 +33,19 @@ def write_workspace(root: Path, family: str = "llama") -> dict:
     tokenizer.save_pretrained(model_dir)
     corpus = root / "corpus"
     corpus.mkdir()
-    docs = [(f"doc{i:02d}", document_text(i)) for i in range(30)]
+    docs = [(f"doc{i:02d}", document_text(i)) for i in range(3 * per_fragment)]
     with open(corpus / "a.jsonl", "w") as handle:
-        for doc_id, text in docs[:10]:
+        for doc_id, text in docs[:per_fragment]:
             handle.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-        handle.write("{this is not json\n")  # line 11
-        handle.write(json.dumps({"id": "no-text"}) + "\n")  # line 12
-        handle.write(json.dumps({"id": "blank", "text": "   "}) + "\n")  # line 13
-        handle.write(json.dumps({"id": "doc03", "text": "a duplicate id"}) + "\n")  # line 14
+        handle.write("{this is not json\n")  # line per_fragment + 1 (11 by default)
+        handle.write(json.dumps({"id": "no-text"}) + "\n")
+        handle.write(json.dumps({"id": "blank", "text": "   "}) + "\n")
+        handle.write(json.dumps({"id": "doc03", "text": "a duplicate id"}) + "\n")  # line per_fragment + 4
     with open(corpus / "b.jsonl.gz", "wb") as raw, gzip.open(raw, "wt") as handle:
-        for doc_id, text in docs[10:20]:
+        for doc_id, text in docs[per_fragment : 2 * per_fragment]:
             handle.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-    pq.write_table(pa.table({"id": [d for d, _ in docs[20:]], "text": [t for _, t in docs[20:]]}),
-                   corpus / "c.parquet")
+    last = docs[2 * per_fragment :]
+    pq.write_table(pa.table({"id": [d for d, _ in last], "text": [t for _, t in last]}), corpus / "c.parquet")
     queries = root / "queries.jsonl"
     queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
     return {"model": str(model_dir), "corpus": str(corpus), "queries": str(queries), "documents": docs,

@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
 
     root = Path(sys.argv[1])
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    space = write_workspace(root)
+    # Four documents a fragment (131 sequences): every worker and stage still gets fragments and batches.
+    space = write_workspace(root, per_fragment=4)
     factors = str(root / "factors")
     plain, sharded = ClusterSettings(workers=2, dtype="float64"), ClusterSettings(workers=2, shards=2, dtype="float64")
     fit_corpus(space["model"], [space["corpus"]], factors, FitConfig(seq_len=16, batch_size=4), plain)

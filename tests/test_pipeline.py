@@ -230,8 +230,16 @@ def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path, mon
     assert len(one) == 5 * len(QUERIES)
 
 
-def test_bad_rows_are_counted_or_stop_a_strict_run(workspace, tmp_path):
-    summary = run_score(workspace, tmp_path / "lenient", top_k=2)
+@pytest.fixture(scope="module")
+def calm_run(workspace, tmp_path_factory):
+    """(summary, results directory) of one plain run (top_k=4, no fault): the bad-row counts of one test and
+    the reference of the killed-actor test."""
+    out = tmp_path_factory.mktemp("calm") / "results"
+    return run_score(workspace, out, top_k=4), out
+
+
+def test_bad_rows_are_counted_or_stop_a_strict_run(workspace, calm_run, tmp_path):
+    summary, _ = calm_run
     assert summary["bad_rows"] == workspace["bad_rows"]
     reasons = summary["corpus"]["bad_by_reason"]
     assert reasons["duplicate id"] == 1 and reasons["missing field 'text'"] == 1
@@ -262,13 +270,13 @@ def test_interrupted_run_resumes_and_other_arguments_are_refused(workspace, tmp_
     assert len(pq.read_table(out / "topk.parquet")) == 4 * len(QUERIES)
 
 
-def test_a_killed_scoring_actor_does_not_change_the_results(workspace, tmp_path):
-    run_score(workspace, tmp_path / "calm", top_k=4)
+def test_a_killed_scoring_actor_does_not_change_the_results(workspace, calm_run, tmp_path):
+    _, calm = calm_run
     marker = tmp_path / "died-once"
     run_score(workspace, tmp_path / "killed", top_k=4,
               actor_env={"WHENCE_FAULT_AFTER_BATCHES": f"1:{marker}"})
     assert marker.exists(), "the fault was injected"
-    assert pq.read_table(tmp_path / "killed" / "topk.parquet").equals(pq.read_table(tmp_path / "calm" / "topk.parquet"))
+    assert pq.read_table(tmp_path / "killed" / "topk.parquet").equals(pq.read_table(calm / "topk.parquet"))
 
 
 def test_a_fit_that_cannot_fit_in_memory_is_refused_before_any_work(workspace, tmp_path):

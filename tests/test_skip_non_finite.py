@@ -85,3 +85,53 @@ def test_with_the_option_it_is_skipped_and_the_others_scored_as_without_it(poiso
 @pytest.fixture(autouse=True)
 def _tmp(poisoned, tmp_path):
     poisoned["tmp"] = tmp_path
+
+
+class _Rows:
+    """The Ray Dataset a FitterActor iterates, stood in: one batch of sequence rows."""
+
+    def __init__(self, sequences):
+        self.rows = {"fragment": np.zeros(len(sequences), dtype=np.int64),
+                     "doc_id": np.asarray([s.doc_id for s in sequences], dtype=object),
+                     "chunk": np.asarray([s.chunk for s in sequences], dtype=np.int64),
+                     "input_ids": np.asarray([np.asarray(s.input_ids) for s in sequences] + [None], dtype=object)[:-1],
+                     "marker_total": np.full(len(sequences), -1, dtype=np.int64)}
+
+    def iter_batches(self, batch_size, batch_format):
+        yield self.rows
+
+
+def test_a_fitting_actor_skips_and_names_non_finite_sequences(tmp_path):
+    from actors.fitter import FitterActor
+    from actors.hosting import ModelSpec
+
+    tokenizer = make_tokenizer()
+    make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    sequences = list(iter_sequences(tokenizer, [(f"doc-{i}", t) for i, t in enumerate(TEXTS)], seq_len=12))[:8]
+    holders = {t: [i for i, s in enumerate(sequences) if t in s.input_ids] for s in sequences for t in s.input_ids}
+    poison = min(holders, key=lambda t: (len(holders[t]), t))
+    good = [s for i, s in enumerate(sequences) if i not in holders[poison]]
+
+    def actor(skip: bool) -> FitterActor:
+        fitter = FitterActor(ModelSpec(str(tmp_path / "model"), "mlp", "float64"), "true", 1, 0, 8,
+                             skip_non_finite=skip)
+        with torch.no_grad():
+            fitter.model.get_input_embeddings().weight[poison] = float("inf")
+        return fitter
+
+    names = [layer.name for layer in actor(False).layers]
+    with pytest.raises(NonFiniteError, match="in sequences"):
+        actor(False).covariance_pass(_Rows(sequences), names)
+    skipping = actor(True)
+    counts = skipping.covariance_pass(_Rows(sequences), names)
+    assert counts["sequences"] == len(good)
+    assert counts["non_finite"] == [f"{sequences[i].doc_id}#{sequences[i].chunk}" for i in holders[poison]]
+    reference = actor(False)
+    assert reference.covariance_pass(_Rows(good), names)["sequences"] == len(good)
+    got, want = skipping.held["covariance"], reference.held["covariance"]
+    assert got.tokens == want.tokens
+    for name in names:  # the sums of the finite sequences alone
+        for kind in ("activation", "gradient"):
+            for g, w in zip(getattr(got, kind)[name], getattr(want, kind)[name]):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

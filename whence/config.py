@@ -33,6 +33,8 @@ class FitConfig:
     num_blocks: int = setting("split A and S block-diagonally into this many blocks (very large layers)", 1)
     factor_dtype: str = setting("dtype of the stored eigenbases and eigenvalues: 'float64', or 'float32' (half the "
                                 "bytes; sums still accumulate and eigh still runs in float64)", "float64")
+    skip_non_finite: bool = setting("skip and count the sequences whose activations or output gradients hold NaN or "
+                                    "inf, named in the manifest (default: stop with an error naming them)", False)
 
     def __post_init__(self):
         _require(self.factor_dtype in ("float32", "float64"), "factor_dtype",
@@ -47,7 +49,10 @@ class FitConfig:
                  f"must be positive, got {self.max_sequences}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not values["skip_non_finite"]:  # unset: recorded as before it existed, so earlier fits resume
+            del values["skip_non_finite"]
+        return values
 
 
 @dataclass

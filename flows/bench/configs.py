@@ -55,7 +55,7 @@ CONFIGS = {
     # For CI: a minute on two cores. The Ray pipeline measurements (minutes of Ray start-up and actor launches,
     # whatever the model) run only when named: --only pipeline,score_memory,workers.
     "tiny": BenchConfig("tiny", hidden=64, intermediate=172, blocks=2, heads=4, vocab=2000, seq_len=64,
-                        batch_size=4, fit_batches=4, repeats=3, fit_repeats=2, tfidf_documents=120, tfidf_candidates=20,
+                        batch_size=4, fit_batches=4, repeats=3, fit_repeats=2, tfidf_documents=24, tfidf_candidates=20,
                         micro_sequences=1000, pipeline=False),
     # A realistic Llama-like shape (TinyLlama's proportions, narrower): several minutes on two cores.
     "medium": BenchConfig("medium", hidden=512, intermediate=1376, blocks=4, heads=8, vocab=32000, seq_len=512,
