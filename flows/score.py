@@ -1,13 +1,14 @@
 """`whence score`: score corpus sequences against queries with Ray; write the top-k influences per query.
 
     prepare      a Ray task loads the model and factors, checks they belong together, and writes the
-                 preconditioned, rank-r query gradients to RESULTS_DIR/queries.safetensors
+                 preconditioned, rank-r query gradients to RESULTS_DIR/queries.safetensors (flows.score_prepare)
     scan         bad rows, duplicates, sequences per fragment, TF-IDF document frequencies
     candidates   per query, the N sequences most similar by BM25 (skipped with --tfidf-candidates 0)
     score        Ray Data streams the (filtered) sequences through SequenceScorer actors; the driver keeps a
                  per-query top-k per corpus fragment and writes it to parts/ when the fragment is complete
     reduce       parts merged into topk.parquet (ties by doc id and chunk: independent of worker count)
     per-token    with --per-token, the top-k sequences are scored again token by token: tokens.parquet
+                 (flows.score_tokens)
     baselines    with --baseline METHOD, the scorers also score METHOD's queries in the same pass (one forward
                  and backward pass per sequence for every method), reduced into RESULTS_DIR/baselines/METHOD/
 Finished fragments survive an interruption; rerunning with the same arguments scores only the rest.
@@ -47,9 +48,6 @@ if TYPE_CHECKING:
     from whence.topk import TopK
 
 log = logging.getLogger("whence.score")
-
-LISSA_SEQUENCES = 256
-
 
 def _top_k(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
@@ -212,6 +210,8 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     from flows.query_groups import plan_groups
     from flows.scan_cache import cached_scan
     from flows.score_checks import discard_damaged_queries
+    from flows.score_prepare import prepare_remotely
+    from flows.score_tokens import per_token_pass
     from whence.queries import QueriesHeader
     from whence.results import CANDIDATE_SEQUENCES_FILE, CANDIDATES_FILE
     from whence.tfidf import DEFAULT_FEATURES
@@ -225,7 +225,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
             shutil.copyfile(Path(candidates_from) / CANDIDATE_SEQUENCES_FILE, state.path / CANDIDATE_SEQUENCES_FILE)
     if not all(path.exists() for path in run.queries_files):
         with _timed(timings, "prepare_queries_s"):
-            _prepare_remotely(run, factors_dir)
+            prepare_remotely(run, factors_dir)
     tfidf = config.tfidf_candidates > 0
     # Document frequencies are needed only to select candidates, not when a candidate list is already there.
     need_frequencies = tfidf and not candidates_file.exists()
@@ -255,7 +255,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     if config.per_token:
         with _timed(timings, "per_token_s"):
             for group in run.groups:
-                _per_token(run, plan, topk, group)
+                per_token_pass(run, plan, topk, group)
     summary = {"queries": len(run.queries), "sequences_scored": scored, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "fragments": len(run.fragments),
                "workers": run.cluster.workers, "shards": run.cluster.shards, "seconds": time.monotonic() - started,
@@ -361,88 +361,6 @@ def _write_baselines(run: ScoringRun, manifest: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# prepare
-
-
-def _prepare_remotely(run: ScoringRun, factors_dir: str) -> None:
-    """Query preparation runs where the model can live (a GPU worker on a cluster), not on the driver."""
-    import ray
-
-    from flows.cluster import cluster_gpus
-
-    task = ray.remote(prepare_queries_task).options(num_gpus=1 if cluster_gpus() else 0, num_cpus=1, max_retries=1)
-    ray.get(task.remote(run, str(factors_dir)))
-
-
-def prepare_queries_task(run: ScoringRun, factors_dir: str) -> None:
-    """Write run.queries_files that are missing: the queries' gradients preconditioned by run.config.method
-    (whence.queries), then by each baseline method, the model and factors loaded once."""
-    from actors.hosting import host_model
-    from whence.factors import Factors
-    from whence.model import model_fingerprint
-    from whence.queries import HostedModel, prepare_queries
-
-    config = run.config
-    hosted = HostedModel(*host_model(run.spec))
-    factors = Factors.load(factors_dir)
-    factors.check_compatible(model_fingerprint(hosted.model), [layer.describe() for layer in hosted.layers])
-    main, *baselines = run.queries_files
-    if not main.exists():
-        _prepare_method(run, hosted, factors)
-    for method, path in zip(config.baselines, baselines):
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _save_prepared(prepare_queries(hosted, factors, run.queries, config.query_rank, config.damping, method),
-                           path)
-
-
-def _save_prepared(prepared, path: Path) -> None:
-    """Prepared queries checked finite, written, and their checksum (a resume verifies it: flows.score_checks)."""
-    from whence.checksums import write_checksum
-    from whence.scoring import check_finite_queries
-
-    check_finite_queries(prepared)
-    prepared.save(path)
-    write_checksum(path)
-
-
-def _prepare_method(run: ScoringRun, hosted, factors) -> None:
-    """run.queries_file by run.config.method; ekfac-cg's residuals beside it (whence.refine.REFINE_FILE)."""
-    from flows.refine_source import refinement
-    from whence.queries import prepare_queries
-    from whence.refine import REFINE_FILE
-
-    config = run.config
-    if config.method == "lissa":
-        from whence.lissa import lissa_prepare_queries
-
-        prepared = lissa_prepare_queries(hosted, factors, run.queries, _lissa_batches(hosted.tokenizer, run),
-                                         config.query_rank, config.damping)
-    else:  # ekfac-cg streams the fitting sequences (flows.refine_source) for its Fisher-vector products
-        batches, refine, notes = refinement(hosted.tokenizer, run, factors)
-        prepared = prepare_queries(hosted, factors, run.queries, config.query_rank, config.damping, config.method,
-                                   batches, refine)
-    if prepared.diagnostics:
-        run.state.write_json(REFINE_FILE, {**notes, **prepared.diagnostics})
-    _save_prepared(prepared, run.queries_file)
-
-
-def _lissa_batches(tokenizer, run: ScoringRun) -> list[dict]:
-    """The corpus's first LISSA_SEQUENCES sequences, collated: LiSSA's Fisher-vector products come from them."""
-    from itertools import islice
-
-    from flows.corpus_pipeline import fragment_sequences
-    from whence.api import sequence_batches
-
-    def sequences():
-        for fragment in run.fragments:
-            yield from fragment_sequences(fragment, run.settings)
-
-    return [batch for _, batch in sequence_batches(tokenizer, islice(sequences(), LISSA_SEQUENCES),
-                                                   run.config.batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------------------
 # score
 
 
@@ -535,50 +453,3 @@ def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expec
         raise RuntimeError(f"fragments {sorted(open_fragments)} did not complete; rerun to resume")
     progress.finish()
     return already + progress.done, progress.steady()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# per-token
-
-
-def _per_token(run: ScoringRun, plan: FragmentPlan, topk: TopK, group: QueryGroup) -> None:
-    """Score the top-k sequences of `group`'s queries again, token by token (read from plan.stored when the
-    candidates were gathered), and write tokens.parquet (a part of it per group when there are several)."""
-    from flows.corpus_pipeline import FragmentPlan, load_tokenizer
-    from whence.results import TOKENS_FILE, TOKENS_SCHEMA, tokens_table, write_table_atomically
-    from whence.text import token_pieces
-
-    entries = topk.entries[group.start : group.stop]  # query q of the group is the run's group.start + q
-    wanted: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (doc_id, chunk) -> [(query in group, rank)]
-    for q, entry in enumerate(entries):
-        for rank, (doc_id, chunk) in enumerate(zip(entry["doc_id"], entry["chunk"]), start=1):
-            wanted.setdefault((str(doc_id), int(chunk)), []).append((q, rank))
-    involved = {int(f) for entry in entries for f in entry["fragment"]}
-    plan = FragmentPlan(skip_lines=plan.skip_lines, keys=set(wanted), stored=plan.stored)
-    dataset = scoring_dataset(run, [f for f in run.fragments if f.index in involved], plan, group, per_token=True)
-    tokenizer = load_tokenizer(run.settings.tokenizer_path)
-    rows = []  # (query index, rank, doc_id, chunk, tokens, token_ids, token_scores)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in np.flatnonzero(batch["marker_total"] < 0):
-            key = (str(batch["doc_id"][i]), int(batch["chunk"][i]))
-            ids = [int(t) for t in batch["input_ids"][i]]
-            pieces = token_pieces(tokenizer, ids)  # joined, they are the decoded text (CJK and emoji whole)
-            for q, rank in wanted.get(key, []):
-                rows.append((q, rank, *key, pieces, ids, batch["token_scores"][i][q].tolist()))
-    rows.sort(key=lambda row: row[:2])  # query order, then rank
-    columns = {name: [row[j] for row in rows] for j, name in enumerate(TOKENS_SCHEMA.names)}
-    columns["query_id"] = [run.query_ids[group.start + q] for q in columns["query_id"]]
-    path = run.state.path / TOKENS_FILE if group.only else group.directory(run.state.path) / TOKENS_FILE
-    write_table_atomically(tokens_table(columns), path)
-    if not group.only and group is run.groups[-1]:  # the groups' parts, in query order, as tokens.parquet
-        _join_token_parts(run)
-
-
-def _join_token_parts(run: ScoringRun) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from whence.results import TOKENS_FILE, write_table_atomically
-
-    tables = [pq.read_table(group.directory(run.state.path) / TOKENS_FILE) for group in run.groups]
-    write_table_atomically(pa.concat_tables(tables), run.state.path / TOKENS_FILE)

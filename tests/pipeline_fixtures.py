@@ -50,3 +50,20 @@ def write_workspace(root: Path, family: str = "llama", per_fragment: int = 10) -
     queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
     return {"model": str(model_dir), "corpus": str(corpus), "queries": str(queries), "documents": docs,
             "bad_rows": 4}
+
+
+class OneBatchDataset:
+    """A stand-in for the Ray Dataset a FitterActor iterates: `sequences` (whence.text.TrainingSequence) as one
+    batch of the rows flows.corpus_pipeline makes."""
+
+    def __init__(self, sequences):
+        import numpy as np
+
+        self.rows = {"fragment": np.zeros(len(sequences), dtype=np.int64),
+                     "doc_id": np.asarray([s.doc_id for s in sequences], dtype=object),
+                     "chunk": np.asarray([s.chunk for s in sequences], dtype=np.int64),
+                     "input_ids": np.asarray([np.asarray(s.input_ids) for s in sequences] + [None], dtype=object)[:-1],
+                     "marker_total": np.full(len(sequences), -1, dtype=np.int64)}
+
+    def iter_batches(self, batch_size, batch_format):
+        yield self.rows

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from flows.fit import fit_corpus
+from tests.pipeline_fixtures import OneBatchDataset
 from tests.tiny import TEXTS, make_model, make_tokenizer
 from whence import FitConfig
 from whence.api import sequence_batches
@@ -218,20 +219,6 @@ def test_non_finite_activations_name_the_layer_and_rows():
     assert str(pickle.loads(pickle.dumps(named))) == str(named) and pickle.loads(pickle.dumps(named)).rows == [0, 1, 2]
 
 
-class _Rows:
-    """A stand-in for the Ray Dataset a FitterActor iterates: sequence rows as flows.corpus_pipeline makes them."""
-
-    def __init__(self, sequences):
-        self.rows = {"fragment": np.zeros(len(sequences), dtype=np.int64),
-                     "doc_id": np.asarray([s.doc_id for s in sequences], dtype=object),
-                     "chunk": np.asarray([s.chunk for s in sequences], dtype=np.int64),
-                     "input_ids": np.asarray([np.asarray(s.input_ids) for s in sequences] + [None], dtype=object)[:-1],
-                     "marker_total": np.full(len(sequences), -1, dtype=np.int64)}
-
-    def iter_batches(self, batch_size, batch_format):
-        yield self.rows
-
-
 def test_a_fitting_actor_names_the_sequences_of_a_non_finite_batch(model_dir):
     from actors.fitter import FitterActor
     from actors.hosting import ModelSpec
@@ -240,12 +227,12 @@ def test_a_fitting_actor_names_the_sequences_of_a_non_finite_batch(model_dir):
     names = [layer.name for layer in actor.layers]
     sequences = [s for s in iter_sequences(actor.tokenizer, [(f"doc-{i}", t) for i, t in enumerate(TEXTS[:3])],
                                            seq_len=16)][:3]
-    assert actor.covariance_pass(_Rows(sequences), names)["sequences"] == 3  # finite: counted
+    assert actor.covariance_pass(OneBatchDataset(sequences), names)["sequences"] == 3  # finite: counted
     with torch.no_grad():
         actor.model.model.layers[1].mlp.gate_proj.weight[0, 0] = float("inf")
     labels = ", ".join(f"{s.doc_id}#{s.chunk}" for s in sequences)
     with pytest.raises(NonFiniteError, match=rf"down_proj .* in sequences {labels}"):
-        actor.covariance_pass(_Rows(sequences), names)
+        actor.covariance_pass(OneBatchDataset(sequences), names)
 
 
 def test_a_bfloat16_overflow_is_an_error_not_nan():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from actors.scorer import RowScorer
+from tests.pipeline_fixtures import OneBatchDataset
 from tests.tiny import TEXTS, make_model, make_tokenizer
 from whence.errors import NonFiniteError
 from whence.fragment_parts import TOPK_PART, FragmentResults, part_non_finite, part_sequences
@@ -87,20 +88,6 @@ def _tmp(poisoned, tmp_path):
     poisoned["tmp"] = tmp_path
 
 
-class _Rows:
-    """The Ray Dataset a FitterActor iterates, stood in: one batch of sequence rows."""
-
-    def __init__(self, sequences):
-        self.rows = {"fragment": np.zeros(len(sequences), dtype=np.int64),
-                     "doc_id": np.asarray([s.doc_id for s in sequences], dtype=object),
-                     "chunk": np.asarray([s.chunk for s in sequences], dtype=np.int64),
-                     "input_ids": np.asarray([np.asarray(s.input_ids) for s in sequences] + [None], dtype=object)[:-1],
-                     "marker_total": np.full(len(sequences), -1, dtype=np.int64)}
-
-    def iter_batches(self, batch_size, batch_format):
-        yield self.rows
-
-
 def test_a_fitting_actor_skips_and_names_non_finite_sequences(tmp_path):
     from actors.fitter import FitterActor
     from actors.hosting import ModelSpec
@@ -122,13 +109,13 @@ def test_a_fitting_actor_skips_and_names_non_finite_sequences(tmp_path):
 
     names = [layer.name for layer in actor(False).layers]
     with pytest.raises(NonFiniteError, match="in sequences"):
-        actor(False).covariance_pass(_Rows(sequences), names)
+        actor(False).covariance_pass(OneBatchDataset(sequences), names)
     skipping = actor(True)
-    counts = skipping.covariance_pass(_Rows(sequences), names)
+    counts = skipping.covariance_pass(OneBatchDataset(sequences), names)
     assert counts["sequences"] == len(good)
     assert counts["non_finite"] == [f"{sequences[i].doc_id}#{sequences[i].chunk}" for i in holders[poison]]
     reference = actor(False)
-    assert reference.covariance_pass(_Rows(good), names)["sequences"] == len(good)
+    assert reference.covariance_pass(OneBatchDataset(good), names)["sequences"] == len(good)
     got, want = skipping.held["covariance"], reference.held["covariance"]
     assert got.tokens == want.tokens
     for name in names:  # the sums of the finite sequences alone
