@@ -90,6 +90,7 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
                             "sequence before a later stage finds it non-finite); fit without --shards, or "
                             "without --skip-non-finite to stop at the first such sequence", "skip_non_finite")
     started = time.monotonic()
+    driver_at_start = _start_driver_peak()
     corpus = CorpusSource.of(corpus)
     source = corpus.to_arguments()  # the run.json keys, in the order they have always been written
     arguments = {"model": model, "corpus": source.pop("corpus"), "dtype": cluster.dtype, **source,
@@ -117,7 +118,7 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
 
     from whence.factor_files import write_factors_manifest
 
-    memory = measured_memory(pool, estimate)
+    memory = measured_memory(pool, estimate, driver_at_start)
     tally = corpus_plan.tally
     skipped = _non_finite_sequences(counts, corpus_plan.total)
     summary = {"memory": memory, "layers": len(layers), "sequences": corpus_plan.total, "documents": tally.documents,
@@ -142,16 +143,30 @@ def _non_finite_sequences(counts: dict, total: int) -> list[str]:
     return skipped
 
 
-def measured_memory(pool, estimate) -> dict:
-    """Peak resident bytes of the driver and of each fitting actor so far (and each actor's per phase: covariance,
-    covariance finish, bases, correction, correction finish), beside the estimate."""
+def _start_driver_peak() -> int:
+    """Start measuring the driver's peak afresh (a notebook or test process may have peaked higher before this
+    fit): free pages handed back, the kernel's high-water mark reset. Returns the resident bytes now."""
+    import psutil
+
+    from actors.owner import release_free_memory, reset_peak_rss
+
+    release_free_memory()
+    reset_peak_rss()
+    return psutil.Process().memory_info().rss
+
+
+def measured_memory(pool, estimate, driver_at_start: int) -> dict:
+    """Peak resident bytes of the driver during this fit (and what it held when the fit began) and of each fitting
+    actor (and each actor's per phase: covariance, covariance finish, bases, correction, correction finish),
+    beside the estimate."""
     import ray
 
     from actors.owner import peak_rss
 
     return {"estimate": {"driver": estimate.driver, "actors": estimate.actors, "stages": estimate.stages,
                          "factors": estimate.factors},
-            "peak_rss": {"driver": peak_rss(), "actors": ray.get([a.peak_rss.remote() for a in pool.actors]),
+            "peak_rss": {"driver": peak_rss(), "driver_at_start": driver_at_start,
+                         "actors": ray.get([a.peak_rss.remote() for a in pool.actors]),
                          "phases": ray.get([a.phase_peaks.remote() for a in pool.actors])}}
 
 

@@ -297,7 +297,8 @@ def test_the_memory_estimate_is_within_a_quarter_of_the_measured_peaks(workspace
     memory = Factors.load(workspace["factors"]).metadata["summary"]["memory"]
     for estimated, measured in zip(memory["estimate"]["actors"], memory["peak_rss"]["actors"], strict=True):
         assert abs(estimated - measured) <= MEMORY_ESTIMATE_TOLERANCE * measured
-    assert memory["peak_rss"]["driver"] <= 2**30, "the driver holds no sums or factors"
+    # Over what the test process held when the fit began (earlier tests ran in it): no sums or factors.
+    assert memory["peak_rss"]["driver"] - memory["peak_rss"]["driver_at_start"] <= 2**29, "the driver holds none"
 
 
 MEMORY_ESTIMATE_TOLERANCE = 0.25
