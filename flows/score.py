@@ -254,8 +254,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     scored, skipped, topk = _score_and_reduce(run, plan, len(layer_names), expected, timings, factors_manifest)
     if config.per_token:
         with _timed(timings, "per_token_s"):
-            for group in run.groups:
-                per_token_pass(run, plan, topk, group)
+            per_token_pass(run, plan, topk)
     summary = {"queries": len(run.queries), "sequences_scored": scored, "documents": tally.documents,
                "bad_rows": tally.total_bad, "corpus": tally.as_dict(), "fragments": len(run.fragments),
                "workers": run.cluster.workers, "shards": run.cluster.shards, "seconds": time.monotonic() - started,

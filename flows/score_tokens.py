@@ -13,12 +13,23 @@ if TYPE_CHECKING:
     from flows.score import ScoringRun
     from whence.topk import TopK
 
-def per_token_pass(run: ScoringRun, plan: FragmentPlan, topk: TopK, group: QueryGroup) -> None:
-    """Score the top-k sequences of `group`'s queries again, token by token (read from plan.stored when the
-    candidates were gathered), and write tokens.parquet (a part of it per group when there are several)."""
+def per_token_pass(run: ScoringRun, plan: FragmentPlan, topk: TopK) -> None:
+    """Score the top-k sequences again, token by token, one pass per query group, and write tokens.parquet (the
+    groups' rows in query order)."""
+    import pyarrow as pa
+
+    from whence.results import TOKENS_FILE, write_table_atomically
+
+    tables = [_group_tokens(run, plan, topk, group) for group in run.groups]
+    write_table_atomically(pa.concat_tables(tables), run.state.path / TOKENS_FILE)
+
+
+def _group_tokens(run: ScoringRun, plan: FragmentPlan, topk: TopK, group: QueryGroup):
+    """The tokens.parquet rows of `group`'s queries (a pyarrow Table), their top-k sequences read from plan.stored
+    when the candidates were gathered."""
     from flows.corpus_pipeline import FragmentPlan, load_tokenizer
     from flows.score import scoring_dataset
-    from whence.results import TOKENS_FILE, TOKENS_SCHEMA, tokens_table, write_table_atomically
+    from whence.results import TOKENS_SCHEMA, tokens_table
     from whence.text import token_pieces
 
     entries = topk.entries[group.start : group.stop]  # query q of the group is the run's group.start + q
@@ -41,17 +52,4 @@ def per_token_pass(run: ScoringRun, plan: FragmentPlan, topk: TopK, group: Query
     rows.sort(key=lambda row: row[:2])  # query order, then rank
     columns = {name: [row[j] for row in rows] for j, name in enumerate(TOKENS_SCHEMA.names)}
     columns["query_id"] = [run.query_ids[group.start + q] for q in columns["query_id"]]
-    path = run.state.path / TOKENS_FILE if group.only else group.directory(run.state.path) / TOKENS_FILE
-    write_table_atomically(tokens_table(columns), path)
-    if not group.only and group is run.groups[-1]:  # the groups' parts, in query order, as tokens.parquet
-        _join_token_parts(run)
-
-
-def _join_token_parts(run: ScoringRun) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from whence.results import TOKENS_FILE, write_table_atomically
-
-    tables = [pq.read_table(group.directory(run.state.path) / TOKENS_FILE) for group in run.groups]
-    write_table_atomically(pa.concat_tables(tables), run.state.path / TOKENS_FILE)
+    return tokens_table(columns)
