@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from whence.checksums import checksum_problem, remove_with_checksum, write_checksum
 from whence.errors import WhenceError
 from whence.results import scores_table, topk_table, write_table_atomically
-from whence.topk import TopK
+from whence.topk import TopK, rows_by_query
 
 log = logging.getLogger("whence.score")
 
@@ -96,13 +96,11 @@ class FragmentResults:
         count = int(batch["sequences"][tally].sum())
         self.received += count
         q, topks = len(self.query_ids), [self.topk, *self.baselines.values()]
-        entries = np.flatnonzero(batch["query"] >= 0)
-        by_query = entries[np.argsort(batch["query"][entries], kind="stable")]
-        columns, starts = batch["query"][by_query], np.flatnonzero(np.diff(batch["query"][by_query], prepend=-1))
-        for start, end in zip(starts, [*starts[1:], len(by_query)]):
-            rows, column = by_query[start:end], int(columns[start])
-            topks[column // q].update_query(column % q, batch["doc_id"][rows], batch["chunk"][rows],
-                                            batch["score"][rows], batch["layer_scores"][rows], batch["fragment"][rows])
+        for column, rows in enumerate(rows_by_query(batch["query"], q * len(topks))):  # tallies (query -1) dropped
+            if len(rows):
+                topks[column // q].update_query(column % q, batch["doc_id"][rows], batch["chunk"][rows],
+                                                batch["score"][rows], batch["layer_scores"][rows],
+                                                batch["fragment"][rows])
         return count
 
     def write(self, part_path: Callable[[str, int], Path]) -> None:

@@ -44,11 +44,8 @@ class TopK:
                 zero_copy_only=False), dtype=np.float64).reshape(n, num_layers),
             "fragment": np.full(n, fragment, dtype=np.int64),
         }
-        # Group rows by query with one stable sort: query q's rows are order[bounds[q]:bounds[q + 1]].
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(query_ids) + 1))
-        entries = [_prune({name: values[order[bounds[q] : bounds[q + 1]]] for name, values in columns.items()}, k)
-                   for q in range(len(query_ids))]
+        entries = [_prune({name: values[rows] for name, values in columns.items()}, k)
+                   for rows in rows_by_query(codes, len(query_ids))]
         return cls(list(query_ids), k, entries)
 
     def update(self, doc_ids, chunks, scores: np.ndarray, layer_scores: np.ndarray, fragments=None) -> None:
@@ -105,6 +102,14 @@ class TopK:
                 yield {"query_id": query_id, "rank": rank + 1, "doc_id": str(entry["doc_id"][rank]),
                        "chunk": int(entry["chunk"][rank]), "score": float(entry["score"][rank]),
                        "layer_scores": [float(x) for x in entry["layer_scores"][rank]]}
+
+
+def rows_by_query(codes: np.ndarray, num_queries: int) -> list[np.ndarray]:
+    """For each query q < num_queries, the indices of the rows whose code is q, in row order (other codes, such as
+    -1, dropped): one stable sort, query q's rows are order[bounds[q]:bounds[q + 1]]."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(num_queries + 1))
+    return [order[bounds[q] : bounds[q + 1]] for q in range(num_queries)]
 
 
 def _blank(num_layers: int) -> dict:
