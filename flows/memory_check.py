@@ -32,28 +32,22 @@ def fit_shape(model: str, modules: str, config, cluster) -> FitShape:
         meta = AutoModelForCausalLM.from_config(model_config)
     layers = [layer.describe() for layer in find_tracked_layers(meta, modules)]
     dtype = cluster.dtype if cluster.dtype in ("float64", "float32", "bfloat16", "float16") else "float32"
-    checkpoint, largest = checkpoint_sizes(model)
     return FitShape(layers, sum(p.numel() for p in meta.parameters()), int(model_config.vocab_size), dtype,
                     config.batch_size, config.seq_len, config.num_blocks, config.factor_dtype, cluster.workers,
-                    cluster.shards, checkpoint, largest)
+                    cluster.shards, largest_tensor_bytes(model))
 
 
-def checkpoint_sizes(model: str) -> tuple[int, int]:
-    """(bytes of the largest *.safetensors file, bytes of its largest tensor) of a local checkpoint, from the
-    files' headers; (0, 0) for a hub id (whence.model.check_finite_checkpoint reads local files only)."""
-    import json
-    import struct
+def largest_tensor_bytes(model: str) -> int:
+    """Bytes of a local checkpoint's largest tensor, from its *.safetensors files' headers; 0 for a hub id
+    (whence.model.check_finite_checkpoint reads local files only)."""
     from pathlib import Path
 
+    from whence.model import safetensors_header
+
     files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
-    largest_file, largest_tensor = 0, 0
-    for file in files:
-        with open(file, "rb") as handle:  # a safetensors file: an 8-byte header length, then the JSON header
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        spans = [end - start for key, entry in header.items() if key != "__metadata__"
-                 for start, end in [entry["data_offsets"]]]
-        largest_file, largest_tensor = max(largest_file, file.stat().st_size), max([largest_tensor, *spans])
-    return largest_file, largest_tensor
+    spans = [end - start for file in files for key, entry in safetensors_header(file)[0].items()
+             if key != "__metadata__" for start, end in [entry["data_offsets"]]]
+    return max(spans, default=0)
 
 
 def cluster_memory() -> tuple[int, int]:

@@ -24,7 +24,7 @@ from tests.tiny import TEXTS, make_model, make_tokenizer
 from whence import FitConfig
 from whence.api import sequence_batches
 from whence.checksums import checksum_problem, sidecar, write_checksum
-from whence.errors import NonFiniteError
+from whence.errors import ModelError, NonFiniteError
 from whence.fingerprints import corpus_fingerprint, factors_fingerprint, queries_fingerprint
 from whence.fragment_parts import SCORES_PART, TOPK_PART, FragmentResults, verified_parts
 from whence.model import check_finite_checkpoint, find_tracked_layers, load_causal_lm, model_fingerprint
@@ -184,6 +184,28 @@ def test_a_nan_weight_is_named_when_the_model_loads(model_dir, tmp_path):
     with pytest.raises(NonFiniteError, match=rf"parameter {name}"):  # before any Ray work: no cluster here
         fit_corpus(str(tmp_path), [str(corpus)], str(tmp_path / "factors"), FitConfig(seq_len=16))
     assert not (tmp_path / "factors").exists()
+
+
+def test_the_checkpoint_check_reads_tensors_a_chunk_at_a_time(model_dir, tmp_path, monkeypatch):
+    """Chunks of 24 bytes (6 float32 values): NaNs and infs in a tensor's first, middle and last chunks are all
+    counted, and a truncated file is a ModelError naming it."""
+    import whence.model
+
+    model, tokenizer = load_causal_lm(str(model_dir), device="cpu", dtype="float32")
+    name = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        flat = dict(model.named_parameters())[name].view(-1)
+        flat[0], flat[flat.numel() // 2], flat[-1] = float("nan"), float("inf"), float("-inf")
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(whence.model, "CHECK_CHUNK_BYTES", 24)
+    check_finite_checkpoint(str(model_dir))  # finite: no error, chunk by chunk
+    with pytest.raises(NonFiniteError, match=rf"parameter {name} .* 1 NaN and 2 infinite"):
+        check_finite_checkpoint(str(tmp_path))
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:-10])
+    with pytest.raises(ModelError, match="model.safetensors: the file ends inside a tensor"):
+        check_finite_checkpoint(str(truncated))
 
 
 def test_the_fingerprint_covers_every_element(model_dir):

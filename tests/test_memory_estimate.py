@@ -19,12 +19,13 @@ from tests.tiny import make_model
 from whence.fitting import FactorFitter
 from whence.memory_estimate import (
     ACTOR_BASELINE,
+    CHECK_COPIES,
     TOKENIZER_BYTES_PER_TOKEN,
     FitShape,
     estimate_fit,
     phase_bytes,
 )
-from whence.model import find_tracked_layers
+from whence.model import CHECK_CHUNK_BYTES, find_tracked_layers
 from whence.text import collate
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux")
@@ -83,11 +84,13 @@ def test_the_estimate_grows_with_blocks_and_vocabulary_as_the_measurement_does(s
 
 def test_an_actor_needs_its_largest_phase_and_the_driver_the_checkpoint_it_checks():
     layers = [{"name": f"m.{i}", "d_out": 1536, "d_in": 576} for i in range(6)]
-    shape = FitShape(layers, 10**8, 49152, batch_size=8, seq_len=256, checkpoint_bytes=2**29,
-                     largest_tensor_bytes=2**27)
+    shape = FitShape(layers, 10**8, 49152, batch_size=8, seq_len=256, largest_tensor_bytes=2**27)
     estimate = estimate_fit(shape)
     bigger = estimate_fit(FitShape(layers * 2, 10**8, 49152, batch_size=8, seq_len=256))
-    assert estimate.driver - estimate_fit(FitShape(layers, 10**8, 49152)).driver == 2**29 + 2**27
+    # The checkpoint is checked a chunk at a time: its tensors' size counts up to a chunk, not the file's.
+    assert estimate.driver - estimate_fit(FitShape(layers, 10**8, 49152)).driver == CHECK_COPIES * CHECK_CHUNK_BYTES
+    small = estimate_fit(FitShape(layers, 10**8, 49152, largest_tensor_bytes=2**20))
+    assert small.driver - estimate_fit(FitShape(layers, 10**8, 49152)).driver == CHECK_COPIES * 2**20
     assert bigger.actors[0] > estimate.actors[0]
     phases = phase_bytes(shape, layers, weights=4 * 10**8)
     assert estimate.actors[0] == ACTOR_BASELINE + TOKENIZER_BYTES_PER_TOKEN * 49152 + 4 * 10**8 + max(phases.values())

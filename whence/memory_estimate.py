@@ -4,8 +4,8 @@ Bytes per process (flows.memory_check compares them with the cluster's memory be
 of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's float64 A and S blocks):
 
     driver          DRIVER_BASELINE (Python, torch, Ray, Ray Data's executor: plans, counts and ObjectRefs only)
-                    + the checkpoint's largest file, memory-mapped while whence.model.check_finite_checkpoint reads
-                    it, + a copy of its largest tensor
+                    + CHECK_COPIES chunks of a tensor (whence.model.check_finite_checkpoint reads the checkpoint a
+                    chunk at a time)
     fitting actor   ACTOR_BASELINE + its tokenizer (TOKENIZER_BYTES_PER_TOKEN x V) + the model's weights + the
                     largest of its phases:
       covariance    C (its partial sums, float64) + a batch's step
@@ -32,8 +32,12 @@ from dataclasses import dataclass, field
 
 from whence.factors import block_slices
 from whence.fit_plan import FLOAT64_BYTES, layer_sum_bytes, plan_owners
+from whence.model import CHECK_CHUNK_BYTES
 
 DRIVER_BASELINE = 450 * 2**20  # the driver before it reads the checkpoint: Python, torch, Ray, Ray Data
+# Checking a checkpoint holds one chunk of a tensor, isfinite's copy of its magnitudes and its masks: measured
+# +50 MiB with 16 MiB chunks of SmolLM2-135M's float32 tensors (the whole file mapped was +532 MiB).
+CHECK_COPIES = 3
 ACTOR_BASELINE = 540 * 2**20  # a fitting actor before its model: Python, torch, transformers, Ray (measured)
 # The tokenizer each actor loads beside its model (a fast tokenizer's vocabulary, merges and caches): measured
 # 150 MiB for SmolLM2's 49,152 tokens, about 3 KiB a token; 4 KiB keeps a margin.
@@ -69,8 +73,7 @@ class FitShape:
     factor_dtype: str = "float64"
     workers: int = 1
     shards: int = 1
-    checkpoint_bytes: int = 0  # the largest *.safetensors file of a local checkpoint (0: none to check)
-    largest_tensor_bytes: int = 0  # its largest tensor, as stored
+    largest_tensor_bytes: int = 0  # a local checkpoint's largest tensor, as stored (0: none to check)
 
 
 @dataclass
@@ -151,8 +154,9 @@ def owner_peak(shape: FitShape, owned: list[dict], weights: int) -> int:
 
 
 def driver_peak(shape: FitShape) -> int:
-    """The driver: its baseline, and the checkpoint's largest file mapped while its largest tensor is checked."""
-    return DRIVER_BASELINE + shape.checkpoint_bytes + shape.largest_tensor_bytes
+    """The driver: its baseline, and the chunk of a tensor whence.model.check_finite_checkpoint holds at a time
+    with isfinite's temporaries (CHECK_COPIES)."""
+    return DRIVER_BASELINE + CHECK_COPIES * min(shape.largest_tensor_bytes, CHECK_CHUNK_BYTES)
 
 
 def estimate_fit(shape: FitShape) -> MemoryEstimate:

@@ -89,24 +89,72 @@ def load_causal_lm(path_or_id: str, device: torch.device | str | None = None, dt
     return model, tokenizer
 
 
+# check_finite_checkpoint reads a tensor at most this many bytes at a time, into one reused buffer: the driver
+# never maps the checkpoint (a memory-mapped file's touched pages count as the process's resident memory).
+CHECK_CHUNK_BYTES = 16 * 2**20
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def safetensors_header(file: str | Path) -> tuple[dict, int]:
+    """(the JSON header of a .safetensors file, the offset its data starts at): an 8-byte little-endian header
+    length, then the header, whose entries give each tensor's dtype, shape and data_offsets from that start."""
+    import struct
+
+    with open(file, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        return json.loads(handle.read(length)), 8 + length
+
+
 def check_finite_checkpoint(path_or_id: str) -> None:
     """NonFiniteError naming the first tensor of a local model directory's *.safetensors files that holds NaN
-    or inf, read one tensor at a time (memory-mapped) on the driver, before any Ray work. Hub ids and other
-    weight formats are checked when the model loads (load_causal_lm)."""
-    from safetensors import safe_open
-
+    or inf, on the driver, before any Ray work: each floating-point tensor read CHECK_CHUNK_BYTES at a time, so
+    this costs the driver one chunk whatever the model's size. Hub ids and other weight formats are checked when
+    the model loads (load_causal_lm)."""
     local = Path(path_or_id)
     if not local.is_dir():
         return
     for file in sorted(local.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    nans, infs = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-                    raise NonFiniteError(f"{file}: parameter {key} {tuple(tensor.shape)} holds {nans} NaN and "
+        header, data_start = safetensors_header(file)
+        buffer = bytearray(check_buffer_bytes(header))
+        with open(file, "rb", buffering=0) as handle:
+            for key, entry in header.items():
+                dtype = SAFETENSORS_FLOATS.get(entry.get("dtype")) if key != "__metadata__" else None
+                if dtype is None:
+                    continue
+                start, stop = entry["data_offsets"]
+                nans, infs = _non_finite_counts(handle, data_start + start, stop - start, dtype, buffer)
+                if nans or infs:
+                    raise NonFiniteError(f"{file}: parameter {key} {tuple(entry['shape'])} holds {nans} NaN and "
                                          f"{infs} infinite value(s); the checkpoint is damaged or diverged",
                                          layer=key)
+
+
+def check_buffer_bytes(header: dict) -> int:
+    """The buffer check_finite_checkpoint reads a file's tensors through: CHECK_CHUNK_BYTES, or the file's largest
+    tensor rounded up to 8 bytes when smaller (a multiple of every itemsize either way)."""
+    spans = [end - start for key, entry in header.items() if key != "__metadata__" for start, end in
+             [entry["data_offsets"]]]
+    return min(CHECK_CHUNK_BYTES, -(-max(spans, default=8) // 8) * 8)
+
+
+def _non_finite_counts(handle, offset: int, size: int, dtype: torch.dtype, buffer: bytearray) -> tuple[int, int]:
+    """(NaN count, inf count) of the `size` bytes of `dtype` values at `offset`, read a buffer at a time (a whole
+    number of elements each: the buffer's size is a multiple of every itemsize)."""
+    nans = infs = 0
+    handle.seek(offset)
+    view = memoryview(buffer)
+    while size > 0:
+        want, got = min(size, len(buffer)), 0
+        while got < want:
+            read = handle.readinto(view[got:want])
+            if not read:
+                raise ModelError(f"{handle.name}: the file ends inside a tensor's data (truncated checkpoint)")
+            got += read
+        values = torch.frombuffer(buffer, dtype=dtype, count=want // dtype.itemsize)
+        if not bool(torch.isfinite(values).all()):
+            nans, infs = nans + int(torch.isnan(values).sum()), infs + int(torch.isinf(values).sum())
+        size -= want
+    return nans, infs
 
 
 def check_finite_parameters(model: nn.Module, source: str = "the model") -> None:
