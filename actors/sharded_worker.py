@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 from actors.hosting import ModelSpec, gpu_share, pad_id_of, rows_to_batch, sequence_rows_mask
 from actors.owner import LayerOwner
-from actors.stage import CONSUMERS, CORRECTION, COVARIANCE, SCORE, StageActor
+from actors.stage import CONSUMERS, CORRECTION, COVARIANCE, PRODUCT, SCORE, StageActor
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores
@@ -34,10 +36,12 @@ from whence.shards import (
     concat_scores,
     merge_corrections,
     merge_covariance,
+    merge_products,
     merge_scores,
     pipeline_schedule,
     select_layers,
     split_batch,
+    sum_coefficients,
 )
 
 log = logging.getLogger("whence.shards")
@@ -78,6 +82,14 @@ class ShardOptions:
                 raise ValueError(f"{name} must be positive or None, got {value}")
         if self.stage_cpus < 0 or (self.stage_gpus or 0) < 0 or self.max_restarts < 0 or self.checkpoint_every < 1:
             raise ValueError("stage_cpus, stage_gpus and max_restarts must be >= 0 and checkpoint_every >= 1")
+
+
+class _PassLost(RuntimeError):
+    """Calls of a Fisher-vector product pass failed (a stage restarted, or an error to raise): {(id, stage): error}."""
+
+    def __init__(self, errors: dict):
+        super().__init__(f"{len(errors)} call(s) of the pass failed")
+        self.errors = errors
 
 
 class ShardedWorker(LayerOwner):
@@ -206,6 +218,46 @@ class ShardedWorker(LayerOwner):
         merged = {mb: merge_scores([results[mb, k] for k in range(self.num_stages)], self.positions,
                                    len(self.layers)) for mb in jobs}
         return [concat_scores([merged[mb] for mb in ids]) for ids in per_batch]
+
+    # -- ekfac-cg's Fisher-vector products (whence.refine) -------------------------------------------------------
+    def fisher_vector_product(self, batches: Callable[[], Iterable[dict]], directions: dict[str, torch.Tensor],
+                              path: str = "auto") -> dict[str, torch.Tensor]:
+        """G V over the stages, as whence.refine.FisherVectorProduct: batches() a fresh iterable of fitting
+        batches (with seeds), directions layer -> (Q, d_out, d_in). Per group of micro-batches the stages give
+        their layers' parts of c (B, Q) after the backward pass; their sum goes back to every stage, which adds its
+        layers' products. A stage lost on the way costs the pass, which runs again from the start (the
+        directions, replayed on the restarted stage, reset every stage's sums)."""
+        import ray
+
+        per_stage = [({n: directions[n].to("cpu") for n in names}, path) for names in self.stage_layer_names]
+        for _ in range(MAX_RECOVERY_ROUNDS):
+            self._configure("set_directions", per_stage)
+            try:
+                return self._product_pass(batches())
+            except _PassLost as lost:
+                self._recover(lost.errors)
+            except ray.exceptions.RayActorError as error:
+                self._recover({None: error})
+        raise RuntimeError(f"Fisher-vector product failed after {MAX_RECOVERY_ROUNDS} rounds of stage restarts")
+
+    def _product_pass(self, batches: Iterable[dict]) -> dict[str, torch.Tensor]:
+        """One pass of the product over `batches`, max_in_flight micro-batches at a time (each stage keeps their
+        captures between the two halves); raises _PassLost when a call failed."""
+        import ray
+
+        _, jobs, _ = self._micro_batches(batches)
+        group = self.options.max_in_flight or self.num_stages
+        order = sorted(jobs)
+        for start in range(0, len(order), group):
+            results, errors = self._run({mb: jobs[mb] for mb in order[start : start + group]}, PRODUCT)
+            if errors:
+                raise _PassLost(errors)
+            refs = []
+            for mb in order[start : start + group]:
+                c = sum_coefficients([results[mb, k] for k in range(self.num_stages)])
+                refs += [stage.accumulate_products.remote(mb, c) for stage in self.stages]
+            ray.get(refs)
+        return merge_products(ray.get([stage.take_products.remote() for stage in self.stages]))
 
     # -- the FitterActor surface used by `whence fit` (flows/fit.py) -------------------------------------------
     def describe(self) -> dict:

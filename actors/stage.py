@@ -24,8 +24,9 @@ from whence.scoring import BatchScores
 from whence.shards import split_model
 
 # The passes a stage runs, and what it does with a micro-batch after its backward pass in each.
-COVARIANCE, CORRECTION, SCORE = "covariance", "correction", "score"
-CONSUMERS = {COVARIANCE: "accumulate_covariance", CORRECTION: "accumulate_corrections", SCORE: "score"}
+COVARIANCE, CORRECTION, SCORE, PRODUCT = "covariance", "correction", "score", "product"
+CONSUMERS = {COVARIANCE: "accumulate_covariance", CORRECTION: "accumulate_corrections", SCORE: "score",
+             PRODUCT: "product_coefficients"}  # PRODUCT: the first half of ekfac-cg's Fisher-vector product
 
 
 def _timed(method):
@@ -117,6 +118,17 @@ class StageActor:
     def score(self, micro_batch_id: int, per_token: bool = False) -> BatchScores:
         return self.stage.score(micro_batch_id, per_token)
 
+    @_timed
+    def product_coefficients(self, micro_batch_id: int, key: int | None = None) -> torch.Tensor | None:
+        return self.stage.product_coefficients(micro_batch_id, key)
+
+    @_timed
+    def accumulate_products(self, key: int, c: torch.Tensor) -> None:
+        self.stage.accumulate_products(key, c)
+
+    def take_products(self) -> tuple[dict[str, torch.Tensor], int]:
+        return self.stage.take_products()
+
     def discard(self, micro_batch_ids: list[int] | None = None) -> None:
         self.stage.discard(micro_batch_ids)
 
@@ -126,6 +138,9 @@ class StageActor:
 
     def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
         self.stage.set_queries(queries, path)
+
+    def set_directions(self, directions: dict[str, torch.Tensor], path: str = "auto") -> None:
+        self.stage.set_directions(directions, path)
 
     def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
         """Eigenbases of the given layers' sums on this stage's device."""

@@ -20,10 +20,17 @@ def prepare_remotely(run: ScoringRun, factors_dir: str) -> None:
     """Query preparation runs where the model can live (a GPU worker on a cluster), not on the driver."""
     import ray
 
-    from flows.cluster import cluster_gpus
+    from flows.cluster import cluster_gpus, gpu_share
 
-    task = ray.remote(prepare_queries_task).options(num_gpus=1 if cluster_gpus() else 0, num_cpus=1, max_retries=1)
+    # With products on the stages, the task and its stage actors share the GPUs (one each when there are enough).
+    gpus = gpu_share(run.cluster.shards + 1) if products_on_stages(run) else (1 if cluster_gpus() else 0)
+    task = ray.remote(prepare_queries_task).options(num_gpus=gpus, num_cpus=1, max_retries=1)
     ray.get(task.remote(run, str(factors_dir)))
+
+
+def products_on_stages(run: ScoringRun) -> bool:
+    """ekfac-cg with --shards: its Fisher-vector products run over the run's pipeline stages."""
+    return run.config.method == "ekfac-cg" and run.cluster.shards > 1
 
 
 def prepare_queries_task(run: ScoringRun, factors_dir: str) -> None:
@@ -72,11 +79,38 @@ def _prepare_method(run: ScoringRun, hosted, factors) -> None:
                                          config.query_rank, config.damping)
     else:  # ekfac-cg streams the fitting sequences (flows.refine_source) for its Fisher-vector products
         batches, refine, notes = refinement(hosted.tokenizer, run, factors)
-        prepared = prepare_queries(hosted, factors, run.queries, config.query_rank, config.damping, config.method,
-                                   batches, refine)
+        if products_on_stages(run):
+            prepared = _refined_on_stages(run, hosted, factors, batches, refine)
+            notes["product_stages"] = run.cluster.shards
+        else:
+            prepared = prepare_queries(hosted, factors, run.queries, config.query_rank, config.damping,
+                                       config.method, batches, refine)
     if prepared.diagnostics:
         run.state.write_json(REFINE_FILE, {**notes, **prepared.diagnostics})
     _save_prepared(prepared, run.queries_file)
+
+
+def _refined_on_stages(run: ScoringRun, hosted, factors, batches, refine):
+    """ekfac-cg's prepared queries with each Fisher-vector product summed over --shards pipeline stages
+    (actors.sharded_worker.ShardedWorker.fisher_vector_product: each stage its own layers' part), the query
+    gradients and the conjugate-gradient state here. The stages go when the solve is done."""
+    from actors.sharded_worker import ShardedWorker, ShardOptions
+    from flows.cluster import gpu_share
+    from whence.queries import refined_queries
+    from whence.refine import fitted_fisher
+
+    config = run.config
+    options = ShardOptions(micro_batch_size=config.batch_size, stage_gpus=gpu_share(run.cluster.shards + 1))
+    worker = ShardedWorker(run.spec, run.cluster.shards, fisher=fitted_fisher(factors)[0],
+                           batch_size=config.batch_size, options=options)
+
+    def product(v: dict) -> dict:  # G V from the stages (CPU, float64), on the device the solve runs on
+        return {name: t.to(v[name].device) for name, t in worker.fisher_vector_product(batches, v).items()}
+
+    try:
+        return refined_queries(hosted, factors, run.queries, product, config.query_rank, config.damping, refine)
+    finally:
+        worker.shutdown()
 
 
 def _lissa_batches(tokenizer, run: ScoringRun) -> list[dict]:

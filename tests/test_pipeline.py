@@ -19,6 +19,7 @@ from whence.errors import CorpusError, RunStateError
 from whence.factor_files import LAMBDA, LAYERS_DIR, layer_file
 from whence.factors import MANIFEST_FILE, Factors
 from whence.model import find_tracked_layers
+from whence.queries import PreparedQueries
 
 SEQ_LEN = 16
 # On a GPU machine the actors run on the GPU and the in-process references on the CPU: their eigensolvers settle
@@ -187,6 +188,14 @@ def test_ekfac_cg_on_ray_equals_the_core_engine(workspace, tmp_path):
         assert row.score == pytest.approx(expected[(row.query_id, row.doc_id, row.chunk)], rel=1e-7, abs=1e-9)
     refined = json.loads((tmp_path / "cg" / "manifest.json").read_text())["refine"]
     assert refined["steps"] == 3 and refined["sequences"] == len(table.doc_ids)
+    # With --shards 2 the Fisher-vector products are summed over two pipeline stages: the same queries.
+    run_score(workspace, tmp_path / "cg2", top_k=None, shards=2, **refine)
+    staged = json.loads((tmp_path / "cg2" / "manifest.json").read_text())["refine"]
+    assert staged["product_stages"] == 2
+    np.testing.assert_allclose(staged["relative_residuals"], refined["relative_residuals"], rtol=1e-9)
+    for name, queries in PreparedQueries.load(tmp_path / "cg" / "queries.safetensors").full.items():
+        torch.testing.assert_close(PreparedQueries.load(tmp_path / "cg2" / "queries.safetensors").full[name],
+                                   queries, rtol=1e-9, atol=1e-12)
 
 
 def test_results_do_not_depend_on_the_number_of_workers(workspace, tmp_path, monkeypatch):

@@ -80,6 +80,25 @@ def test_fisher_vector_product_equals_the_dense_fisher(family, path):
     assert product.passes == 1
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("stages, path", [(2, "tokens"), (3, "gradient")])
+def test_products_over_pipeline_stages_equal_the_whole_models(family, stages, path):
+    """With --shards, each stage gives its layers' part of c; their sum goes back to every stage (whence.shards).
+    Three blocks and a micro-batch of 3 in batches of 4: stages hold several micro-batches of unequal size."""
+    from whence.shards import ShardedPipeline
+
+    tokenizer, model, layers, _, _, batches = setting(family, 10, blocks=3)
+    generator = torch.Generator().manual_seed(2)
+    v = {layer.name: torch.randn(3, layer.d_out, layer.d_in, generator=generator, dtype=torch.float64)
+         for layer in layers}
+    expected = FisherVectorProduct(model, layers, batches, "true", path=path)(v)
+    pipeline = ShardedPipeline(model, layers, stages, fisher="true", micro_batch_size=3)
+    actual = pipeline.fisher_vector_product(batches, v, path)
+    assert list(actual) == [layer.name for layer in layers]
+    torch.testing.assert_close(flat(actual, layers), flat(expected, layers), rtol=PRODUCT_RTOL,
+                               atol=PRODUCT_RTOL * float(flat(expected, layers).abs().max()))
+
+
 @pytest.mark.parametrize("family, blocks", [("llama", 2), ("gpt2", 1)])
 def test_enough_steps_solve_the_damped_fisher_exactly(family, blocks):
     """Llama: six bias-free MLP layers; GPT-2: c_fc and c_proj, Conv1D with biases (folded in as an input of 1).

@@ -23,6 +23,7 @@ from whence.factors import LayerBasis
 from whence.fitting import FactorFitter, eigendecompose
 from whence.model import find_tracked_layers
 from whence.queries import factorise, query_gradients
+from whence.refine import FisherVectorProduct
 from whence.scoring import QueryScorer
 from whence.shards import (
     BACKWARD,
@@ -311,6 +312,25 @@ def test_stage_actors_on_ray_survive_a_killed_stage(ray_cluster, saved_model, to
     for actual, reference in zip(scores, expected_scores):
         assert_scores_equal(actual, reference)
     assert worker.restarts_seen == 2
+
+    # ekfac-cg's Fisher-vector product over the stages (whence.refine); stage 1 dies once the pass's first
+    # micro-batch is in: its product sums are lost, so the pass runs again from the start.
+    generator = torch.Generator().manual_seed(4)
+    v = {layer.name: torch.randn(2, layer.d_out, layer.d_in, generator=generator, dtype=torch.float64)
+         for layer in layers}
+    expected_product = FisherVectorProduct(model, layers, lambda: iter(batches))(v)
+
+    def kill_in_product(kind, micro_batch_id):
+        if kind == "product" and worker.on_micro_batch is kill_in_product:
+            worker.on_micro_batch = None
+            ray.kill(worker.stages[1], no_restart=False)
+
+    worker.on_micro_batch = kill_in_product
+    product = worker.fisher_vector_product(lambda: iter(batches), v)
+    assert worker.restarts_seen == 3
+    assert list(product) == list(expected_product)
+    for name, theirs in expected_product.items():
+        torch.testing.assert_close(product[name], theirs, **FLOAT64)
     timings = worker.stage_timings()
     assert [t["stage"] for t in timings] == [0, 1, 2]
     assert all(t["idle_s"] >= 0 and t["busy_s"] > 0 for t in timings)

@@ -243,19 +243,15 @@ def prepare_queries(hosted: HostedModel, factors: Factors, queries: Sequence[Que
     method = method or factors.strategy
     if method == "lissa":
         raise ValueError("LiSSA needs training batches for its Hessian-vector products: use whence.lissa")
-    gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
     if method == "ekfac-cg":
-        from whence.refine import FisherVectorProduct, RefineSettings, fitted_fisher
-        from whence.refine import refine as refine_solve
+        from whence.refine import FisherVectorProduct, fitted_fisher
 
         if fitting is None:
             raise ValueError("ekfac-cg needs fitting batches for its Fisher-vector products (fitting=...)")
         product = FisherVectorProduct(hosted.model, hosted.layers, fitting, fitted_fisher(factors)[0],
                                       task=hosted.task)
-        result = refine_solve(factors, gradients, product, damping, refine or RefineSettings())
-        prepared = factorise([q.id for q in queries], result.solution, rank)
-        prepared.diagnostics = result.describe()
-        return prepared
+        return refined_queries(hosted, factors, queries, product, rank, damping, refine)
+    gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
     preconditioner = factors_for_method(factors, method)
     # Layer by layer, each gradient dropped as it is preconditioned and factorised: at most one layer's (Q, d_out,
     # d_in) preconditioned matrix exists beside the gradients still waiting (for a 90-layer 135M model and 9
@@ -263,3 +259,19 @@ def prepare_queries(hosted: HostedModel, factors: Factors, queries: Sequence[Que
     preconditioned = ((name, preconditioner.precondition(name, gradients.pop(name), damping))
                       for name in list(gradients))
     return factorise([q.id for q in queries], preconditioned, rank)
+
+
+def refined_queries(hosted: HostedModel, factors: Factors, queries: Sequence[Query], product,
+                    rank: int | str = DEFAULT_QUERY_RANK, damping: float | str = "heuristic", refine=None
+                    ) -> PreparedQueries:
+    """ekfac-cg's prepared queries: (G + D)^-1 grad f(q) by conjugate gradient (whence.refine) with `product`
+    computing G V (a whence.refine.FisherVectorProduct, or the stages' sum of one: actors.sharded_worker), the
+    residuals per step in the result's `diagnostics`; refine: whence.refine.RefineSettings (default its defaults)."""
+    from whence.refine import RefineSettings
+    from whence.refine import refine as refine_solve
+
+    gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
+    result = refine_solve(factors, gradients, product, damping, refine or RefineSettings())
+    prepared = factorise([q.id for q in queries], result.solution, rank)
+    prepared.diagnostics = result.describe()
+    return prepared

@@ -134,6 +134,58 @@ def token_products(capture: LayerCapture, c: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class LayerProducts:
+    """The two halves of one Fisher-vector product over a group of tracked layers: all of them in one process
+    (FisherVectorProduct), or one pipeline stage's (whence.shards.Stage), where c must be summed over the stages
+    between the halves. Per batch, with its captures on this group's layers:
+        coefficients(key, captures) -> (B, Q) this group's part of c_bq = sum_l sum_t s_bt^T V_ql a_bt; the
+                                        captures (or the batch's per-sequence gradients) are kept under `key`
+        accumulate(key, c)          -> adds sum_b c_bq s_b a_b^T per layer to the float64 sums, c (B, Q) summed
+                                        over every group of layers
+    and mean() is (G V)_l = the sums over the sequences accumulated.
+
+    directions: layer -> (Q, d_out, d_in) V in the precision products run in (compute_dtype of the model's)."""
+
+    def __init__(self, directions: Vectors, path: str = "auto"):
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.directions, self.path = directions, path
+        self.sums = {name: torch.zeros(d.shape, dtype=torch.float64, device=d.device) for name, d in directions.items()}
+        self.sequences = 0
+        self._held: dict[object, list[tuple[LayerCapture, torch.Tensor | None]]] = {}  # key -> per layer
+
+    def coefficients(self, key, captures: list[LayerCapture]) -> torch.Tensor:
+        """(B, Q) sum over this group's layers (in `directions` order, as `captures`) of <g_b, V_q>_l."""
+        held, c = [], 0.0
+        for d, capture in zip(self.directions.values(), captures):  # d: (Q, d_out, d_in)
+            capture = LayerCapture(capture.activations.to(d.dtype), capture.output_grads.to(d.dtype))
+            sequences, tokens = capture.activations.shape[0], capture.activations.shape[:2].numel()
+            if choose_path(self.path, sequences, tokens, d.shape[0], d.shape[1:], d.element_size()) == "gradient":
+                gradients = capture.per_sequence_gradients().flatten(1)  # (B, d_out*d_in), this batch's only
+                held.append((capture, gradients))
+                c = c + gradients @ d.flatten(1).T  # (B, Q)
+            else:
+                held.append((capture, None))
+                c = c + token_coefficients(capture, d)
+        self._held[key] = held
+        return c
+
+    def accumulate(self, key, c: torch.Tensor) -> None:
+        """Add the batch kept under `key`'s sum_b c_bq s_b a_b^T to each layer's sums (and forget the batch)."""
+        held = self._held.pop(key)
+        for (name, d), (capture, gradients) in zip(self.directions.items(), held):
+            c = c.to(d.device, d.dtype)
+            product = (c.T @ gradients).view_as(d) if gradients is not None else token_products(capture, c)
+            self.sums[name] += product.to(torch.float64)
+        self.sequences += int(c.shape[0])
+
+    def mean(self) -> Vectors:
+        """layer -> (Q, d_out, d_in) float64 (G V)_l over the sequences accumulated."""
+        if self.sequences == 0:
+            raise ValueError("ekfac-cg needs at least one fitting sequence for its Fisher-vector products")
+        return {name: total / self.sequences for name, total in self.sums.items()}
+
+
 class FisherVectorProduct:
     """G V for all queries at once, from one streamed pass over `batches()` (the fitting sequences).
 
@@ -154,37 +206,18 @@ class FisherVectorProduct:
 
     def _captures(self, batch: dict) -> list[LayerCapture]:
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        captures = self.tracker.capture(self.model, batch, lambda logits, b: self.task.fisher_objective(
+        return self.tracker.capture(self.model, batch, lambda logits, b: self.task.fisher_objective(
             logits, b, self.fisher), self.task.forward)
-        return [LayerCapture(c.activations.to(self.dtype), c.output_grads.to(self.dtype)) for c in captures]
 
     def __call__(self, v: Vectors) -> Vectors:
         """layer -> (Q, d_out, d_in) float64 (G V)_l; `v` as it (any float dtype, on the model's device)."""
-        directions = {layer.name: v[layer.name].to(self.device, self.dtype) for layer in self.layers}
-        sums = {name: torch.zeros(t.shape, dtype=torch.float64, device=self.device) for name, t in directions.items()}
-        count = 0
+        products = LayerProducts({layer.name: v[layer.name].to(self.device, self.dtype) for layer in self.layers},
+                                 self.path)
         for batch in self.batches():
-            captures = self._captures(batch)
-            sequences, tokens = captures[0].activations.shape[0], captures[0].activations.shape[:2].numel()
-            paths, gradients, c = [], [], 0.0
-            for layer, capture in zip(self.layers, captures):
-                d = directions[layer.name]  # (Q, d_out, d_in)
-                path = choose_path(self.path, sequences, tokens, d.shape[0], d.shape[1:], d.element_size())
-                paths.append(path)
-                if path == "gradient":
-                    gradients.append(capture.per_sequence_gradients().flatten(1))  # (B, d_out*d_in), this batch's
-                    c = c + gradients[-1] @ d.flatten(1).T  # (B, Q)
-                else:
-                    gradients.append(None)
-                    c = c + token_coefficients(capture, d)
-            for layer, capture, path, g in zip(self.layers, captures, paths, gradients):
-                product = (c.T @ g).view_as(directions[layer.name]) if path == "gradient" else token_products(capture, c)
-                sums[layer.name] += product.to(torch.float64)
-            count += sequences
-        if count == 0:
-            raise ValueError("ekfac-cg needs at least one fitting sequence for its Fisher-vector products")
+            products.accumulate(None, products.coefficients(None, self._captures(batch)))
+        result = products.mean()
         self.passes += 1
-        return {name: total / count for name, total in sums.items()}
+        return result
 
 
 # ---------------------------------------------------------------------------------------------------------

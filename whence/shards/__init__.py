@@ -24,8 +24,10 @@ from whence.shards.merge import (
     concat_scores,
     merge_corrections,
     merge_covariance,
+    merge_products,
     merge_scores,
     select_layers,
+    sum_coefficients,
 )
 from whence.shards.pipeline import ShardedPipeline
 from whence.shards.planning import StageSpec, balance_blocks, parameter_count, plan_stages, stage_specs
@@ -43,7 +45,8 @@ from whence.shards.stage import (
 
 __all__ = [
     "ARCHITECTURES", "MODEL_TYPES", "Architecture", "architecture_of", "FULL_ATTENTION", "SLIDING_ATTENTION",
-    "concat_scores", "merge_corrections", "merge_covariance", "merge_scores", "select_layers", "ShardedPipeline",
+    "concat_scores", "merge_corrections", "merge_covariance", "merge_products", "merge_scores", "select_layers",
+    "sum_coefficients", "ShardedPipeline",
     "StageSpec", "balance_blocks", "parameter_count", "plan_stages", "stage_specs", "BACKWARD", "FORWARD",
     "pipeline_schedule", "split_batch", "stage_order", "BATCH_KEYS", "HIDDEN_STATES", "OBJECTIVE", "OBJECTIVES",
     "MicroBatchLost", "Stage", "StageStatistics", "split_model",

@@ -64,3 +64,27 @@ def concat_scores(parts: Sequence[BatchScores]) -> BatchScores:
     per_token = None if parts[0].per_token is None else torch.cat([p.per_token for p in parts], dim=1)
     return BatchScores(torch.cat([p.total for p in parts], dim=1), torch.cat([p.per_layer for p in parts], dim=1),
                        per_token)
+
+
+def sum_coefficients(parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """A Fisher-vector product's c (B, Q) for one micro-batch: the stages' parts (each over its own layers) summed
+    in stage order; None is a stage without tracked layers."""
+    present = [part for part in parts if part is not None]
+    if not present:
+        raise ValueError("no stage holds a tracked layer")
+    total = present[0].clone()
+    for part in present[1:]:
+        total += part
+    return total
+
+
+def merge_products(parts: Sequence[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """G V (layer -> (Q, d_out, d_in) float64, layers in stage order, which is the model's) from the stages'
+    (product sums, sequences accumulated); stages without tracked layers hold none. Every stage with layers saw
+    the same micro-batches, so their counts are checked equal."""
+    held = [(sums, sequences) for sums, sequences in parts if sums]
+    counts = {sequences for _, sequences in held}
+    if len(counts) != 1 or 0 in counts:
+        raise RuntimeError(f"stages accumulated different numbers of fitting sequences: {sorted(counts)}")
+    sequences = counts.pop()
+    return {name: total / sequences for sums, _ in held for name, total in sums.items()}

@@ -3,13 +3,21 @@ whence.scoring.QueryScorer's methods over the stages, run micro-batch by micro-b
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.model import TrackedLayer
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores
-from whence.shards.merge import concat_scores, merge_corrections, merge_covariance, merge_scores
+from whence.shards.merge import (
+    concat_scores,
+    merge_corrections,
+    merge_covariance,
+    merge_products,
+    merge_scores,
+    sum_coefficients,
+)
 from whence.shards.schedule import FORWARD, pipeline_schedule, split_batch
 from whence.shards.stage import split_model
 from whence.task import LanguageModelingTask
@@ -76,6 +84,21 @@ class ShardedPipeline:
         micro = self._run(batch, "log_likelihood", lambda stage, mb: stage.score(mb, per_token))
         positions = [stage.positions for stage in self.stages]
         return concat_scores([merge_scores(parts, positions, len(self.layers)) for parts in micro])
+
+    def fisher_vector_product(self, batches, directions: dict[str, torch.Tensor], path: str = "auto"
+                              ) -> dict[str, torch.Tensor]:
+        """ekfac-cg's G V over the stages, as whence.refine.FisherVectorProduct: batches() a fresh iterable of
+        fitting batches (with seeds), directions layer -> (Q, d_out, d_in). Per micro-batch each stage gives its
+        layers' part of the coefficients c (B, Q); their sum over the stages goes back to every stage, which adds
+        its layers' products."""
+        for stage in self.stages:
+            stage.set_directions(directions, path)
+        for batch in batches():
+            for per_stage in self._run(batch, "fisher", lambda stage, mb: (mb, stage.product_coefficients(mb))):
+                mb, c = per_stage[0][0], sum_coefficients([part for _, part in per_stage])
+                for stage in self.stages:
+                    stage.accumulate_products(mb, c)
+        return merge_products([stage.take_products() for stage in self.stages])
 
     def memory_report(self) -> list[dict]:
         return [stage.memory_report() for stage in self.stages]

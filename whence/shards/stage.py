@@ -7,6 +7,7 @@ Protocol for one micro-batch (ids are ints chosen by the caller; a stage keeps s
     last stage  backward(id, None)            -> {"hidden_states": dL/dh (B, T, H)}
     stage k     backward(id, grads of k + 1)  -> {"hidden_states": dL/dh}  ({} on stage 0)
     each stage  accumulate_covariance(id) | accumulate_corrections(id) | score(id, per_token)
+    each stage  product_coefficients(id) -> (B, Q); then accumulate_products(id, their sum over the stages)
 Everything that crosses a stage boundary is a dict of plain CPU tensors, so Ray can carry it. Backward is
 activation-only: parameters are frozen during forward, and `torch.autograd.grad` runs to the stage's input
 hidden states and to its tracked layers' outputs, never to a weight. The family's forward (embeddings, blocks)
@@ -26,6 +27,7 @@ from whence.factors import CovarianceSums, LambdaSums, LayerBasis, compute_dtype
 from whence.fitting import basis_to
 from whence.model import TrackedLayer, find_tracked_layers
 from whence.queries import PreparedQueries
+from whence.refine import LayerProducts
 from whence.scoring import BatchScores, QueryScorer
 from whence.shards.architecture import architecture_of
 from whence.shards.merge import select_layers
@@ -104,6 +106,7 @@ class Stage:
         self.bases: dict[str, LayerBasis | None] | None = None  # None until set_bases: required for corrections
         self.scorer: QueryScorer | None = None
         self.num_queries: int | None = None  # None until set_queries
+        self.products: LayerProducts | None = None  # ekfac-cg's Fisher-vector product sums, from set_directions
 
     # -- description ---------------------------------------------------------------------------------------
     @property
@@ -303,6 +306,35 @@ class Stage:
         scores = self.scorer.score_captures(captured.captures, per_token)
         return BatchScores(*(t.to("cpu") if t is not None else None
                              for t in (scores.total, scores.per_layer, scores.per_token)))
+
+    # -- Fisher-vector products (ekfac-cg, whence.refine) -------------------------------------------------------
+    def set_directions(self, directions: dict[str, torch.Tensor], path: str = "auto") -> None:
+        """ekfac-cg's current directions V (layer -> (Q, d_out, d_in)); only this stage's layers are kept. Resets
+        the product sums: a pass over the fitting sequences follows."""
+        dtype = compute_dtype(self.dtype)
+        self.products = LayerProducts({n: directions[n].to(self.device, dtype) for n in self.layer_names}, path)
+
+    def product_coefficients(self, micro_batch_id: int, key: int | None = None) -> torch.Tensor | None:
+        """(B, Q) this stage's part of c_bq = sum_l <g_bl, V_ql> for one micro-batch after its backward pass (None
+        for a stage without tracked layers); its captures are kept under `key` (default: micro_batch_id) until
+        accumulate_products gives the c summed over every stage."""
+        captured = self._take_captured(micro_batch_id)
+        if self.products is None:
+            raise RuntimeError(f"stage {self.index}: set_directions before a Fisher-vector product")
+        if not self.layers:
+            return None
+        key = micro_batch_id if key is None else key
+        return self.products.coefficients(key, captured.captures).to("cpu")
+
+    def accumulate_products(self, key: int, c: torch.Tensor) -> None:
+        """Add micro-batch `key`'s sum_b c_bq s_b a_b^T to this stage's layers' product sums, c (B, Q) summed over
+        the stages."""
+        if self.layers:
+            self.products.accumulate(key, c)
+
+    def take_products(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(layer -> (Q, d_out, d_in) float64 product sums on the CPU, sequences accumulated) of this stage."""
+        return {n: t.to("cpu") for n, t in self.products.sums.items()}, self.products.sequences
 
     # -- internals -----------------------------------------------------------------------------------------
     def _empty_statistics(self) -> StageStatistics:
