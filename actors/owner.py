@@ -31,12 +31,22 @@ def pop_layer(sums: CovarianceSums | LambdaSums, name: str) -> CovarianceSums | 
     return LambdaSums({name: sums.sums.pop(name)}, sums.sequences)
 
 
+class SumsLost(RuntimeError):
+    """An owner no longer holds its sums of a pass (its process restarted after the pass): the pass runs again
+    (flows.fit_pool.FitterPool.step)."""
+
+
 class LayerOwner:
     held: dict[str, CovarianceSums | LambdaSums]
 
     def export(self, kind: str, name: str) -> CovarianceSums | LambdaSums:
         """This actor's part of layer `name` from its last `kind` pass, handed over (dropped here)."""
-        return pop_layer(self.held[kind], name)
+        return pop_layer(self._held(kind), name)
+
+    def _held(self, kind: str) -> CovarianceSums | LambdaSums:
+        if kind not in self.held:
+            raise SumsLost(f"this process holds no {kind} sums (it restarted after the pass)")
+        return self.held[kind]
 
     def finish(self, kind: str, names: list[str], position: int, parts: list, job: FinishJob) -> dict[str, dict]:
         """Reduce, finish and write the layers `names` this actor owns. parts[w]: {name: ObjectRef of worker w's
@@ -45,8 +55,10 @@ class LayerOwner:
 
         def fetch(worker: int, name: str):
             if worker == position:
-                return pop_layer(self.held[kind], name)
-            return ray.get(parts[worker][name])
+                return pop_layer(self._held(kind), name)
+            part = ray.get(parts[worker][name])
+            # A pipeline's part comes from the stage holding the layer: its export answers with that stage's ref.
+            return ray.get(part) if isinstance(part, ray.ObjectRef) else part
 
         with self.phase(f"{kind} finish"):
             return finish_layers(kind, names, len(parts), fetch, job,

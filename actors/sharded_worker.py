@@ -271,25 +271,78 @@ class ShardedWorker(LayerOwner):
         return True
 
     def covariance_pass(self, dataset, names: list[str] | None = None) -> dict:
-        """Covariance sums over a Ray Dataset of sequence rows (None: no rows), kept here for their owners
-        (actors.owner.LayerOwner); returns the counts. The stages accumulate every tracked layer; `names` only
-        says which the owners will ask for."""
-        self._take(COVARIANCE)  # nothing left over from a pass that failed
-        for group in self._split_groups(dataset):
-            self.covariance_steps(group)
-        sums = self.held[COVARIANCE] = self.take_covariance()
-        return {"tokens": sums.tokens, "sequences": sums.sequences}
+        """Covariance sums over a Ray Dataset of sequence rows (None: no rows), each stage keeping its layers' for
+        their owners (actors.owner.LayerOwner: `export` and `finish` go to the stage that holds the layer); returns
+        the counts. The stages accumulate every tracked layer; `names` only says which the owners will ask for."""
+        return self._pass_kept_by_stages(COVARIANCE, dataset)
 
     def correction_pass(self, dataset, names: list[str] | None = None, bases_refs: list = ()) -> dict:
-        """Correction sums in the owners' bases (ObjectRefs of {name: basis}; a layer without one: identity)."""
+        """Correction sums in the owners' bases (ObjectRefs of {name: basis}; a layer without one: identity), each
+        stage keeping its layers'."""
         from actors.fitter import fetch_bases
 
         self.set_bases(fetch_bases(self.layer_names, bases_refs))
-        self._take(CORRECTION)
+        return self._pass_kept_by_stages(CORRECTION, dataset)
+
+    def _pass_kept_by_stages(self, kind: str, dataset) -> dict:
+        """One pass whose sums stay on the stages (never collected here). The micro-batches stay logged for the
+        whole pass, so a stage that restarts re-runs all of them (checkpoint_every does not apply: a collection
+        would move the sums here). At the end each stage holds its sums as an owner's (StageActor.hold)."""
+        import ray
+
+        self._log[kind].clear()
+        self._collected[kind] = None
+        ray.get([stage.reset.remote(kind) for stage in self.stages])
         for group in self._split_groups(dataset):
-            self.correction_steps(group)
-        sums = self.held[CORRECTION] = self.take_corrections()
-        return {"tokens": 0, "sequences": sums.sequences}
+            _, jobs, sequences = self._micro_batches(group)
+            self._log[kind].update(jobs)
+            _, errors = self._run(jobs, kind)
+            if errors:
+                self._recover(errors)
+            self.sequences_done += sequences
+        for _ in range(MAX_RECOVERY_ROUNDS):
+            self._settle(kind, range(self.num_stages))
+            try:
+                counts = ray.get([stage.hold.remote(kind, set(self._log[kind])) for stage in self.stages])
+            except ray.exceptions.RayActorError:
+                continue  # a stage restarted before it answered: settle it again
+            if all(c is not None for c in counts):
+                break
+        else:
+            raise RuntimeError(f"{kind} pass: the stages' sums never matched the micro-batches run")
+        if len({(c["tokens"], c["sequences"]) for c in counts}) > 1:
+            raise RuntimeError(f"stages counted different micro-batches: {counts}")
+        self._log[kind].clear()
+        return counts[0]
+
+    # -- LayerOwner, through the stages: each stage owns the sums of its layers ---------------------------------
+    def export(self, kind: str, name: str):
+        """An ObjectRef of this pipeline's part of layer `name`, handed over by the stage that holds it (the owner
+        fetches it from there: it does not pass through this process)."""
+        return self.stages[self._stage_of(name)].export.remote(kind, name)
+
+    def finish(self, kind: str, names: list[str], position: int, parts: list, job) -> dict[str, dict]:
+        """Each stage reduces, finishes and writes its layers among `names` (actors.owner.LayerOwner.finish)."""
+        import ray
+
+        refs = [self.stages[k].finish.remote(kind, [n for n in names if n in own], position, parts, job)
+                for k, own in enumerate(map(set, self.stage_layer_names)) if own & set(names)]
+        return {name: record for part in ray.get(refs) for name, record in part.items()}
+
+    def drop_held(self) -> None:
+        import ray
+
+        ray.get([stage.drop_held.remote() for stage in self.stages])
+        super().drop_held()
+
+    def stage_peaks(self) -> list[dict]:
+        """Each stage's peak resident bytes and its phases' (the processes that hold the sums)."""
+        import ray
+
+        return ray.get([stage.peaks.remote() for stage in self.stages])
+
+    def _stage_of(self, name: str) -> int:
+        return next(k for k, names in enumerate(self.stage_layer_names) if name in names)
 
     def progress(self) -> int:
         """Sequences processed so far (answered while a pass runs when the worker has max_concurrency=2)."""

@@ -16,6 +16,7 @@ import uuid
 import torch
 
 from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading
+from actors.owner import LayerOwner
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.fitting import eigendecompose
 from whence.model import default_device, find_tracked_layers, load_causal_lm, model_fingerprint, parse_dtype
@@ -43,7 +44,7 @@ def _timed(method):
     return wrapper
 
 
-class StageActor:
+class StageActor(LayerOwner):
     """Holds stage `stage_index` of `num_stages` of the model at `spec.path`, on this process's device.
 
     The whole model is loaded on the CPU, split, and every module outside this stage is freed before the stage
@@ -69,6 +70,7 @@ class StageActor:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.backwards_done = 0
+        self.held: dict = {}  # its layers' sums of the last fitting pass, until their owner finishes them
         self.reset_timing()
 
     # -- description and accounting --------------------------------------------------------------------------
@@ -145,6 +147,29 @@ class StageActor:
     def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
         """Eigenbases of the given layers' sums on this stage's device."""
         return eigendecompose(covariance, self.stage.device)
+
+    def reset(self, kind: str) -> None:
+        """Drop the partial sums of `kind` and the micro-batch ids they include (a pass starts)."""
+        self.take(kind)
+
+    def hold(self, kind: str, expected: set[int]) -> dict | None:
+        """Keep this pass's sums as this stage's layers' owner (LayerOwner.held) if they include exactly the
+        `expected` micro-batches: their counts, else None (the worker re-runs what is missing and asks again)."""
+        if not self._includes(kind, expected):
+            return None
+        sums, _ = self.take(kind)
+        self.held[kind] = sums
+        return {"tokens": getattr(sums, "tokens", 0), "sequences": sums.sequences}
+
+    def peaks(self) -> dict:
+        return {"stage": self.stage.index, "peak_rss": self.peak_rss(), "phases": self.phase_peaks()}
+
+    def eigh_device(self):
+        return self.stage.device
+
+    def _includes(self, kind: str, expected: set[int]) -> bool:
+        stats = self.stage.statistics
+        return set(stats.covariance_ids if kind == COVARIANCE else stats.correction_ids) == set(expected)
 
     def take(self, kind: str) -> tuple[CovarianceSums | LambdaSums, set[int]]:
         """(partial sums, the micro-batch ids they include), and reset."""

@@ -163,11 +163,13 @@ def measured_memory(pool, estimate, driver_at_start: int) -> dict:
 
     from actors.owner import peak_rss
 
+    measured = {"driver": peak_rss(), "driver_at_start": driver_at_start,
+                "actors": ray.get([a.peak_rss.remote() for a in pool.actors]),
+                "phases": ray.get([a.phase_peaks.remote() for a in pool.actors])}
+    if pool.shards > 1:  # the stage actors hold the sums and finish their layers: per pipeline, per stage
+        measured["stages"] = ray.get([a.stage_peaks.remote() for a in pool.actors])
     return {"estimate": {"driver": estimate.driver, "actors": estimate.actors, "stages": estimate.stages,
-                         "factors": estimate.factors},
-            "peak_rss": {"driver": peak_rss(), "driver_at_start": driver_at_start,
-                         "actors": ray.get([a.peak_rss.remote() for a in pool.actors]),
-                         "phases": ray.get([a.phase_peaks.remote() for a in pool.actors])}}
+                         "factors": estimate.factors}, "peak_rss": measured}
 
 
 def plan_corpus(corpus: CorpusSource, settings: ReadSettings, max_sequences: int | None) -> PlannedCorpus:

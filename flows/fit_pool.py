@@ -88,6 +88,8 @@ class FitterPool:
         bases_from: the factors directory whose bases the correction pass uses (None: identity bases)."""
         import ray
 
+        from actors.owner import SumsLost
+
         for attempt in range(1, PASS_ATTEMPTS + 1):
             self.wait_ready()
             try:
@@ -105,10 +107,10 @@ class FitterPool:
                 else:
                     job = FinishJob(job.directory, job.strategy, job.factor_dtype, job.tokens, totals["sequences"])
                 return self.finish(kind, names, owners, job), totals
-            except ray.exceptions.RayActorError as error:
+            except (ray.exceptions.RayActorError, SumsLost) as error:
                 if attempt == PASS_ATTEMPTS:
                     raise
-                log.warning("a fitting actor died during the %s pass (%s); rerunning the pass", kind,
+                log.warning("a fitting actor or stage died during the %s pass (%s); rerunning the pass", kind,
                             type(error).__name__)
         raise RuntimeError("unreachable")
 

@@ -142,6 +142,10 @@ def test_fit_with_two_shards_equals_and_survives_a_killed_stage(workspace, tmp_p
     expected, sharded = Factors.load(workspace["factors"]), Factors.load(out)
     for name in expected.layer_names:
         torch.testing.assert_close(sharded.eigenvalues[name], expected.eigenvalues[name], **FLOAT64)
+    # The stages owned and finished their layers: each recorded its finish phases (one pipeline of two stages).
+    stages = sharded.metadata["summary"]["memory"]["peak_rss"]["stages"]
+    assert [[s["stage"] for s in pipeline] for pipeline in stages] == [[0, 1]]
+    assert all({"covariance finish", "correction finish"} <= set(s["phases"]) for s in stages[0])
 
 
 def test_score_everything_equals_the_core_engine(workspace, tmp_path):

@@ -5,6 +5,8 @@ ShardedWorker (actors.sharded_worker), including a stage actor killed in the mid
 Data scoring stage (actors.scorer.ShardedSequenceScorer) against the unsharded one.
 """
 
+import time
+
 import pytest
 import torch
 from transformers import (
@@ -373,3 +375,57 @@ def test_sharded_ray_data_stage_equals_the_unsharded_one(ray_cluster, saved_mode
         np.testing.assert_allclose(mine, theirs, **FLOAT64)
     for name in ("fragment", "doc_id", "chunk", "marker_total", "num_tokens"):
         assert list(actual[name]) == list(expected[name])
+
+
+def test_stages_own_their_layers_sums_and_a_restarted_stage_loses_none_silently(ray_cluster, saved_model, tokenizer,
+                                                                               tmp_path):
+    """`whence fit --shards`: after a pass each stage holds its layers' sums (the pipeline's worker none) and
+    finishes them as their owner, writing the layers' files; a stage that restarts after the pass has lost its
+    sums, which is an error the fit reruns the pass for (actors.owner.SumsLost), never a silent gap."""
+    import numpy as np
+
+    from actors.hosting import ModelSpec, pad_id_of, rows_to_batch
+    from actors.owner import SumsLost
+    from actors.sharded_worker import ShardedWorker, ShardOptions
+    from whence.factor_files import read_basis
+    from whence.factor_owners import COVARIANCE, FinishJob
+    from whence.model import load_causal_lm
+
+    ray = ray_cluster
+    sequences = list(iter_sequences(tokenizer, enumerate(TEXTS), 12))[:7]
+    rows = [{"input_ids": np.asarray(s.input_ids, dtype=np.int64), "doc_id": str(s.doc_id), "chunk": s.chunk,
+             "fragment": 0, "marker_total": -1} for s in sequences]
+    dataset = ray.data.from_items(rows)
+    model, _ = load_causal_lm(saved_model, device="cpu", dtype="float64")
+    layers = find_tracked_layers(model, "mlp")
+    fitter = FactorFitter(model, layers)
+    for batch in dataset.iter_batches(batch_size=3, batch_format="numpy"):  # as the worker cuts its split
+        fitter.covariance_step(rows_to_batch(batch, np.ones(len(batch["chunk"]), bool), pad_id_of(tokenizer), 0))
+    expected = eigendecompose(fitter.take_covariance())
+
+    worker = ShardedWorker(ModelSpec(saved_model, "mlp", "float64"), 2, batch_size=3,
+                           options=ShardOptions(micro_batch_size=2, num_threads=1))
+    names = [layer.name for layer in layers]
+    job = lambda counts: FinishJob(str(tmp_path), "ekfac", "float64", counts["tokens"], counts["sequences"])  # noqa: E731
+    counts = worker.covariance_pass(dataset)
+    assert counts["sequences"] == len(sequences) and worker.held == {}, "the sums stay on the stages"
+    ray.kill(worker.stages[1], no_restart=False)
+    for _ in range(600):  # until the stage is back (a call meanwhile is a RayActorError: the pass reruns too)
+        try:
+            ray.get(worker.stages[1].state.remote())
+            break
+        except ray.exceptions.RayActorError:
+            time.sleep(0.5)
+    with pytest.raises(SumsLost):
+        worker.finish(COVARIANCE, names, 0, [None], job(counts))
+    counts = worker.covariance_pass(dataset)  # what FitterPool.step does on SumsLost: the pass again
+    records = worker.finish(COVARIANCE, names, 0, [None], job(counts))
+    assert sorted(records) == sorted(names)
+    for name in names:
+        torch.testing.assert_close(read_basis(tmp_path, name).activation_values, expected[name].activation_values,
+                                   **FLOAT64)
+        torch.testing.assert_close(read_basis(tmp_path, name).gradient_values, expected[name].gradient_values,
+                                   **FLOAT64)
+    peaks = worker.stage_peaks()
+    assert [p["stage"] for p in peaks] == [0, 1] and all("covariance finish" in p["phases"] for p in peaks)
+    worker.shutdown()

@@ -17,9 +17,9 @@ of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's f
                     (B, d_out, d_in) and rotated captures (N (d_in + d_out)), compute dtype
       step          the logits (N, V) that the log-likelihood saves and their gradient, model dtype: LOGIT_COPIES N V
                     + the autograd graph and the captures: GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype
-    pipeline (--shards N): each stage loads the whole model before keeping its blocks (weights x 1, at start);
-                    the pipeline's worker process collects every layer's sums (C) and finishes its layers, as a
-                    fitting actor without weights.
+    pipeline (--shards N): each stage owns its layers' sums and finishes them, as a fitting actor over those
+                    layers that loaded the whole model before keeping its blocks (weights x 1, at start); the
+                    pipeline's worker process holds no sums, only the bases it passes on to its stages.
 
 The constants are measured on CPU (SmolLM2-135M's layer shapes at 6 and 12 blocks, batch 8 x 256 tokens:
 tests/test_memory_estimate.py checks the step against a measured peak; `whence bench --only memory` prints the
@@ -28,7 +28,7 @@ estimate beside the peaks of whole fits, and `whence fit` records both in the fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from whence.factors import block_slices
 from whence.fit_plan import FLOAT64_BYTES, layer_sum_bytes, plan_owners
@@ -153,6 +153,19 @@ def owner_peak(shape: FitShape, owned: list[dict], weights: int) -> int:
     return ACTOR_BASELINE + tokenizer + weights + max(phase_bytes(shape, owned, weights).values())
 
 
+def stage_peaks(shape: FitShape, weights: int) -> list[int]:
+    """--shards N: each stage of a pipeline, holding about an N-th of the tracked layers (contiguous, as
+    whence.shards.planning deals blocks) and owning their sums: as a fitting actor over those layers, having loaded
+    the whole model's weights before keeping its blocks."""
+    per_stage = -(-len(shape.layers) // shape.shards)
+    peaks = []
+    for k in range(shape.shards):
+        own = shape.layers[k * per_stage : (k + 1) * per_stage]
+        part = replace(shape, layers=own)
+        peaks.append(ACTOR_BASELINE + weights + max(phase_bytes(part, own, weights).values()))
+    return peaks
+
+
 def driver_peak(shape: FitShape) -> int:
     """The driver: its baseline, and the chunk of a tensor whence.model.check_finite_checkpoint holds at a time
     with isfinite's temporaries (CHECK_COPIES)."""
@@ -168,8 +181,11 @@ def estimate_fit(shape: FitShape) -> MemoryEstimate:
     factors = sum(_basis_bytes(layer, shape.num_blocks, stored) + stored * layer["d_out"] * layer["d_in"]
                   for layer in shape.layers)
     if shape.shards > 1:
-        actors = [owner_peak(shape, [by_name[n] for n in names], 0) for names in owners]
-        stage = ACTOR_BASELINE + weights + sum(_sum_bytes(lay, shape.num_blocks) for lay in shape.layers) // shape.shards
-        return MemoryEstimate(driver_peak(shape), actors, [stage] * (shape.workers * shape.shards), factors)
+        compute = 8 if shape.model_dtype == "float64" else 4
+        # A pipeline's worker process holds no sums: it passes the bases on to its stages (correction pass).
+        worker = (ACTOR_BASELINE + TOKENIZER_BYTES_PER_TOKEN * shape.vocab_size
+                  + BASES_COPIES * sum(_basis_bytes(lay, shape.num_blocks, compute) for lay in shape.layers))
+        return MemoryEstimate(driver_peak(shape), [worker] * shape.workers, stage_peaks(shape, weights) * shape.workers,
+                              factors)
     actors = [owner_peak(shape, [by_name[n] for n in names], weights) for names in owners]
     return MemoryEstimate(driver_peak(shape), actors, [], factors)

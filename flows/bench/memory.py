@@ -73,6 +73,10 @@ def fit_memory(bench) -> tuple[dict, dict]:
                 figures[f"{name}_driver_peak_gib"] = peaks["driver"] / 2**30
                 figures[f"{name}_estimate_vs_actor_peak"] = max(estimate["actors"]) / max(peaks["actors"])
                 figures[f"{name}_estimate_vs_driver_peak"] = estimate["driver"] / peaks["driver"]
+                if peaks.get("stages"):  # --shards: the stages own the sums, the pipelines' workers hold none
+                    stage_peak = max(stage["peak_rss"] for pipeline in peaks["stages"] for stage in pipeline)
+                    figures[f"{name}_stage_peak_vs_factors"] = stage_peak / factors
+                    figures[f"{name}_estimate_vs_stage_peak"] = max(estimate["stages"]) / stage_peak
                 details[name] = {"weights": weights, "factors": factors, "peak_rss": peaks, "estimate": estimate,
                                  "seconds": summary["seconds"]}  # peak_rss["phases"]: each actor's, per phase
                 print(f"  {name}: actors {[round(p / 2**20) for p in peaks['actors']]} MiB (estimate "
