@@ -3,8 +3,9 @@
 It launches the stage actors and sends micro-batches through them several at a time, in the 1F1B order of
 whence.shards.schedule (micro-batch i + 1 enters stage 0 while i is further down), with the methods of
 whence.fitting.FactorFitter and whence.scoring.QueryScorer, over lists of batches too; plus the FitterActor
-surface the `whence fit` flow uses (describe, covariance_pass, correction_pass, progress) and, as a LayerOwner,
-reduces and writes the factors of the layers it owns (actors.owner).
+surface the `whence fit` flow uses (describe, covariance_pass, correction_pass, progress) and the LayerOwner one
+(actors.owner: export, finish), which it hands to its stages: after a pass each stage keeps its layers' sums and
+reduces, finishes and writes the layers it holds, so no sums pass through this process.
 A plain class: `ray.remote` is applied where it is launched; it launches its stage actors itself.
 
 Fault tolerance. A stage actor that dies is restarted by Ray (max_restarts) and reloads its stage; its kept
@@ -12,7 +13,10 @@ graphs and partial sums are lost. The worker notices (failed calls, or a new `in
 sends the restarted stage its bases / queries again, and re-runs from the first stage every micro-batch the stage
 lost. Each stage records the micro-batch ids its sums include and the worker re-accumulates only where one is
 missing, so nothing is counted twice and results are unchanged. The worker keeps the batches (in the object store)
-since the last time it collected the stages' sums; it collects every `checkpoint_every` micro-batches.
+since the last time it collected the stages' sums (every `checkpoint_every` micro-batches in *_steps; in the fit's
+passes, whose sums stay on the stages, the whole pass). A stage lost after a pass has lost its sums: its owner
+calls raise actors.owner.SumsLost, and `whence fit` runs the pass again. A stage lost during an ekfac-cg
+Fisher-vector product costs that product's pass, which runs again.
 """
 
 from __future__ import annotations
@@ -70,8 +74,10 @@ class ShardOptions:
     max_restarts: int = setting("times Ray restarts a dead stage actor", 3)
     max_task_retries: int = setting("times Ray retries a call lost with a stage's process; 0 (default) lets the "
                                     "worker re-run the lost micro-batches itself, from the first stage", 0)
-    checkpoint_every: int = setting("collect the stages' partial sums every this many micro-batches, so a "
-                                    "restarted stage re-runs at most that many", 256)
+    checkpoint_every: int = setting("covariance_steps / correction_steps: collect the stages' partial sums every "
+                                    "this many micro-batches, so a restarted stage re-runs at most that many (the "
+                                    "fit's passes keep the sums on the stages, and a restarted stage re-runs the "
+                                    "pass's micro-batches)", 256)
     group_size: int | None = setting("batches of a Ray Data split submitted together in the *_pass methods "
                                      "(None: 4 x the number of stages)", None)
 
