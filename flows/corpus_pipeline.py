@@ -70,6 +70,8 @@ class FragmentPlan:
 
     skip_lines: dict[int, set[int]] = field(default_factory=dict)  # fragment -> lines to skip (duplicates)
     quota: dict[int, int] | None = None  # fragment -> emit at most this many sequences (max_sequences)
+    # fragment -> pass over this many of its sequences before emitting (a fit worker's run: whence.fit_plan)
+    first: dict[int, int] | None = None
     keys: set[tuple[str, int]] | None = None  # emit only these (doc_id, chunk) keys (TF-IDF candidates, top-k)
     # fragment -> its wanted sequences already tokenised (an ObjectRef of a StoredSequences, from
     # gather_sequences), read instead of the corpus; None: read the corpus
@@ -238,11 +240,15 @@ def _plan_sequences(fragment: Fragment, settings: ReadSettings, plan: FragmentPl
 def sequence_rows(fragment: Fragment, settings: ReadSettings, plan: FragmentPlan) -> Iterator[dict]:
     """Blocks of sequence rows for one fragment, then its marker row."""
     quota = None if plan.quota is None else plan.quota.get(fragment.index, 0)
+    passed = 0 if plan.first is None else plan.first.get(fragment.index, 0)  # sequences still to pass over
     rows: list[TrainingSequence] = []
     emitted = 0
     if quota != 0:
         for sequence in _plan_sequences(fragment, settings, plan):
             if plan.keys is not None and (sequence.doc_id, sequence.chunk) not in plan.keys:
+                continue
+            if passed:
+                passed -= 1
                 continue
             rows.append(sequence)
             emitted += 1

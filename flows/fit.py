@@ -196,21 +196,14 @@ def plan_corpus(corpus: CorpusSource, settings: ReadSettings, max_sequences: int
 def fit_layers(pool, state, config: FitConfig, corpus: PlannedCorpus, layers: list[dict]):
     """(records {layer: {kind: file record}}, counts, timings): the passes the strategy needs, over the layers
     whose files are not written yet, each finished by the layers' owners."""
-    from flows.corpus_pipeline import sequences_dataset
     from whence.factor_files import BASIS, LAMBDA, finished, kinds_for
     from whence.factor_owners import CORRECTION, COVARIANCE, FinishJob
-    from whence.fit_plan import assign_fragments, plan_owners
+    from whence.fit_plan import plan_owners
     from whence.fitting import needs_correction, needs_covariance
 
     names = [layer["name"] for layer in layers]
     owners = plan_owners(layers, len(pool.actors), config.num_blocks)
-    by_index = {fragment.index: fragment for fragment in corpus.fragments}
-    datasets = []
-    for indices in assign_fragments(corpus.counts, len(pool.actors)):
-        dataset = sequences_dataset([by_index[i] for i in indices], corpus.settings, corpus.plan) if indices else None
-        if dataset is not None:  # rows in corpus order: the same batches, and so the same sums, in every run
-            dataset.context.execution_options.preserve_order = True
-        datasets.append(dataset)
+    datasets = worker_datasets(corpus, len(pool.actors))
     kinds = kinds_for(config.strategy)
     records = {name: {k: r for k in kinds if (r := finished(state.path, name, k)) is not None} for name in names}
     counts = state.read_json(COUNTS_FILE) or {}
@@ -243,6 +236,28 @@ def fit_layers(pool, state, config: FitConfig, corpus: PlannedCorpus, layers: li
             counts = {**counts, "non_finite": list(dict.fromkeys(counts.get("non_finite", []) +
                                                                  corrected.get("non_finite", [])))}
     return records, counts, timings
+
+
+def worker_datasets(corpus: PlannedCorpus, workers: int) -> list:
+    """One Ray Dataset (or None) per fitting actor: its contiguous run of the corpus's sequences
+    (whence.fit_plan.assign_sequences), in corpus order, so every run makes the same batches and the same sums."""
+    import dataclasses
+
+    from flows.corpus_pipeline import sequences_dataset
+    from whence.fit_plan import assign_sequences
+
+    by_index = {fragment.index: fragment for fragment in corpus.fragments}
+    datasets = []
+    for runs in assign_sequences(corpus.counts, workers):
+        if not runs:
+            datasets.append(None)
+            continue
+        plan = dataclasses.replace(corpus.plan, first={f: first for f, (first, _) in runs.items()},
+                                   quota={f: count for f, (_, count) in runs.items()})
+        dataset = sequences_dataset([by_index[f] for f in sorted(runs)], corpus.settings, plan)
+        dataset.context.execution_options.preserve_order = True
+        datasets.append(dataset)
+    return datasets
 
 
 COUNTS_FILE = "covariance_counts.json"  # the covariance pass's tokens and sequences, for a resumed run

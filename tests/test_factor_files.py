@@ -19,7 +19,7 @@ from whence.factor_files import (
 )
 from whence.factor_owners import CORRECTION, COVARIANCE, FinishJob, finish_layers
 from whence.factors import CORRECTED_EIGENVALUES, FACTORS_FILE, MANIFEST_FILE, Factors, write_json
-from whence.fit_plan import assign_fragments, layer_sum_bytes, plan_owners
+from whence.fit_plan import assign_sequences, layer_sum_bytes, plan_owners
 from whence.fitting import FactorFitter
 from whence.model import find_tracked_layers
 from whence.text import iter_sequences
@@ -133,8 +133,14 @@ def test_plans_are_balanced_and_deterministic():
     owners = plan_owners(layers, 2)
     assert owners == plan_owners(layers, 2) and owners == [["l0"], ["l1", "l2", "l3", "l4"]]
     assert layer_sum_bytes(64, 8) == 8 * (64 * 64 + 8 * 8) and layer_sum_bytes(64, 8, 2) == 8 * (2 * 32**2 + 2 * 4**2)
-    assert assign_fragments({0: 5, 1: 9, 2: 4, 3: 1}, 2) == [[1, 3], [0, 2]]
-    assert assign_fragments({0: 3}, 3) == [[0], [], []]
+    # 19 sequences in corpus order, cut at 9 and 19: a run may start or end inside a fragment.
+    assert assign_sequences({0: 5, 1: 9, 2: 4, 3: 1}, 2) == [{0: (0, 5), 1: (0, 4)}, {1: (4, 5), 2: (0, 4), 3: (0, 1)}]
+    # One large fragment (a gzip file) is shared out; more workers than sequences leave some idle.
+    assert assign_sequences({0: 10}, 3) == [{0: (0, 3)}, {0: (3, 3)}, {0: (6, 4)}]
+    assert assign_sequences({0: 1, 1: 1}, 3) == [{}, {0: (0, 1)}, {1: (0, 1)}]
+    for counts, workers in (({0: 7, 1: 0, 2: 13}, 4), ({5: 3}, 1)):
+        runs = assign_sequences(counts, workers)
+        assert sum(count for run in runs for _, count in run.values()) == sum(counts.values())
 
 
 def test_scores_with_float32_stored_factors_rank_as_with_float64(fitted, tokenizer, tmp_path):

@@ -5,7 +5,7 @@ resumed or repeated fit sums the same partial sums in the same order (fits are b
 
     layer_sum_bytes    bytes of one layer's float64 covariance sums (the A and S blocks)
     plan_owners        layers dealt to owners, balanced by those bytes
-    assign_fragments   fragments dealt to data-parallel workers, balanced by their sequences
+    assign_sequences   contiguous runs of the corpus's sequences dealt to data-parallel workers
 """
 
 from __future__ import annotations
@@ -36,14 +36,22 @@ def plan_owners(layers: list[dict], owners: int, num_blocks: int = 1) -> list[li
     return [[layers[i]["name"] for i in sorted(indices)] for indices in owned]
 
 
-def assign_fragments(counts: dict[int, int], workers: int) -> list[list[int]]:
-    """The fragment indices each of `workers` reads (in corpus order within a worker): largest fragments first,
-    each onto the worker with the fewest sequences so far (ties: the lower index). counts: fragment -> sequences.
-    A fixed assignment (rather than a streaming split's first-come blocks) makes each worker's sums, and so the
+def assign_sequences(counts: dict[int, int], workers: int) -> list[dict[int, tuple[int, int]]]:
+    """The sequences each of `workers` reads: worker w takes the w-th of `workers` nearly equal, contiguous runs
+    of the corpus's sequences in corpus order (fragment, then position), as {fragment: (first, count)} per worker,
+    first counted from the fragment's first sequence. counts: fragment -> sequences. A run may start or end inside
+    a fragment, so one large fragment (a gzip file, which cannot be split into byte ranges) is shared out too; a
+    fixed assignment (rather than a streaming split's first-come blocks) makes each worker's sums, and so the
     fit, the same in every run."""
-    loads, assigned = [0] * workers, [[] for _ in range(workers)]
-    for fragment in sorted(counts, key=lambda f: (-counts[f], f)):
-        target = min(range(workers), key=lambda w: (loads[w], w))
-        loads[target] += counts[fragment]
-        assigned[target].append(fragment)
-    return [sorted(fragments) for fragments in assigned]
+    total = sum(counts.values())
+    bounds = [total * w // workers for w in range(workers + 1)]  # worker w: global sequences [bounds[w], bounds[w+1])
+    assigned: list[dict[int, tuple[int, int]]] = [{} for _ in range(workers)]
+    offset = 0  # the global index of the fragment's first sequence
+    for fragment in sorted(counts):
+        stop_fragment = offset + counts[fragment]
+        for w in range(workers):
+            first, last = max(bounds[w], offset), min(bounds[w + 1], stop_fragment)
+            if first < last:
+                assigned[w][fragment] = (first - offset, last - first)
+        offset = stop_fragment
+    return assigned
