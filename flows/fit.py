@@ -1,9 +1,10 @@
 """`whence fit`: fit EK-FAC factors of a causal LM on a corpus with Ray.
 
     scan         read every fragment once: bad rows, duplicate ids, sequences per fragment
-    plan         fragments dealt to the W fitting actors, layers to their owners (whence.fit_plan); the memory
+    plan         runs of sequences dealt to the W fitting actors, layers to their owners (whence.fit_plan); the memory
                  each process will need estimated and checked against the cluster's (flows.memory_check)
-    covariance   each actor reads its fragments and keeps its partial sums; each layer's owner adds the parts
+    covariance   each actor reads its run and keeps its partial sums (with --shards, each stage its layers'); each
+                 layer's owner adds the parts
                  (in worker order, through the object store), eigendecomposes in float64 and writes the basis
     correction   the same data again, in the owners' bases (object store); owners write the corrected eigenvalues
     manifest     written by the driver, listing every layer's files and checksums (whence.factor_files)

@@ -2,8 +2,8 @@
 
 The driver holds actor handles, ObjectRefs, plans and counts only; sums and factors never pass through it:
 
-    run_pass   each actor reads its own fragments (whence.fit_plan.assign_fragments) and keeps its partial sums;
-               it returns its counts
+    run_pass   each actor reads its own run of sequences (whence.fit_plan.assign_sequences) and keeps its partial
+               sums (a pipeline's stages keep theirs); it returns its counts
     finish     each owner fetches the other actors' parts of its layers (ObjectRefs from `export`), adds them in
                worker order, and writes the layers' files (actors.owner.LayerOwner.finish)
     bases      each owner's bases as object-store objects (one per layer, in the actors' compute dtype), passed on to
