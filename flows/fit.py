@@ -4,8 +4,8 @@
     plan         runs of sequences dealt to the W fitting actors, layers to their owners (whence.fit_plan); the memory
                  each process will need estimated and checked against the cluster's (flows.memory_check)
     covariance   each actor reads its run and keeps its partial sums (with --shards, each stage its layers'); each
-                 layer's owner adds the parts
-                 (in worker order, through the object store), eigendecomposes in float64 and writes the basis
+                 layer's owner adds the parts (in worker order, through the object store), eigendecomposes in
+                 float64 and writes the basis
     correction   the same data again, in the owners' bases (object store); owners write the corrected eigenvalues
     manifest     written by the driver, listing every layer's files and checksums (whence.factor_files)
 The driver holds plans, counts and ObjectRefs only (flows.fit_pool). A layer whose files are written is finished:
