@@ -8,7 +8,9 @@
 Callable classes (Ray's batch-inference pattern): the model and the queries load once in __init__; __call__
 takes and returns dict[str, np.ndarray]. Marker rows (the end of a corpus fragment) pass through unscored so the
 driver can tell when a fragment is complete. With top_k a batch leaves as its per-query top-k entries and a tally
-(whence.fragment_parts.reduce_to_top_k) rather than a row of Q x (L + 1) scores per sequence.
+(whence.fragment_parts.reduce_to_top_k) rather than a row of Q x (L + 1) scores per sequence. With `scores` (a
+whence.fragment_parts.ScoresPieces: --save-all-scores) the scorer first writes every score of the batch itself, one
+piece per fragment under the run's parts directory, so that every score never has to travel to the driver.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
 from actors.sharded_worker import ShardedWorker, ShardOptions
 from whence.errors import NonFiniteError
-from whence.fragment_parts import reduce_to_top_k
+from whence.fragment_parts import ScoresPieces, reduce_to_top_k
 from whence.queries import PreparedQueries
 from whence.scoring import QueryScorer
 
@@ -34,15 +36,17 @@ def load_prepared(paths: str | list[str], query_range: tuple[int, int] | None = 
 
 class RowScorer:
     """Scores the sequence rows of Ray Data batches with `scorer` (Q queries, L tracked layers), in row order,
-    `rows_per_call` rows per call to scorer.score, and lays the scores out per row."""
+    `rows_per_call` rows per call to scorer.score, and lays the scores out per row; writes them to `scores`' pieces
+    when given, then cuts them to `top_k` when given."""
 
     def __init__(self, scorer, num_queries: int, num_layers: int, pad_id: int, per_token: bool, rows_per_call: int,
-                 skip_non_finite: bool = False, top_k: int | None = None):
+                 skip_non_finite: bool = False, top_k: int | None = None, scores: ScoresPieces | None = None):
         self.scorer = scorer
         self.num_queries, self.num_layers = num_queries, num_layers
         self.pad_id, self.per_token, self.rows_per_call = pad_id, per_token, rows_per_call
         self.skip_non_finite = skip_non_finite
         self.top_k = top_k  # when set, each batch leaves cut to its per-query top-k (reduce_to_top_k)
+        self.scores = scores  # when set, every score of each batch is written here before it leaves
         self.batches_done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,8 +68,6 @@ class RowScorer:
         if token_scores is not None:
             for row in np.flatnonzero(~keep | non_finite):
                 token_scores[row] = np.zeros((self.num_queries, 0))
-        self.batches_done += 1
-        maybe_fail(self.batches_done)
         out = {"fragment": batch["fragment"], "doc_id": batch["doc_id"], "chunk": batch["chunk"],
                "marker_total": batch["marker_total"], "scores": scores, "layer_scores": layer_scores,
                "non_finite": non_finite,
@@ -73,6 +75,10 @@ class RowScorer:
         if token_scores is not None:
             out["token_scores"] = token_scores
             out["input_ids"] = batch["input_ids"]
+        if self.scores is not None:
+            self.scores.write(out)
+        self.batches_done += 1
+        maybe_fail(self.batches_done)  # after the pieces: the batch Ray Data reruns overwrites them
         return out if self.top_k is None else reduce_to_top_k(out, self.top_k)
 
     def _scored(self, batch: dict[str, np.ndarray], rows: np.ndarray, non_finite: np.ndarray):
@@ -100,18 +106,19 @@ class RowScorer:
 
 class SequenceScorer:
     """The model (a replica on this process's device) and its QueryScorer, with the queries at `queries_path`
-    (one prepared-queries file, or several scored side by side: load_prepared)."""
+    (one prepared-queries file, or several scored side by side: load_prepared). top_k and scores: RowScorer's."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, batch_size: int = 8,
                  num_threads: int | None = None, skip_non_finite: bool = False, top_k: int | None = None,
-                 query_range: tuple[int, int] | None = None):
+                 query_range: tuple[int, int] | None = None, scores: ScoresPieces | None = None):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
         queries = load_prepared(queries_path, query_range)
         self.scorer = QueryScorer(self.model, self.layers, queries)
         # A Ray Data block can hold thousands of sequences; the model sees them batch_size at a time, in row
         # order, so which sequences share a forward pass depends only on the block (not on scheduling).
         self.rows = RowScorer(self.scorer, queries.num_queries, len(self.layers), pad_id_of(self.tokenizer),
-                              per_token, rows_per_call=batch_size, skip_non_finite=skip_non_finite, top_k=top_k)
+                              per_token, rows_per_call=batch_size, skip_non_finite=skip_non_finite, top_k=top_k,
+                              scores=scores)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.rows(batch)
@@ -120,11 +127,12 @@ class SequenceScorer:
 class ShardedSequenceScorer:
     """The model split over `shards` stage actors (a ShardedWorker) with the queries at `queries_path`: each Ray
     Data batch is cut into micro-batches of `batch_size` sequences that go through the pipeline several at a
-    time."""
+    time. top_k and scores: RowScorer's."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, shards: int = 2,
                  batch_size: int = 8, options: ShardOptions | None = None, skip_non_finite: bool = False,
-                 top_k: int | None = None, query_range: tuple[int, int] | None = None):
+                 top_k: int | None = None, query_range: tuple[int, int] | None = None,
+                 scores: ScoresPieces | None = None):
         options = options or ShardOptions(micro_batch_size=batch_size)
         self.worker = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
         queries = load_prepared(queries_path, query_range)
@@ -132,7 +140,7 @@ class ShardedSequenceScorer:
         # Enough rows per call to keep every stage busy: the worker cuts them into micro-batches.
         rows_per_call = batch_size * max(shards, options.max_in_flight or shards) * 2
         self.rows = RowScorer(self.worker, queries.num_queries, len(self.worker.layers), self.worker.pad_id,
-                              per_token, rows_per_call, skip_non_finite, top_k)
+                              per_token, rows_per_call, skip_non_finite, top_k, scores)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.rows(batch)

@@ -4,7 +4,9 @@ Layout of a run directory (fit or score):
     run.json          the arguments that define the run and its status ("running" / "finished")
     manifest.json     written at the end (the contract: arguments, tracked layers, fingerprint, versions)
     parts/            finished units of work (one file per corpus fragment), written atomically; what a
-                      part holds belongs to its command (for `whence score`: whence.fragment_parts)
+                      part holds belongs to its command (for `whence score`: whence.fragment_parts, which also
+                      keeps the scorers' pieces of a fragment there, in parts/scores-NNNNNN.pieces/, until the
+                      fragment completes)
 """
 
 from __future__ import annotations

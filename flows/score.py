@@ -4,8 +4,10 @@
                  preconditioned, rank-r query gradients to RESULTS_DIR/queries.safetensors (flows.score_prepare)
     scan         bad rows, duplicates, sequences per fragment, TF-IDF document frequencies
     candidates   per query, the N sequences most similar by BM25 (skipped with --tfidf-candidates 0)
-    score        Ray Data streams the (filtered) sequences through SequenceScorer actors; the driver keeps a
-                 per-query top-k per corpus fragment and writes it to parts/ when the fragment is complete
+    score        Ray Data streams the (filtered) sequences through SequenceScorer actors, which send each
+                 batch's per-query top-k (and with --save-all-scores write every score to parts/ themselves);
+                 the driver keeps a per-query top-k per corpus fragment and writes it to parts/ when the fragment
+                 is complete
     reduce       parts merged into topk.parquet (ties by doc id and chunk: independent of worker count)
     per-token    with --per-token, the top-k sequences are scored again token by token: tokens.parquet
                  (flows.score_tokens)
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from flows.query_groups import QueryGroup
     from flows.run_state import RunDirectory
     from whence.corpus import CorpusSource, Fragment
+    from whence.fragment_parts import FragmentResults, ScoresPieces, SequenceOrder
     from whence.text import Query
     from whence.topk import TopK
 
@@ -114,6 +117,7 @@ class ScoringRun:
     cluster: ClusterSettings
     queries: list[Query]
     groups: list[QueryGroup] = field(default_factory=list)  # set once the queries are prepared (plan_groups)
+    order: SequenceOrder | None = None  # set once the corpus is scanned: where each fragment's sequences come
 
     @property
     def query_ids(self) -> list[str]:
@@ -212,6 +216,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
     from flows.score_checks import discard_damaged_queries
     from flows.score_prepare import prepare_remotely
     from flows.score_tokens import per_token_pass
+    from whence.fragment_parts import SequenceOrder
     from whence.queries import QueriesHeader
     from whence.results import CANDIDATE_SEQUENCES_FILE, CANDIDATES_FILE
     from whence.tfidf import DEFAULT_FEATURES
@@ -235,6 +240,7 @@ def _run_passes(run: ScoringRun, factors_dir: str, candidates_from: str | None, 
         tally, skip, counts, frequencies = reduce_scans(scans)
     log.info("corpus: %d fragments, %d documents, %d bad rows, %d sequences",
              len(run.fragments), tally.documents, tally.total_bad, sum(counts.values()))
+    run.order = SequenceOrder({scan["fragment"]: scan["hashes"] for scan in scans})
     if sum(counts.values()) == 0:  # as `whence fit` does: an empty top-k would look like a finished run
         from whence.errors import CorpusError
 
@@ -379,14 +385,16 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
     resources = actor_resources(workers)
     # The scoring pass scores the run's queries and its baselines' side by side; the per-token pass the run's only.
     queries = str(run.queries_file) if per_token else [str(path) for path in run.queries_files]
-    # Scorers send their batches' top-k only, unless the driver needs every score (--save-all-scores, --top-k all)
-    # or the rows themselves (the per-token pass).
-    reduced_top_k = None if per_token or config.save_all_scores else config.top_k
+    # Scorers send their batches' top-k only, unless the driver needs every score (--top-k all: it is the top-k)
+    # or the rows themselves (the per-token pass); with --save-all-scores they write every score themselves.
+    reduced_top_k = None if per_token else config.top_k
+    pieces = None if per_token else scores_pieces(run, group)
     scorer_class, constructor = SequenceScorer, {"spec": run.spec, "queries_path": queries,
                                                   "per_token": per_token, "batch_size": config.batch_size,
                                                   "num_threads": torch_threads(resources.get("num_cpus", 1)),
                                                   "skip_non_finite": config.skip_non_finite,
-                                                  "top_k": reduced_top_k, "query_range": group.range}
+                                                  "top_k": reduced_top_k, "query_range": group.range,
+                                                  "scores": pieces}
     if shards > 1:
         from actors.scorer import ShardedSequenceScorer
         from actors.sharded_worker import ShardOptions
@@ -396,7 +404,7 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
         constructor = {"spec": run.spec, "queries_path": queries, "per_token": per_token,
                        "shards": shards, "batch_size": config.batch_size, "options": options,
                        "skip_non_finite": config.skip_non_finite, "top_k": reduced_top_k,
-                       "query_range": group.range}
+                       "query_range": group.range, "scores": pieces}
         resources = {"num_cpus": 0.1}
     # batch_size=None: each block the reader made is one batch, so which sequences are scored together (and so
     # the floating-point result) does not depend on the number of workers or on scheduling. Ray Data refuses
@@ -415,17 +423,27 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
     )
 
 
+def scores_pieces(run: ScoringRun, group: QueryGroup) -> ScoresPieces | None:
+    """Where `group`'s scorers write every score themselves (--save-all-scores), so the driver receives only each
+    batch's top-k; None without the option, or with --top-k all, where every score reaches the driver anyway (it
+    is the top-k) and the driver writes the fragments' scores parts from the rows it holds."""
+    from whence.fragment_parts import ScoresPieces
+
+    if not run.config.save_all_scores or run.config.top_k is None:
+        return None
+    return ScoresPieces(str(group.directory(run.state.path)), tuple(run.query_ids[group.start : group.stop]))
+
+
 def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expected: int, group: QueryGroup
                      ) -> tuple[int, tuple[int, float]]:
     """Stream every fragment `group` has not finished through the scorers; write each fragment's parts when it
     completes. Returns the sequences scored in all (resumed parts included) and Progress.steady() of this pass."""
     from flows.progress import Progress
-    from whence.fragment_parts import TOPK_PART, FragmentResults, part_sequences, verified_parts
+    from whence.errors import WhenceError
+    from whence.fragment_parts import part_sequences
 
-    part_path, config = group.part_path(run.state.path), run.config
-    done = verified_parts(group.finished_parts(run.state.path, TOPK_PART), part_path, config.save_all_scores,
-                          config.baselines)
-    pending = [f for f in run.fragments if f.index not in done]
+    part_path, pieces = group.part_path(run.state.path), scores_pieces(run, group)
+    done, pending = _unfinished_fragments(run, group, pieces)
     already = sum(part_sequences(path) for path in done.values())
     queries = "" if group.only else f" queries {group.start + 1}-{group.stop} of {len(run.queries)}:"
     if not pending:
@@ -435,20 +453,51 @@ def _score_fragments(run: ScoringRun, plan: FragmentPlan, num_layers: int, expec
         log.info("resuming:%s %d of %d fragments already scored", queries, len(done), len(run.fragments))
     progress = Progress(f"scoring{queries}", max(expected - already, 0) or None)
     open_fragments: dict[int, FragmentResults] = {}
-    ids = run.query_ids[group.start : group.stop]
+    unfinished = []  # fragments whose scores pieces were missing or damaged: left for a rerun
     for batch in scoring_dataset(run, pending, plan, group).iter_batches(batch_size=None, batch_format="numpy"):
         for fragment in np.unique(batch["fragment"]).tolist():
             rows = batch["fragment"] == fragment
             if fragment not in open_fragments:
-                open_fragments[fragment] = FragmentResults(fragment, ids, config.top_k, num_layers,
-                                                           config.save_all_scores, config.baselines)
+                open_fragments[fragment] = _fragment_results(run, group, fragment, num_layers, pieces)
             results = open_fragments[fragment]
             scored = results.add({name: values[rows] for name, values in batch.items()})
             progress.advance(scored, int(batch["num_tokens"][rows].sum()))
             if results.complete:
-                results.write(part_path)
+                if (problem := results.write(part_path, pieces)) is not None:
+                    log.warning("%s; fragment %d is left unfinished", problem, fragment)
+                    unfinished.append(fragment)
                 del open_fragments[fragment]
-    if open_fragments:
-        raise RuntimeError(f"fragments {sorted(open_fragments)} did not complete; rerun to resume")
+    if open_fragments or unfinished:
+        raise WhenceError(f"fragments {sorted([*open_fragments, *unfinished])} did not complete; rerun the same "
+                          "command to score them again")
     progress.finish()
     return already + progress.done, progress.steady()
+
+
+def _unfinished_fragments(run: ScoringRun, group: QueryGroup, pieces: ScoresPieces | None
+                          ) -> tuple[dict[int, Path], list[Fragment]]:
+    """(fragment -> verified top-k part, the fragments to score): those with a part that is missing or damaged
+    (verified_parts) are scored again, their scores pieces from an earlier attempt removed first, so that no
+    piece of it is ever joined with this attempt's."""
+    from whence.fragment_parts import TOPK_PART, verified_parts
+
+    config = run.config
+    done = verified_parts(group.finished_parts(run.state.path, TOPK_PART), group.part_path(run.state.path),
+                          config.save_all_scores, config.baselines)
+    pending = [f for f in run.fragments if f.index not in done]
+    if pieces is not None:
+        for fragment in pending:
+            pieces.remove(fragment.index)
+    return done, pending
+
+
+def _fragment_results(run: ScoringRun, group: QueryGroup, fragment: int, num_layers: int,
+                      pieces: ScoresPieces | None) -> FragmentResults:
+    """The driver's collector of one fragment's scored batches: every score kept only with --save-all-scores when
+    the scorers do not write them (--top-k all); batches in corpus order (run.order)."""
+    from whence.fragment_parts import FragmentResults
+
+    config = run.config
+    return FragmentResults(fragment, run.query_ids[group.start : group.stop], config.top_k, num_layers,
+                           keep_all=config.save_all_scores and pieces is None, baselines=config.baselines,
+                           order=run.order)

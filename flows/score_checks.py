@@ -4,8 +4,9 @@
                               run's queries; otherwise prepared again, with a warning naming it
     fisher_sequences          N for the predicted_change column (whence.evaluation.interpret)
 
-Damaged parts are judged by whence.fragment_parts.verified_parts; changed inputs by the fingerprints in the
-run's arguments (whence.fingerprints).
+Damaged parts are judged by whence.fragment_parts.verified_parts, and the scores pieces an earlier attempt left
+of a fragment it did not finish are removed before the fragment is scored again (flows.score); changed inputs
+are judged by the fingerprints in the run's arguments (whence.fingerprints).
 """
 
 from __future__ import annotations

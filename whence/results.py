@@ -15,7 +15,8 @@ A results directory:
                         results directory (manifest.json, queries.safetensors, candidates.parquet, topk.parquet)
 
 Writing: `topk_table`, `scores_table`, `tokens_table`, `candidates_table` build tables in these schemas and
-`write_table_atomically` writes one. Reading: `load_results` gives a `Results` whose rows are `Influence`s;
+`write_table_atomically` writes one; `write_tables_atomically` writes one that arrives in pieces (scores.parquet,
+streamed from its parts with `read_row_groups`, so the writer never holds every score). Reading: `load_results` gives a `Results` whose rows are `Influence`s;
 `read_table` gives one file as a pyarrow Table (for pandas in notebooks). Pure pyarrow and numpy: no Ray.
 
 predicted_change (float64, nats; null when the factors do not record N) is what a score means
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ SCORES_COLUMNS = ("query_id", "score")
 DOCUMENTS_COLUMNS = ("doc_id", "title")
 READ_COLUMNS = {TOPK_FILE: TOPK_COLUMNS, TOKENS_FILE: TOKENS_COLUMNS, SCORES_FILE: SCORES_COLUMNS,
                 DOCUMENTS_FILE: DOCUMENTS_COLUMNS, CANDIDATES_FILE: tuple(CANDIDATES_SCHEMA.names)}
+# Rows per row group of a file written in pieces (write_tables_atomically): scores.parquet holds about 40 bytes a
+# row, so ~10 MB of rows in memory at a time.
+ROWS_PER_GROUP = 1 << 18
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -137,6 +141,33 @@ def write_table_atomically(table: pa.Table, path: str | Path) -> None:
     partial = path.with_name(path.name + ".partial")
     pq.write_table(table, partial)
     partial.replace(path)
+
+
+def write_tables_atomically(tables: Iterable[pa.Table], schema: pa.Schema, path: str | Path) -> None:
+    """As write_table_atomically, for one table that arrives in pieces (each in `schema`): written as they come
+    with a ParquetWriter, small pieces joined into row groups of about ROWS_PER_GROUP rows, so at most that many
+    rows are in memory at a time. No pieces: an empty table in `schema`."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with pq.ParquetWriter(partial, schema) as writer:
+        waiting: list[pa.Table] = []
+        for table in tables:
+            waiting.append(table)
+            if sum(piece.num_rows for piece in waiting) >= ROWS_PER_GROUP:
+                writer.write_table(pa.concat_tables(waiting))
+                waiting = []
+        if waiting:
+            writer.write_table(pa.concat_tables(waiting))
+    partial.replace(path)
+
+
+def read_row_groups(paths: Iterable[str | Path]) -> Iterator[pa.Table]:
+    """The row groups of the Parquet files at `paths`, in order, one table each: a large file read a piece at a
+    time (for write_tables_atomically). pa.ArrowInvalid or OSError for an unreadable file."""
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            yield parquet.read_row_group(group)
 
 
 # ----------------------------------------------------------------------------------------------- reading
