@@ -34,6 +34,14 @@ def load_prepared(paths: str | list[str], query_range: tuple[int, int] | None = 
     return PreparedQueries.concatenate([PreparedQueries.load(path, queries=query_range) for path in paths])
 
 
+SLICE_ROWS = 4096  # rows of a batch scored and reduced at a time when scorers send their top-k (RowScorer)
+
+
+def concatenate_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Column dicts with the same columns, one after the other."""
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 class RowScorer:
     """Scores the sequence rows of Ray Data batches with `scorer` (Q queries, L tracked layers), in row order,
     `rows_per_call` rows per call to scorer.score, and lays the scores out per row; writes them to `scores`' pieces
@@ -50,6 +58,22 @@ class RowScorer:
         self.batches_done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch's scores per row, or with top_k its reduced rows. Ray Data may hand a whole fragment over as
+        one batch (its reader's blocks are merged up to Ray's target block size: 173,000 sequences in one batch
+        measured by `whence bench --only scale`), so with top_k the batch is scored SLICE_ROWS rows at a time,
+        each slice written and reduced before the next: (SLICE_ROWS, Q, L) scores at most, whatever the batch."""
+        if self.top_k is None or len(batch["doc_id"]) <= SLICE_ROWS:
+            out = self._rows(batch)
+        else:
+            step = max(SLICE_ROWS // self.rows_per_call, 1) * self.rows_per_call  # the same scorer calls
+            out = concatenate_columns([self._rows({name: values[start : start + step] for name, values in batch.items()})
+                                       for start in range(0, len(batch["doc_id"]), step)])
+        self.batches_done += 1
+        maybe_fail(self.batches_done)  # after the pieces: the batch Ray Data reruns overwrites them
+        return out
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Score, write (scores' pieces) and reduce (top_k) one batch or slice of one."""
         keep = sequence_rows_mask(batch)
         n = len(keep)
         scores = np.zeros((n, self.num_queries), dtype=np.float64)  # (rows, Q)
@@ -77,8 +101,6 @@ class RowScorer:
             out["input_ids"] = batch["input_ids"]
         if self.scores is not None:
             self.scores.write(out)
-        self.batches_done += 1
-        maybe_fail(self.batches_done)  # after the pieces: the batch Ray Data reruns overwrites them
         return out if self.top_k is None else reduce_to_top_k(out, self.top_k)
 
     def _scored(self, batch: dict[str, np.ndarray], rows: np.ndarray, non_finite: np.ndarray):

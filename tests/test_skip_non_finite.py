@@ -47,9 +47,9 @@ def poisoned():
                                      dtype=object),
              "marker_total": np.asarray([-1] * len(sequences) + [len(sequences)], dtype=np.int64)}
 
-    def scorer(skip: bool) -> RowScorer:
+    def scorer(skip: bool, rows_per_call: int = len(sequences), top_k: int | None = None) -> RowScorer:
         return RowScorer(QueryScorer(model, layers, queries), len(QUERY_IDS), len(layers), tokenizer.pad_token_id,
-                         per_token=False, rows_per_call=len(sequences), skip_non_finite=skip)
+                         per_token=False, rows_per_call=rows_per_call, skip_non_finite=skip, top_k=top_k)
 
     return {"batch": batch, "bad": bad, "scorer": scorer, "labels": [f"{s.doc_id}#{s.chunk}" for s in sequences]}
 
@@ -81,6 +81,28 @@ def test_with_the_option_it_is_skipped_and_the_others_scored_as_without_it(poiso
     ranked = {f"{d}#{c}" for d, c in zip(table.doc_id, table.chunk)}
     assert not ranked & set(results.non_finite), "skipped sequences are not ranked"
     assert len(table) == len(QUERY_IDS) * len(good)
+
+
+def test_a_batch_larger_than_a_slice_is_reduced_slice_by_slice_to_the_same_parts(poisoned, monkeypatch):
+    """Ray Data may hand a scorer a whole fragment as one batch: with a top-k it is scored and reduced SLICE_ROWS
+    rows at a time (here 3, so slices of 2 rows), each slice with its own tally, and the fragment's top-k part,
+    counts and skipped sequences are those of the batch reduced at once."""
+    import actors.scorer
+
+    parts = {}
+    for slice_rows in (10_000, 3):
+        monkeypatch.setattr(actors.scorer, "SLICE_ROWS", slice_rows)
+        out = poisoned["scorer"](True, rows_per_call=2, top_k=2)(poisoned["batch"])
+        tallies = int(((out["query"] < 0) & (out["marker_total"] < 0) & (out["sequences"] > 0)).sum())
+        results = FragmentResults(0, QUERY_IDS, 2, out["layer_scores"].shape[1], keep_all=False)
+        results.add(out)
+        assert results.complete
+        written = {}
+        results.write(lambda kind, index, s=slice_rows, w=written: w.setdefault(kind, poisoned["tmp"] / f"{s}-{kind}.pq"))
+        parts[slice_rows] = (pq.read_table(written[TOPK_PART]), results.received, results.non_finite, tallies)
+    (whole, *counts), (sliced, *sliced_counts) = parts[10_000], parts[3]
+    assert sliced.equals(whole, check_metadata=True)
+    assert sliced_counts[:2] == counts[:2] and counts[2] == 1 and sliced_counts[2] == 4  # 8 sequences, slices of 2
 
 
 @pytest.fixture(autouse=True)
