@@ -18,6 +18,10 @@ the weights. The measurements:
        estimate over the measured peak (--only memory; flows.bench.memory)   (Ray)
    10. the scoring driver's bytes and CPU seconds per sequence, scorers sending their batches' top-k over every
        score (--only reduce; flows.bench.reduce)
+   11. at scale, on a 3-node Ray cluster (ray.cluster_utils.Cluster) and 200,000 generated short sequences with a
+       tiny model: the same driver costs measured in `whence score` itself, the scan's sequences/s from one .jsonl
+       file's byte-range fragments over one .jsonl.gz, and the driver's and the largest scoring actor's peak
+       memory on the corpus 4x over 1x (--only scale; flows.bench.scale)   (Ray)
 
 Layout of this package (beside the flows it measures; nothing in whence/ imports it):
     configs.py    BenchConfig, the named CONFIGS (tiny, medium), the queries about the demo corpus
@@ -29,6 +33,7 @@ Layout of this package (beside the flows it measures; nothing in whence/ imports
     pipeline.py   measurements 5-8, the Ray scoring pipeline and sharded workers
     memory.py     measurement 9, `whence fit` in subprocesses; real_model.py: SmolLM2-135M from its GGUF file
     reduce.py     measurement 10, in process
+    scale.py      measurement 11, a multi-node Ray cluster started in this process
     measure.py    the measurements by name (--only) and Results
     table.py      the targets, the printed table and the JSON written by --out
 """

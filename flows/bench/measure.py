@@ -1,14 +1,15 @@
 """The measurements of `whence bench`, by name: each adds figures (ratios), details (raw numbers) or a pending
 reason to `Results`. The in-process ones (1-4) are in flows.bench.kernels, the Ray ones (5-8) in
-flows.bench.pipeline; both are imported only when a measurement runs."""
+flows.bench.pipeline, the multi-node one (scale) in flows.bench.scale; each is imported only when a measurement
+runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 MEASUREMENTS = ("fitting", "scoring", "lissa", "refine", "tfidf", "reduce", "pipeline", "score_memory", "workers",
-                "shards", "memory", "index")
-PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory", "index")  # need Ray
+                "shards", "memory", "index", "scale")
+PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory", "index", "scale")  # need Ray
 
 
 @dataclass
@@ -110,6 +111,15 @@ def measure_index(bench, results: Results) -> None:
     results.add("index", *index_speed(bench))
 
 
+def measure_scale(bench, results: Results) -> None:
+    """`whence score` on a 3-node Ray cluster and 200,000 sequences (flows.bench.scale): the driver's bytes and
+    CPU per sequence with the scorers' top-k against every score, reads of one file against many fragments, and
+    the driver's and the actors' peak memory at 4x the corpus over 1x."""
+    from flows.bench.scale import scale_costs
+
+    results.add("scale", *scale_costs())
+
+
 MEASURE = {
     "fitting": measure_fitting,
     "scoring": measure_scoring,
@@ -117,7 +127,8 @@ MEASURE = {
     "refine": measure_refine,
     "tfidf": measure_tfidf,
     "reduce": measure_reduce,
-    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS if name not in ("memory", "index")},
+    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS if name not in ("memory", "index", "scale")},
     "memory": measure_fit_memory,
     "index": measure_index,
+    "scale": measure_scale,
 }
