@@ -28,7 +28,7 @@ def _group_tokens(run: ScoringRun, plan: FragmentPlan, topk: TopK, group: QueryG
     """The tokens.parquet rows of `group`'s queries (a pyarrow Table), their top-k sequences read from plan.stored
     when the candidates were gathered."""
     from flows.corpus_pipeline import FragmentPlan, load_tokenizer
-    from flows.score import scoring_dataset
+    from flows.score_pass import scoring_dataset
     from whence.results import TOKENS_SCHEMA, tokens_table
     from whence.text import token_pieces
 

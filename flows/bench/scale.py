@@ -14,7 +14,7 @@ flows.score.score_corpus in this process (--tfidf-candidates 0, `workers` scorin
     memory   the driver's peak resident memory (the kernel's high-water mark, reset before each run) and the
              largest scoring actor's (sampled), on the corpus 4x over 1x (top-k runs)
 
-What the driver receives is observed, not changed: while a run is measured, flows.score's scoring pass and the
+What the driver receives is observed, not changed: while a run is measured, flows.score_pass's scoring pass and the
 dataset it iterates are wrapped (DriverObserver) to count the batches' bytes (flows.bench.reduce.batch_bytes, the
 in-process measurement's count) and the driver's CPU time; the counting's own CPU and the memory sampler's are
 taken out of it.
@@ -299,9 +299,9 @@ class CountedDataset:
 
 @dataclass
 class DriverObserver:
-    """While installed (`with observer:`), flows.score's scoring pass (_score_fragments) is timed in this
-    process's CPU seconds and the dataset it iterates (scoring_dataset) is a CountedDataset. flows.score itself is
-    not changed; the originals are put back on exit."""
+    """While installed (`with observer:`), the scoring pass (flows.score_pass.score_fragments) is timed in this
+    process's CPU seconds and the dataset it iterates (scoring_dataset) is a CountedDataset. flows.score_pass
+    itself is not changed; the originals are put back on exit."""
 
     bytes: int = 0
     batches: int = 0
@@ -311,10 +311,10 @@ class DriverObserver:
     _saved: dict = field(default_factory=dict)
 
     def __enter__(self) -> DriverObserver:
-        import flows.score as score
+        import flows.score_pass as score
 
-        self._saved = {"_score_fragments": score._score_fragments, "scoring_dataset": score.scoring_dataset}
-        original_pass, original_dataset = self._saved["_score_fragments"], self._saved["scoring_dataset"]
+        self._saved = {"score_fragments": score.score_fragments, "scoring_dataset": score.scoring_dataset}
+        original_pass, original_dataset = self._saved["score_fragments"], self._saved["scoring_dataset"]
 
         def timed_pass(*args, **kwargs):
             cpu, wall = time.process_time(), time.monotonic()
@@ -327,11 +327,11 @@ class DriverObserver:
         def counted_dataset(*args, **kwargs):
             return CountedDataset(original_dataset(*args, **kwargs), self)
 
-        score._score_fragments, score.scoring_dataset = timed_pass, counted_dataset
+        score.score_fragments, score.scoring_dataset = timed_pass, counted_dataset
         return self
 
     def __exit__(self, *exc) -> None:
-        import flows.score as score
+        import flows.score_pass as score
 
         for name, value in self._saved.items():
             setattr(score, name, value)
