@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from actors.hosting import ModelSpec, gpu_share, pad_id_of, rows_to_batch, sequence_rows_mask
-from actors.stage import CONSUMERS, CORRECTION, COVARIANCE, SCORE, StageActor
+from actors.stage import CONSUMERS, CORRECTION, COVARIANCE, SCORE, STAGE_CONCURRENCY, StageActor
 from actors.stage_passes import MAX_RECOVERY_ROUNDS, StagePasses
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.queries import PreparedQueries
@@ -139,8 +139,8 @@ class ShardedWorker(StagePasses):
             log.warning("%d stages x %g GPU each exceed the cluster's %g GPUs: stages wait until the cluster grows",
                         num_stages, stage_gpus, cluster_gpus)
         remote = ray.remote(num_gpus=stage_gpus, num_cpus=self.options.stage_cpus,
-                            max_restarts=self.options.max_restarts,
-                            max_task_retries=self.options.max_task_retries)(StageActor)
+                            max_restarts=self.options.max_restarts, max_task_retries=self.options.max_task_retries,
+                            concurrency_groups=STAGE_CONCURRENCY)(StageActor)
         return [remote.remote(self.spec, k, num_stages, fisher, num_blocks, self.options.num_threads)
                 for k in range(num_stages)]
 

@@ -13,6 +13,7 @@ import gc
 import time
 import uuid
 
+import ray
 import torch
 
 from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading
@@ -26,6 +27,10 @@ from whence.shards import split_model
 
 # The passes a stage runs, and what it does with a micro-batch after its backward pass in each.
 COVARIANCE, CORRECTION, SCORE, PRODUCT = "covariance", "correction", "score", "product"
+# StageActor's concurrency group for `export` (one thread beside the default one, where every other call runs in
+# order): see StageActor.export. Launchers pass STAGE_CONCURRENCY to ray.remote.
+EXPORTS = "exports"
+STAGE_CONCURRENCY = {EXPORTS: 1}
 CONSUMERS = {COVARIANCE: "accumulate_covariance", CORRECTION: "accumulate_corrections", SCORE: "score",
              PRODUCT: "product_coefficients"}  # PRODUCT: the first half of ekfac-cg's Fisher-vector product
 
@@ -147,6 +152,13 @@ class StageActor(LayerOwner):
     def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
         """Eigenbases of the given layers' sums on this stage's device."""
         return eigendecompose(covariance, self.stage.device)
+
+    @ray.method(concurrency_group=EXPORTS)
+    def export(self, kind: str, name: str):
+        """LayerOwner.export, in a thread of its own: while this stage finishes its layers (waiting on the other
+        pipelines' parts), its parts of theirs must still go out, or two pipelines' stages would wait on each
+        other for ever. It only pops a layer the default thread's finish never touches."""
+        return super().export(kind, name)
 
     def reset(self, kind: str) -> None:
         """Drop the partial sums of `kind` and the micro-batch ids they include (a pass starts)."""

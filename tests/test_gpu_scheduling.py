@@ -34,6 +34,12 @@ SCRIPT = textwrap.dedent("""
     counts = {name: score_corpus(space["model"], factors, space["queries"], [space["corpus"]], str(root / name),
                                  config, cluster)["sequences_scored"]
               for name, cluster in (("plain", plain), ("sharded", sharded))}
+    # Two pipelines of two stages: each stage owned its layers, and the parts crossed between the pipelines' stages.
+    from whence.factors import Factors
+    import torch
+    one, two = Factors.load(factors), Factors.load(root / "factors_sharded")
+    counts["sharded_factors_equal"] = all(torch.allclose(one.eigenvalues[n], two.eigenvalues[n], rtol=1e-9, atol=1e-12)
+                                          for n in one.layer_names)
     # Through a file, not stdout: on a loaded machine Ray's memory-pressure warnings can be the last line printed.
     (root / "counts.json").write_text(json.dumps(counts))
 """)
@@ -48,3 +54,4 @@ def test_one_gpu_is_shared_by_two_workers_and_two_stages(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     counts = json.loads((tmp_path / "counts.json").read_text())
     assert counts["plain"] == counts["sharded"] > 0
+    assert counts["sharded_factors_equal"], "2 workers x 2 stages fit the factors 2 workers fit"
