@@ -409,13 +409,15 @@ def test_stages_own_their_layers_sums_and_a_restarted_stage_loses_none_silently(
     job = lambda counts: FinishJob(str(tmp_path), "ekfac", "float64", counts["tokens"], counts["sequences"])  # noqa: E731
     counts = worker.covariance_pass(dataset)
     assert counts["sequences"] == len(sequences) and worker.held == {}, "the sums stay on the stages"
+    before = ray.get(worker.stages[1].state.remote())["incarnation"]
     ray.kill(worker.stages[1], no_restart=False)
-    for _ in range(600):  # until the stage is back (a call meanwhile is a RayActorError: the pass reruns too)
-        try:
-            ray.get(worker.stages[1].state.remote())
-            break
+    for _ in range(600):  # until the restarted stage answers (a call meanwhile is a RayActorError: the pass reruns
+        try:             # too); the old process may still answer just after the kill, hence the incarnation
+            if ray.get(worker.stages[1].state.remote())["incarnation"] != before:
+                break
         except ray.exceptions.RayActorError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     with pytest.raises(SumsLost):
         worker.finish(COVARIANCE, names, 0, [None], job(counts))
     counts = worker.covariance_pass(dataset)  # what FitterPool.step does on SumsLost: the pass again
