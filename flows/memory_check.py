@@ -42,12 +42,10 @@ def largest_tensor_bytes(model: str) -> int:
     (whence.model.check_finite_checkpoint reads local files only)."""
     from pathlib import Path
 
-    from whence.model import safetensors_header
+    from whence.model import safetensors_header, tensor_spans
 
     files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
-    spans = [end - start for file in files for key, entry in safetensors_header(file)[0].items()
-             if key != "__metadata__" for start, end in [entry["data_offsets"]]]
-    return max(spans, default=0)
+    return max((span for file in files for span in tensor_spans(safetensors_header(file)[0])), default=0)
 
 
 def cluster_memory() -> tuple[int, int]:

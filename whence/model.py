@@ -105,6 +105,12 @@ def safetensors_header(file: str | Path) -> tuple[dict, int]:
         return json.loads(handle.read(length)), 8 + length
 
 
+def tensor_spans(header: dict) -> list[int]:
+    """The bytes of each tensor a safetensors header lists (its data_offsets), in header order."""
+    return [end - start for key, entry in header.items() if key != "__metadata__" for start, end in
+            [entry["data_offsets"]]]
+
+
 def check_finite_checkpoint(path_or_id: str) -> None:
     """NonFiniteError naming the first tensor of a local model directory's *.safetensors files that holds NaN
     or inf, on the driver, before any Ray work: each floating-point tensor read CHECK_CHUNK_BYTES at a time, so
@@ -132,9 +138,7 @@ def check_finite_checkpoint(path_or_id: str) -> None:
 def check_buffer_bytes(header: dict) -> int:
     """The buffer check_finite_checkpoint reads a file's tensors through: CHECK_CHUNK_BYTES, or the file's largest
     tensor rounded up to 8 bytes when smaller (a multiple of every itemsize either way)."""
-    spans = [end - start for key, entry in header.items() if key != "__metadata__" for start, end in
-             [entry["data_offsets"]]]
-    return min(CHECK_CHUNK_BYTES, -(-max(spans, default=8) // 8) * 8)
+    return min(CHECK_CHUNK_BYTES, -(-max(tensor_spans(header), default=8) // 8) * 8)
 
 
 def _non_finite_counts(handle, offset: int, size: int, dtype: torch.dtype, buffer: bytearray) -> tuple[int, int]:

@@ -16,7 +16,8 @@ A results directory:
 
 Writing: `topk_table`, `scores_table`, `tokens_table`, `candidates_table` build tables in these schemas and
 `write_table_atomically` writes one; `write_tables_atomically` writes one that arrives in pieces (scores.parquet,
-streamed from its parts with `read_row_groups`, so the writer never holds every score). Reading: `load_results` gives a `Results` whose rows are `Influence`s;
+streamed from its parts with `read_row_groups`, so the writer never holds every score). Reading: `load_results`
+gives a `Results` whose rows are `Influence`s;
 `read_table` gives one file as a pyarrow Table (for pandas in notebooks). Pure pyarrow and numpy: no Ray.
 
 predicted_change (float64, nats; null when the factors do not record N) is what a score means
@@ -151,11 +152,13 @@ def write_tables_atomically(tables: Iterable[pa.Table], schema: pa.Schema, path:
     partial = path.with_name(path.name + ".partial")
     with pq.ParquetWriter(partial, schema) as writer:
         waiting: list[pa.Table] = []
+        rows = 0  # in `waiting`
         for table in tables:
             waiting.append(table)
-            if sum(piece.num_rows for piece in waiting) >= ROWS_PER_GROUP:
+            rows += table.num_rows
+            if rows >= ROWS_PER_GROUP:
                 writer.write_table(pa.concat_tables(waiting))
-                waiting = []
+                waiting, rows = [], 0
         if waiting:
             writer.write_table(pa.concat_tables(waiting))
     partial.replace(path)
