@@ -90,7 +90,7 @@ def _init_with_retry(ray, options: dict) -> None:
     for attempt in range(1, START_ATTEMPTS + 1):
         before = _child_pids()
         try:
-            with local_only_node(options["address"] == "local"):
+            with local_only_node(options["address"] == "local" or is_loopback(options["address"])):
                 ray.init(**options)
             return
         except Exception as error:  # Ray raises a bare Exception when its node does not come up in time
@@ -134,6 +134,16 @@ def _stop_children(pids: set[int]) -> None:
 def _is_start_up_failure(error: BaseException) -> bool:
     text = str(error).lower()
     return isinstance(error, (TimeoutError, ConnectionError)) or "timed out" in text or "timeout" in text
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether `address` ("host:port") names this machine's loopback interface, where a local cluster of ours
+    listens (local_only_node): joined in Ray's multi-machine mode, Ray would rewrite 127.0.0.1 to the machine's
+    external address and wait there for a GCS that is not listening on it."""
+    if not address or address in ("local", "auto") or "://" in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 @contextmanager

@@ -54,9 +54,18 @@ def probe(out: str) -> None:
     ray = connect()
     ray.get(ray.remote(worker_pid).remote())
     sockets, pids = listening_sockets()
-    Path(out).write_text(json.dumps({"sockets": sockets, "pids": pids}))
+    Path(out).write_text(json.dumps({"sockets": sockets, "pids": pids,
+                                     "address": ray.get_runtime_context().gcs_address}))
     while True:
         time.sleep(1)
+
+
+JOIN = """
+import sys
+from flows.cluster import connect
+ray = connect(sys.argv[1])
+print(ray.get(ray.remote(lambda: "joined").remote()))
+"""
 
 
 def test_local_cluster_listens_on_loopback_and_stops_on_sigterm(tmp_path):
@@ -80,6 +89,12 @@ def test_local_cluster_listens_on_loopback_and_stops_on_sigterm(tmp_path):
         assert {"gcs_server", "raylet"} <= processes, processes
         exposed = [s for s in found["sockets"] if s["ip"] not in LOOPBACK]
         assert not exposed, exposed
+        # Another process joins it by that loopback address, as `whence fit --address 127.0.0.1:PORT` (and
+        # `whence bench --only memory`) do: Ray must not rewrite the address to the machine's external one.
+        assert found["address"].startswith("127.0.0.1:"), found["address"]
+        joined = subprocess.run([sys.executable, "-c", JOIN, found["address"]], cwd=REPO, env=env, timeout=180,
+                                capture_output=True, text=True)
+        assert joined.returncode == 0 and joined.stdout.split()[-1:] == ["joined"], joined.stderr[-3000:]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=STOP_WAIT_S) != 0
         deadline = time.monotonic() + STOP_WAIT_S
