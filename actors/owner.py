@@ -125,10 +125,21 @@ def basis_from_transfer(arrays: dict) -> LayerBasis:
 
 
 def peak_rss() -> int:
-    """This process's peak resident bytes since it started or since reset_peak_rss (Linux reports KiB)."""
+    """This process's peak resident bytes since it started or since reset_peak_rss: the kernel's high-water mark
+    (VmHWM in /proc/self/status, KiB) on Linux. Not getrusage's ru_maxrss, which for a process started by fork
+    and exec also holds the parent's resident size at the fork, and which clear_refs does not reset: a `whence fit`
+    launched by a 1 GiB process reported a 1 GiB peak of its own. Elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def release_free_memory() -> bool:

@@ -10,6 +10,7 @@ the blocks or the vocabulary moves the estimate as it moves the measurement.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +95,17 @@ def test_an_actor_needs_its_largest_phase_and_the_driver_the_checkpoint_it_check
     assert bigger.actors[0] > estimate.actors[0]
     phases = phase_bytes(shape, layers, weights=4 * 10**8)
     assert estimate.actors[0] == ACTOR_BASELINE + TOKENIZER_BYTES_PER_TOKEN * 49152 + 4 * 10**8 + max(phases.values())
+
+
+def test_a_process_peak_is_its_own_not_its_parents():
+    """A `whence fit` started from a large process (a notebook, `whence bench`) reports its own peak: getrusage's
+    ru_maxrss in a child started by fork and exec holds the parent's resident size at the fork."""
+    import os
+    import subprocess
+
+    held = torch.ones(2**27, dtype=torch.float64)  # 1 GiB resident in this process while the child starts
+    child = "from actors.owner import peak_rss, reset_peak_rss; reset_peak_rss(); print(peak_rss())"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, env=env)
+    del held
+    assert int(done.stdout.split()[-1]) < 2**29, "the child's peak includes the parent's 1 GiB"
