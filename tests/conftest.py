@@ -56,3 +56,20 @@ def ray_cluster():
                                            "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fitted_workspace(tmp_path_factory, ray_cluster):
+    """tests.pipeline_fixtures' workspace with float64 factors fitted on Ray by 2 workers (seq_len 16, batches of
+    4), once a session: the modules that score it take a copy (tests.pipeline_fixtures.copy_workspace) rather
+    than fit the same factors again, each of which costs a Ray fit (about 20 s on two cores)."""
+    from flows.cluster import ClusterSettings
+    from flows.fit import fit_corpus
+    from tests.pipeline_fixtures import FIT_CONFIG, write_workspace
+
+    root = tmp_path_factory.mktemp("fitted")
+    space = write_workspace(root)
+    space["root"], space["factors"] = root, str(root / "factors")
+    fit_corpus(space["model"], [space["corpus"]], space["factors"], FIT_CONFIG,
+               ClusterSettings(workers=2, dtype="float64"))
+    return space

@@ -10,6 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.tiny import TEXTS, make_model, make_tokenizer
+from whence.config import FitConfig
+
+# The fit of every module that scores this workspace on Ray (conftest.fitted_workspace): windows of 16 tokens.
+FIT_CONFIG = FitConfig(seq_len=16, batch_size=4)
 
 QUERIES = [
     {"id": "whale", "prompt": "The whale swam far", "completion": " beyond the harbour"},
@@ -50,6 +54,20 @@ def write_workspace(root: Path, family: str = "llama", per_fragment: int = 10) -
     queries.write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
     return {"model": str(model_dir), "corpus": str(corpus), "queries": str(queries), "documents": docs,
             "bad_rows": 4}
+
+
+def copy_workspace(space: dict, root: Path) -> dict:
+    """`space` (write_workspace's, perhaps with fitted "factors") copied under `root`: a module's own files to score,
+    damage or resume, at the cost of a copy instead of a fit. Factors name their model by fingerprint, not by path."""
+    import shutil
+
+    copy = dict(space, root=root)
+    for key in ("model", "corpus", "queries", "factors"):
+        if key in space:
+            source, target = Path(space[key]), root / Path(space[key]).name
+            shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+            copy[key] = str(target)
+    return copy
 
 
 class OneBatchDataset:

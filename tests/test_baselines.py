@@ -7,10 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cluster import ClusterSettings
-from flows.fit import fit_corpus
 from flows.score import score_corpus
-from tests.pipeline_fixtures import QUERIES, write_workspace
-from whence import FitConfig, ScoreConfig, load_causal_lm, prepare, score
+from tests.pipeline_fixtures import QUERIES, copy_workspace
+from whence import ScoreConfig, load_causal_lm, prepare, score
 from whence.checksums import checksum_problem
 from whence.corpus import CorpusSource
 from whence.errors import SettingsError
@@ -24,14 +23,11 @@ TOP_K = 5
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, ray_cluster):
-    """A tiny workspace fitted on one worker and scored by EK-FAC with two baselines, top TOP_K kept (the scorers
+def scored(tmp_path_factory, fitted_workspace):
+    """The session's fitted workspace (conftest.fitted_workspace) scored by EK-FAC with two baselines, top TOP_K kept (the scorers
     send their batches' top-k only: whence.fragment_parts.reduce_to_top_k)."""
     root = tmp_path_factory.mktemp("baselines")
-    space = write_workspace(root)
-    space["factors"] = str(root / "factors")
-    fit_corpus(space["model"], [space["corpus"]], space["factors"], FitConfig(seq_len=SEQ_LEN, batch_size=4),
-               ClusterSettings(dtype="float64"))
+    space = copy_workspace(fitted_workspace, root)
     space["out"] = root / "results"
     space["config"] = ScoreConfig(top_k=TOP_K, tfidf_candidates=0, query_rank="full", batch_size=4,
                                   baselines=BASELINES)

@@ -17,24 +17,19 @@ import torch
 from flows.cluster import ClusterSettings
 from flows.fit import fit_corpus
 from flows.score import score_corpus
-from tests.pipeline_fixtures import write_workspace
+from tests.pipeline_fixtures import copy_workspace
 from whence import FitConfig, ScoreConfig
 from whence.checksums import checksum_problem
 from whence.corpus import CorpusSource
 from whence.errors import NonFiniteError, RunStateError
 from whence.model import load_causal_lm
 
-FIT_CONFIG = FitConfig(seq_len=16, batch_size=4)
 SCORE_CONFIG = ScoreConfig(top_k=3, tfidf_candidates=0, query_rank="full", batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("faults")
-    space = write_workspace(root)
-    space["root"], space["factors"] = root, str(root / "factors")
-    fit_corpus(space["model"], [space["corpus"]], space["factors"], FIT_CONFIG, ClusterSettings(dtype="float64"))
-    return space
+def workspace(tmp_path_factory, fitted_workspace):
+    return copy_workspace(fitted_workspace, tmp_path_factory.mktemp("faults"))
 
 
 def run_score(space, out, factors=None, queries=None, model=None, overwrite=False):

@@ -12,7 +12,7 @@ import torch
 from flows.cluster import ClusterSettings
 from flows.fit import fit_corpus
 from flows.score import score_corpus
-from tests.pipeline_fixtures import QUERIES, write_workspace
+from tests.pipeline_fixtures import FIT_CONFIG, QUERIES, copy_workspace
 from whence import FitConfig, ScoreConfig, fit, load_causal_lm, prepare, score
 from whence.corpus import CorpusSource
 from whence.errors import CorpusError, RunStateError
@@ -30,17 +30,11 @@ FLOAT64 = dict(rtol=1e-3, atol=1e-8) if ON_GPU else dict(rtol=1e-9, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("pipeline")
-    space = write_workspace(root)
-    space["root"] = root
-    space["factors"] = str(root / "factors")
-    fit_corpus(space["model"], [space["corpus"]], space["factors"], FIT_CONFIG,
-               ClusterSettings(workers=2, dtype="float64"))
-    return space
+def workspace(tmp_path_factory, fitted_workspace):
+    """A copy of the session's workspace, its factors fitted on Ray by 2 workers (conftest.fitted_workspace)."""
+    return copy_workspace(fitted_workspace, tmp_path_factory.mktemp("pipeline"))
 
 
-FIT_CONFIG = FitConfig(seq_len=SEQ_LEN, batch_size=4)
 CLUSTER_FIELDS = {f.name for f in dataclasses.fields(ClusterSettings)}
 
 
@@ -66,7 +60,7 @@ def test_fit_equals_the_in_process_fit(workspace):
         torch.testing.assert_close(fitted.precondition(layer.name, v), expected.precondition(layer.name, v), **FLOAT64)
 
 
-def test_interrupted_fit_resumes_without_recomputing_finished_layers(workspace, tmp_path):
+def test_interrupted_fit_resumes_without_recomputing_finished_layers(workspace, fitted_workspace, tmp_path):
     out = tmp_path / "factors"
     shutil.copytree(workspace["factors"], out)
     names = Factors.load(out).layer_names
@@ -78,7 +72,8 @@ def test_interrupted_fit_resumes_without_recomputing_finished_layers(workspace, 
     (out / MANIFEST_FILE).unlink()
     run_file = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**run_file, "status": "running"}))
-    fit_corpus(workspace["model"], [workspace["corpus"]], str(out), FIT_CONFIG,
+    # The run's arguments name the model and corpus the session's factors were fitted from (not this copy's).
+    fit_corpus(fitted_workspace["model"], [fitted_workspace["corpus"]], str(out), FIT_CONFIG,
                ClusterSettings(workers=2, dtype="float64"))
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items()), "finished files are not rewritten"
     expected, resumed = Factors.load(workspace["factors"]), Factors.load(out)
@@ -88,24 +83,23 @@ def test_interrupted_fit_resumes_without_recomputing_finished_layers(workspace, 
 
 def test_fit_on_one_worker_equals_two_and_survives_a_killed_actor_in_either_pass(workspace, tmp_path):
     two = Factors.load(workspace["factors"])
-    reference = tmp_path / "one"
-    fit_corpus(workspace["model"], [workspace["corpus"]], str(reference), FIT_CONFIG,
-               ClusterSettings(workers=1, dtype="float64"))
-    one = Factors.load(reference)
-    for name in two.layer_names:
-        torch.testing.assert_close(one.eigenvalues[name], two.eigenvalues[name], **FLOAT64)
-    # The actor holds every layer and reads ~80 batches per pass: killed after 5 (covariance) or 100 (correction).
+    # One actor holds every layer and reads ~80 batches per pass: killed after 5 (covariance) or 100 (correction).
+    killed = {}
     for after in (5, 100):
         marker = tmp_path / f"died-{after}"
         fit_corpus(workspace["model"], [workspace["corpus"]], str(tmp_path / f"killed-{after}"), FIT_CONFIG,
                    ClusterSettings(workers=1, dtype="float64",
                                    actor_env={"WHENCE_FAULT_AFTER_BATCHES": f"{after}:{marker}"}))
         assert marker.exists(), "the fault was injected"
-        killed = Factors.load(tmp_path / f"killed-{after}")
-        for name in one.layer_names:  # the rerun pass reads the same batches in the same order: the same bits
-            assert torch.equal(killed.eigenvalues[name], one.eigenvalues[name]), (after, name)
-            assert all(torch.equal(a, b) for a, b in zip(killed.bases[name].gradient_vectors,
-                                                         one.bases[name].gradient_vectors))
+        killed[after] = Factors.load(tmp_path / f"killed-{after}")
+    for name in two.layer_names:
+        # One worker's factors are two workers' (their sums add in another order: equal to rounding).
+        torch.testing.assert_close(killed[5].eigenvalues[name], two.eigenvalues[name], **FLOAT64)
+        # A rerun pass reads the same batches in the same order: a fault in either pass gives the same bits, which a
+        # pass counted twice or a batch lost would not.
+        assert torch.equal(killed[5].eigenvalues[name], killed[100].eigenvalues[name]), name
+        assert all(torch.equal(a, b) for a, b in zip(killed[5].bases[name].gradient_vectors,
+                                                     killed[100].bases[name].gradient_vectors))
 
 
 def test_two_fits_are_bit_identical(workspace, tmp_path, monkeypatch):

@@ -10,24 +10,18 @@ import pytest
 import torch
 
 from flows.cluster import ClusterSettings
-from flows.fit import fit_corpus
 from flows.query_groups import QueryGroup, plan_groups
 from flows.score import score_corpus
-from tests.pipeline_fixtures import write_workspace
-from whence import FitConfig, ScoreConfig
+from tests.pipeline_fixtures import copy_workspace
+from whence import ScoreConfig
 from whence.corpus import CorpusSource
 from whence.queries import PreparedQueries, bytes_per_query
 from whence.results import BASELINES_DIR
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("groups")
-    space = write_workspace(root)
-    space["factors"] = str(root / "factors")
-    fit_corpus(space["model"], [space["corpus"]], space["factors"], FitConfig(seq_len=16, batch_size=4),
-               ClusterSettings(dtype="float64"))
-    return space
+def workspace(tmp_path_factory, fitted_workspace):
+    return copy_workspace(fitted_workspace, tmp_path_factory.mktemp("groups"))
 
 
 def run_score(space, out, **settings):

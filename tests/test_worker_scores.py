@@ -12,11 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cluster import ClusterSettings
-from flows.fit import fit_corpus
 from flows.score import score_corpus
-from tests.pipeline_fixtures import QUERIES, write_workspace
+from tests.pipeline_fixtures import QUERIES, copy_workspace
 from tests.test_faults_pipeline import Recorded
-from whence import FitConfig, ScoreConfig, load_causal_lm, prepare, score
+from whence import ScoreConfig, load_causal_lm, prepare, score
 from whence.checksums import checksum_problem, sidecar
 from whence.corpus import CorpusSource, id_hashes
 from whence.errors import WhenceError
@@ -95,13 +94,8 @@ def test_pieces_joined_in_corpus_order_equal_the_driver_written_part(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("worker-scores")
-    space = write_workspace(root)
-    space["factors"] = str(root / "factors")
-    fit_corpus(space["model"], [space["corpus"]], space["factors"], FitConfig(seq_len=SEQ_LEN, batch_size=4),
-               ClusterSettings(dtype="float64"))
-    return space
+def workspace(tmp_path_factory, fitted_workspace):
+    return copy_workspace(fitted_workspace, tmp_path_factory.mktemp("worker-scores"))
 
 
 def run_score(space, out, workers=1, top_k=TOP_K, actor_env=None):
