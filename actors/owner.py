@@ -88,14 +88,22 @@ class LayerOwner:
 
     @contextmanager
     def phase(self, name: str):
-        """Record the peak resident memory while the block runs as phase `name`: the kernel's high-water mark is
-        reset at the start (where Linux allows it; elsewhere the peak so far is recorded, an upper bound)."""
-        self.earlier_peak = self.peak_rss()
-        reset_peak_rss()
+        """Record the peak resident memory while the block runs as phase `name` (begin_phase, end_phase)."""
+        self.begin_phase()
         try:
             yield
         finally:
-            self.phase_peaks_seen = {**self.phase_peaks(), name: peak_rss()}
+            self.end_phase(name)
+
+    def begin_phase(self) -> None:
+        """A phase starts: the kernel's high-water mark is reset (where Linux allows it; elsewhere the phase's
+        peak is the peak so far, an upper bound), the peak before it kept for peak_rss."""
+        self.earlier_peak = self.peak_rss()
+        reset_peak_rss()
+
+    def end_phase(self, name: str) -> None:
+        """Record the peak since begin_phase as phase `name`'s."""
+        self.phase_peaks_seen = {**self.phase_peaks(), name: peak_rss()}
 
 
 def basis_for_transfer(basis: LayerBasis, dtype: str | None = None) -> dict:

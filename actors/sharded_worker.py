@@ -85,6 +85,14 @@ class ShardOptions:
             raise ValueError("stage_cpus, stage_gpus and max_restarts must be >= 0 and checkpoint_every >= 1")
 
 
+def pipeline_micro_batch(batch_size: int, shards: int) -> int:
+    """The micro-batch size of a pipeline of `shards` stages fed batches of `batch_size` sequences:
+    ceil(batch_size / shards). Under 1F1B (whence.shards.schedule) stage k keeps shards - k micro-batches' graphs
+    at once, so no stage holds more than one batch's, as an unsharded actor does; micro-batches of a whole batch
+    would have stage 0 hold `shards` batches' activations."""
+    return max(1, -(-batch_size // shards))
+
+
 class ShardedWorker(StagePasses):
     """N StageActors that together hold one model; FactorFitter's and QueryScorer's methods over them.
 

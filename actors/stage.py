@@ -17,7 +17,7 @@ import ray
 import torch
 
 from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading
-from actors.owner import LayerOwner
+from actors.owner import LayerOwner, release_free_memory
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.fitting import eigendecompose
 from whence.model import default_device, find_tracked_layers, load_causal_lm, model_fingerprint, parse_dtype
@@ -161,8 +161,9 @@ class StageActor(LayerOwner):
         return super().export(kind, name)
 
     def reset(self, kind: str) -> None:
-        """Drop the partial sums of `kind` and the micro-batch ids they include (a pass starts)."""
+        """Drop the partial sums of `kind` and the micro-batch ids they include (a pass starts, and its phase)."""
         self.take(kind)
+        self.begin_phase()
 
     def hold(self, kind: str, expected: set[int]) -> dict | None:
         """Keep this pass's sums as this stage's layers' owner (LayerOwner.held) if they include exactly the
@@ -171,6 +172,8 @@ class StageActor(LayerOwner):
             return None
         sums, _ = self.take(kind)
         self.held[kind] = sums
+        self.end_phase(kind)
+        release_free_memory()  # the pass's activations, freed but still in the allocator's arenas, before finishing
         return {"tokens": getattr(sums, "tokens", 0), "sequences": sums.sequences}
 
     def peaks(self) -> dict:

@@ -18,8 +18,9 @@ of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's f
       step          the logits (N, V) that the log-likelihood saves and their gradient, model dtype: LOGIT_COPIES N V
                     + the autograd graph and the captures: GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype
     pipeline (--shards N): each stage owns its layers' sums and finishes them, as a fitting actor over those
-                    layers that loaded the whole model before keeping its blocks (weights x 1, at start); the
-                    pipeline's worker process holds no sums, only the bases it passes on to its stages.
+                    layers that loaded the whole model before keeping its blocks (weights x 1, at start), whose
+                    step is the micro-batches it keeps at once (N - k of B / N sequences on stage k; logits on the
+                    last stage only); the pipeline's worker process holds no sums, only the bases it passes on.
 
 The constants are measured on CPU (SmolLM2-135M's layer shapes at 6 and 12 blocks, batch 8 x 256 tokens:
 tests/test_memory_estimate.py checks the step against a measured peak; `whence bench --only memory` prints the
@@ -156,12 +157,17 @@ def owner_peak(shape: FitShape, owned: list[dict], weights: int) -> int:
 def stage_peaks(shape: FitShape, weights: int) -> list[int]:
     """--shards N: each stage of a pipeline, holding about an N-th of the tracked layers (contiguous, as
     whence.shards.planning deals blocks) and owning their sums: as a fitting actor over those layers, having loaded
-    the whole model's weights before keeping its blocks."""
+    the whole model's weights before keeping its blocks. Its step is that of the micro-batches it keeps at once:
+    stage k holds N - k micro-batches of ceil(B / N) sequences (1F1B, actors.sharded_worker.pipeline_micro_batch),
+    and only the last stage computes logits."""
     per_stage = -(-len(shape.layers) // shape.shards)
+    micro = -(-shape.batch_size // shape.shards)
     peaks = []
     for k in range(shape.shards):
         own = shape.layers[k * per_stage : (k + 1) * per_stage]
-        part = replace(shape, layers=own)
+        last = k == shape.shards - 1
+        part = replace(shape, layers=own, batch_size=(shape.shards - k) * micro,
+                       vocab_size=shape.vocab_size if last else 0)
         peaks.append(ACTOR_BASELINE + weights + max(phase_bytes(part, own, weights).values()))
     return peaks
 
