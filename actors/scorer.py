@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
-from actors.sharded_worker import ShardedWorker, ShardOptions, pipeline_micro_batch
+from actors.sharded_worker import ShardedWorker, ShardOptions
 from whence.errors import NonFiniteError
 from whence.fragment_parts import ScoresPieces, reduce_to_top_k
 from whence.queries import PreparedQueries
@@ -148,14 +148,14 @@ class SequenceScorer:
 
 class ShardedSequenceScorer:
     """The model split over `shards` stage actors (a ShardedWorker) with the queries at `queries_path`: each Ray
-    Data batch is cut into micro-batches (of batch_size / shards sequences by default: pipeline_micro_batch) that
+    Data batch is cut into micro-batches (of batch_size / shards sequences unless `options` say otherwise) that
     go through the pipeline several at a time. top_k and scores: RowScorer's."""
 
     def __init__(self, spec: ModelSpec, queries_path: str | list[str], per_token: bool = False, shards: int = 2,
                  batch_size: int = 8, options: ShardOptions | None = None, skip_non_finite: bool = False,
                  top_k: int | None = None, query_range: tuple[int, int] | None = None,
                  scores: ScoresPieces | None = None):
-        options = options or ShardOptions(micro_batch_size=pipeline_micro_batch(batch_size, shards))
+        options = options or ShardOptions()
         self.worker = ShardedWorker(spec, shards, batch_size=batch_size, options=options)
         queries = load_prepared(queries_path, query_range)
         self.worker.set_queries(queries)

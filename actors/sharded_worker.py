@@ -40,6 +40,7 @@ from whence.shards import (
     merge_corrections,
     merge_covariance,
     merge_scores,
+    pipeline_micro_batch,
     pipeline_schedule,
     select_layers,
     split_batch,
@@ -56,7 +57,8 @@ class ShardOptions:
     """How a ShardedWorker runs its stages (help text: whence.settings.help_for(ShardOptions, name))."""
 
     micro_batch_size: int | None = setting("cut each batch into micro-batches of at most this many sequences "
-                                           "(None: every batch is one micro-batch)", None)
+                                           "(None: batch_size / the number of stages, so that no stage keeps more "
+                                           "than one batch's graphs: whence.shards.pipeline_micro_batch)", None)
     max_in_flight: int | None = setting("micro-batches inside the pipeline at once (None: the number of stages); "
                                         "each stage keeps at most this many graphs", None)
     stage_cpus: float = setting("CPUs each stage actor reserves; 0 lets stages share CPUs (they mostly wait on "
@@ -85,14 +87,6 @@ class ShardOptions:
             raise ValueError("stage_cpus, stage_gpus and max_restarts must be >= 0 and checkpoint_every >= 1")
 
 
-def pipeline_micro_batch(batch_size: int, shards: int) -> int:
-    """The micro-batch size of a pipeline of `shards` stages fed batches of `batch_size` sequences:
-    ceil(batch_size / shards). Under 1F1B (whence.shards.schedule) stage k keeps shards - k micro-batches' graphs
-    at once, so no stage holds more than one batch's, as an unsharded actor does; micro-batches of a whole batch
-    would have stage 0 hold `shards` batches' activations."""
-    return max(1, -(-batch_size // shards))
-
-
 class ShardedWorker(StagePasses):
     """N StageActors that together hold one model; FactorFitter's and QueryScorer's methods over them.
 
@@ -109,6 +103,7 @@ class ShardedWorker(StagePasses):
         self.spec, self.num_stages = ModelSpec.of(spec), num_stages
         self.seed, self.batch_size = seed, batch_size
         self.options = options or ShardOptions()
+        self.micro_batch_size = self.options.micro_batch_size or pipeline_micro_batch(batch_size, num_stages)
         self.stages = self._launch_stages(fisher, num_blocks)
         self.stage_info = ray.get([stage.describe.remote() for stage in self.stages])
         self.incarnations = [info["incarnation"] for info in self.stage_info]
@@ -281,7 +276,7 @@ class ShardedWorker(StagePasses):
         for batch in batches:
             sequences += int(batch["input_ids"].shape[0])
             ids = []
-            for part in split_batch(batch, self.options.micro_batch_size):
+            for part in split_batch(batch, self.micro_batch_size):
                 jobs[self._next_id] = ray.put(part)
                 ids.append(self._next_id)
                 self._next_id += 1

@@ -47,12 +47,10 @@ class FitterPool:
         if cluster.actor_env:
             policy["runtime_env"] = {"env_vars": dict(cluster.actor_env)}
         if shards > 1:
-            from actors.sharded_worker import ShardedWorker, ShardOptions, pipeline_micro_batch
+            from actors.sharded_worker import ShardedWorker, ShardOptions
 
             remote = ray.remote(ShardedWorker).options(num_cpus=0, **policy)
-            # W pipelines x N stages share the GPUs; micro-batches of B / N sequences keep each stage to a batch's graphs.
-            options = ShardOptions(micro_batch_size=pipeline_micro_batch(config.batch_size, shards),
-                                   stage_gpus=gpu_share(workers * shards))
+            options = ShardOptions(stage_gpus=gpu_share(workers * shards))  # W pipelines x N stages share GPUs
             self.actors = [remote.remote(spec, shards, config.fisher, config.num_blocks, config.seed,
                                          config.batch_size, options) for _ in range(workers)]
         else:

@@ -50,11 +50,10 @@ def scoring_dataset(run: ScoringRun, fragments: list[Fragment], plan: FragmentPl
                                                   "scores": pieces}
     if shards > 1:
         from actors.scorer import ShardedSequenceScorer
-        from actors.sharded_worker import ShardOptions, pipeline_micro_batch
+        from actors.sharded_worker import ShardOptions
 
         scorer_class = ShardedSequenceScorer
-        options = ShardOptions(micro_batch_size=pipeline_micro_batch(config.batch_size, shards),
-                               stage_gpus=gpu_share(workers * shards))
+        options = ShardOptions(stage_gpus=gpu_share(workers * shards))
         constructor = {"spec": run.spec, "queries_path": queries, "per_token": per_token,
                        "shards": shards, "batch_size": config.batch_size, "options": options,
                        "skip_non_finite": config.skip_non_finite, "top_k": reduced_top_k,

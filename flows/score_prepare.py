@@ -94,14 +94,13 @@ def _refined_on_stages(run: ScoringRun, hosted, factors, batches, refine):
     """ekfac-cg's prepared queries with each Fisher-vector product summed over --shards pipeline stages
     (actors.sharded_worker.ShardedWorker.fisher_vector_product: each stage its own layers' part), the query
     gradients and the conjugate-gradient state here. The stages go when the solve is done."""
-    from actors.sharded_worker import ShardedWorker, ShardOptions, pipeline_micro_batch
+    from actors.sharded_worker import ShardedWorker, ShardOptions
     from flows.cluster import gpu_share
     from whence.queries import refined_queries
     from whence.refine import fitted_fisher
 
     config = run.config
-    options = ShardOptions(micro_batch_size=pipeline_micro_batch(config.batch_size, run.cluster.shards),
-                           stage_gpus=gpu_share(run.cluster.shards + 1))
+    options = ShardOptions(stage_gpus=gpu_share(run.cluster.shards + 1))
     worker = ShardedWorker(run.spec, run.cluster.shards, fisher=fitted_fisher(factors)[0],
                            batch_size=config.batch_size, options=options)
 

@@ -65,7 +65,10 @@ def copy_workspace(space: dict, root: Path) -> dict:
     for key in ("model", "corpus", "queries", "factors"):
         if key in space:
             source, target = Path(space[key]), root / Path(space[key]).name
-            shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                shutil.copy2(source, target)
             copy[key] = str(target)
     return copy
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from whence.factors import block_slices
 from whence.fit_plan import FLOAT64_BYTES, layer_sum_bytes, plan_owners
 from whence.model import CHECK_CHUNK_BYTES
+from whence.shards.schedule import pipeline_micro_batch
 
 DRIVER_BASELINE = 450 * 2**20  # the driver before it reads the checkpoint: Python, torch, Ray, Ray Data
 # Checking a checkpoint holds one chunk of a tensor, isfinite's copy of its magnitudes and its masks: measured
@@ -158,10 +159,10 @@ def stage_peaks(shape: FitShape, weights: int) -> list[int]:
     """--shards N: each stage of a pipeline, holding about an N-th of the tracked layers (contiguous, as
     whence.shards.planning deals blocks) and owning their sums: as a fitting actor over those layers, having loaded
     the whole model's weights before keeping its blocks. Its step is that of the micro-batches it keeps at once:
-    stage k holds N - k micro-batches of ceil(B / N) sequences (1F1B, actors.sharded_worker.pipeline_micro_batch),
+    stage k holds N - k micro-batches of ceil(B / N) sequences (1F1B, whence.shards.pipeline_micro_batch),
     and only the last stage computes logits."""
     per_stage = -(-len(shape.layers) // shape.shards)
-    micro = -(-shape.batch_size // shape.shards)
+    micro = pipeline_micro_batch(shape.batch_size, shape.shards)
     peaks = []
     for k in range(shape.shards):
         own = shape.layers[k * per_stage : (k + 1) * per_stage]

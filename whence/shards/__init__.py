@@ -31,7 +31,14 @@ from whence.shards.merge import (
 )
 from whence.shards.pipeline import ShardedPipeline
 from whence.shards.planning import StageSpec, balance_blocks, parameter_count, plan_stages, stage_specs
-from whence.shards.schedule import BACKWARD, FORWARD, pipeline_schedule, split_batch, stage_order
+from whence.shards.schedule import (
+    BACKWARD,
+    FORWARD,
+    pipeline_micro_batch,
+    pipeline_schedule,
+    split_batch,
+    stage_order,
+)
 from whence.shards.stage import (
     BATCH_KEYS,
     HIDDEN_STATES,
@@ -48,6 +55,6 @@ __all__ = [
     "concat_scores", "merge_corrections", "merge_covariance", "merge_products", "merge_scores", "select_layers",
     "sum_coefficients", "ShardedPipeline",
     "StageSpec", "balance_blocks", "parameter_count", "plan_stages", "stage_specs", "BACKWARD", "FORWARD",
-    "pipeline_schedule", "split_batch", "stage_order", "BATCH_KEYS", "HIDDEN_STATES", "OBJECTIVE", "OBJECTIVES",
+    "pipeline_micro_batch", "pipeline_schedule", "split_batch", "stage_order", "BATCH_KEYS", "HIDDEN_STATES", "OBJECTIVE", "OBJECTIVES",
     "MicroBatchLost", "Stage", "StageStatistics", "split_model",
 ]

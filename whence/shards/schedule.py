@@ -10,6 +10,14 @@ import torch
 FORWARD, BACKWARD = "forward", "backward"
 
 
+def pipeline_micro_batch(batch_size: int, num_stages: int) -> int:
+    """The micro-batch size of a pipeline of `num_stages` stages fed batches of `batch_size` sequences:
+    ceil(batch_size / num_stages). Under 1F1B (stage_order) stage k keeps num_stages - k micro-batches' graphs at
+    once, so no stage holds more than one batch's, as an unsharded actor does; micro-batches of a whole batch
+    would have stage 0 hold `num_stages` batches' activations."""
+    return max(1, -(-batch_size // num_stages))
+
+
 def split_batch(batch: dict, micro_batch_size: int | None) -> list[dict]:
     """Row slices of a batch of at most `micro_batch_size` sequences (None: the batch itself). Slices keep the
     batch's width T, so per-token results concatenate back along the batch dimension."""
