@@ -19,6 +19,7 @@ from whence.index.build import GradientCompressor, check_model_matches_factors
 from whence.index.projection import Projections
 from whence.index.shards import write_shard
 from whence.model import model_fingerprint
+from whence.storage import Location
 from whence.text import TrainingSequence
 
 
@@ -26,8 +27,8 @@ class FragmentIndexer:
     """Indexes whole fragments: the model (a replica on this process's device) and the projections at
     `projections_path`; shards go to `index_dir` in `storage_dtype`."""
 
-    def __init__(self, spec: ModelSpec, projections_path: str, factors_manifest: dict,
-                 read_fragment: Callable[[int], Iterable[TrainingSequence]], index_dir: str,
+    def __init__(self, spec: ModelSpec, projections_path: str | Location, factors_manifest: dict,
+                 read_fragment: Callable[[int], Iterable[TrainingSequence]], index_dir: str | Location,
                  storage_dtype: str = "float16", batch_size: int = 8, num_threads: int | None = None):
         model, tokenizer, layers = host_model(spec, num_threads)
         check_model_matches_factors(model_fingerprint(model), layers, factors_manifest)

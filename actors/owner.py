@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from whence.factor_files import read_basis
 from whence.factor_owners import COVARIANCE, FinishJob, finish_layers
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
+from whence.storage import Location
 
 
 def pop_layer(sums: CovarianceSums | LambdaSums, name: str) -> CovarianceSums | LambdaSums:
@@ -64,7 +65,7 @@ class LayerOwner:
             return finish_layers(kind, names, len(parts), fetch, job,
                                  self.eigh_device() if kind == COVARIANCE else None)
 
-    def load_bases(self, directory: str, names: list[str], dtype: str | None = None) -> dict[str, dict]:
+    def load_bases(self, directory: str | Location, names: list[str], dtype: str | None = None) -> dict[str, dict]:
         """The bases of `names` as this owner wrote them (checksums verified), for every actor's correction pass:
         {name: basis_for_transfer(basis, dtype)}, read one layer at a time."""
         with self.phase("bases"):

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        check_local_output(getattr(args, "out", None))  # every command's --out
+        check_local_output(getattr(args, "out", None), command=args.command)  # every command's --out
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun with the same arguments resumes", file=sys.stderr)

@@ -29,6 +29,7 @@ from flows.provenance import versions
 from whence.config import FitConfig, help_for
 from whence.corpus import CorpusSource, CorpusTally, Fragment
 from whence.factors import STRATEGIES
+from whence.redact import redact_uri
 
 log = logging.getLogger("whence.fit")
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = fit_corpus(args.model, corpus_from_args(args), args.out, settings_from_args(FitConfig, args),
                          ClusterSettings.from_args(args), overwrite=args.overwrite)
-    print(f"factors written to {args.out} ({summary['layers']} layers, {summary['sequences']:,} sequences, "
+    print(f"factors written to {redact_uri(str(args.out))} ({summary['layers']} layers, {summary['sequences']:,} sequences, "
           f"{summary['bad_rows']} bad rows skipped, {summary['seconds']:.1f}s)")
     return 0
 
@@ -129,9 +130,9 @@ def fit_corpus(model: str, corpus: CorpusSource | list[str], out: str, config: F
     metadata = {"command": "fit", "model_fingerprint": description["fingerprint"], "model": model,
                 "arguments": arguments, "tokens": counts.get("tokens"), "sequences": corpus_plan.total,
                 "summary": summary, "versions": versions(), "factor_dtype": config.factor_dtype}
-    write_factors_manifest(state.path, config.strategy, layers, records, metadata)
+    write_factors_manifest(state.location, config.strategy, layers, records, metadata)
     state.finish(summary)
-    log.info("wrote %s in %.1fs", out, summary["seconds"])
+    log.info("wrote %s in %.1fs", state.location, summary["seconds"])
     return summary
 
 
@@ -206,9 +207,9 @@ def fit_layers(pool, state, config: FitConfig, corpus: PlannedCorpus, layers: li
     owners = plan_owners(layers, len(pool.actors), config.num_blocks)
     datasets = worker_datasets(corpus, len(pool.actors))
     kinds = kinds_for(config.strategy)
-    records = {name: {k: r for k in kinds if (r := finished(state.path, name, k)) is not None} for name in names}
+    records = {name: {k: r for k in kinds if (r := finished(state.location, name, k)) is not None} for name in names}
     counts = state.read_json(COUNTS_FILE) or {}
-    job = FinishJob(str(state.path), config.strategy, config.factor_dtype, counts.get("tokens", 0),
+    job = FinishJob(state.location, config.strategy, config.factor_dtype, counts.get("tokens", 0),
                     counts.get("sequences", 0))
     timings, tick = {}, time.monotonic()
     if needs_covariance(config.strategy):
@@ -229,7 +230,7 @@ def fit_layers(pool, state, config: FitConfig, corpus: PlannedCorpus, layers: li
             log.info("resuming: %d of %d layers already finished", skipped, len(names))
         if todo:
             tick = time.monotonic()
-            bases_from = str(state.path) if config.strategy == "ekfac" else None
+            bases_from = state.location if config.strategy == "ekfac" else None
             written, corrected = pool.step(CORRECTION, datasets, todo, owners, job, bases_from)
             for name, layer_records in written.items():
                 records[name].update(layer_records)

@@ -20,6 +20,7 @@ import time
 from flows.cluster import ClusterSettings
 from whence.config import FitConfig
 from whence.factor_owners import COVARIANCE, FinishJob
+from whence.storage import Location
 
 log = logging.getLogger("whence.fit")
 
@@ -82,7 +83,7 @@ class FitterPool:
                     time.sleep(0.5)
 
     def step(self, kind: str, datasets: list, names: list[str], owners: list[list[str]], job: FinishJob,
-             bases_from: str | None = None) -> tuple[dict, dict]:
+             bases_from: str | Location | None = None) -> tuple[dict, dict]:
         """Run one pass over `names` and finish the owners' layers: (records {layer: {kind: record}}, counts).
         datasets: one Ray Dataset (or None) per actor; owners: the layers each actor owns (all layers);
         bases_from: the factors directory whose bases the correction pass uses (None: identity bases)."""
@@ -153,7 +154,7 @@ class FitterPool:
         ray.get([actor.drop_held.remote() for actor in self.actors])
         return records
 
-    def bases(self, directory: str, names: list[str], owners: list[list[str]]) -> list:
+    def bases(self, directory: str | Location, names: list[str], owners: list[list[str]]) -> list:
         """ObjectRefs of the bases of `names`, one per layer, each read by its owner from its files: handed to
         every actor, never fetched by the driver (objects the driver owns: an owner's death loses none)."""
         wanted = set(names)

@@ -88,6 +88,7 @@ def build_index(model: str, factors_dir: str, corpus, out: str, config: IndexCon
     from whence.corpus import CorpusSource, list_fragments
     from whence.fingerprints import corpus_fingerprint, factors_fingerprint
     from whence.model import check_finite_checkpoint, check_model_source
+    from whence.redact import redact_uri
     from whence.text import check_window
 
     model_config, _ = check_model_source(model)
@@ -102,7 +103,8 @@ def build_index(model: str, factors_dir: str, corpus, out: str, config: IndexCon
     seq_len = config.seq_len or fitted.get("seq_len", 512)
     check_window(model_config, seq_len, model)
     fragments = list_fragments(list(corpus.paths))
-    arguments = {"model": model, "factors": str(factors_dir), **corpus.to_arguments(), "model_dtype": cluster.dtype,
+    arguments = {"model": model, "factors": redact_uri(str(factors_dir)), **corpus.to_arguments(),
+                 "model_dtype": cluster.dtype,
                  **config.to_dict(), "seq_len": seq_len, "modules": fitted.get("modules", "mlp"),
                  "factors_fingerprint": factors_fingerprint(factors_dir),
                  "corpus_fingerprint": corpus_fingerprint([f.path for f in fragments])}
@@ -133,8 +135,8 @@ def _projections(state, factors_dir: str, config: IndexConfig):
     from whence.factors import Factors
     from whence.index.projection import PROJECTIONS_FILE, Projections, build_projections
 
-    path = state.path / PROJECTIONS_FILE
-    if path.exists():
+    path = state.location / PROJECTIONS_FILE
+    if path.is_file():
         return Projections.load(path)
     projections = build_projections(Factors.load(factors_dir), config.projection, config.dim, config.seed)
     projections.save(path)
@@ -166,7 +168,7 @@ def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest:
     from whence.index.projection import PROJECTIONS_FILE
     from whence.index.shards import finished_shards
 
-    done = finished_shards(state.path, [f.index for f in fragments])
+    done = finished_shards(state.location, [f.index for f in fragments])
     pending = [f.index for f in fragments if f.index not in done]
     built = {"sequences": 0, "tokens": 0, "indexed_s": 0.0}
     if done:
@@ -176,8 +178,8 @@ def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest:
     arguments = state.arguments
     resources = actor_resources(cluster.workers)
     constructor = {"spec": ModelSpec(arguments["model"], arguments["modules"], cluster.dtype),
-                   "projections_path": str(state.path / PROJECTIONS_FILE), "factors_manifest": factors_manifest,
-                   "read_fragment": reader, "index_dir": str(state.path), "storage_dtype": arguments["dtype"],
+                   "projections_path": state.location / PROJECTIONS_FILE, "factors_manifest": factors_manifest,
+                   "read_fragment": reader, "index_dir": state.location, "storage_dtype": arguments["dtype"],
                    "batch_size": arguments["batch_size"], "num_threads": torch_threads(resources.get("num_cpus", 1))}
     dataset = ray.data.from_items([{"fragment": index} for index in pending], override_num_blocks=len(pending))
     tick = time.monotonic()
@@ -198,7 +200,7 @@ def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest:
 def _summary(state, fragments, projections, config: IndexConfig, tally, started: float, built: dict) -> dict:
     from whence.index.shards import STORAGE_DTYPES, shard_path, shard_sequences
 
-    sequences = sum(shard_sequences(shard_path(state.path, f.index)) for f in fragments)
+    sequences = sum(shard_sequences(shard_path(state.location, f.index)) for f in fragments)
     item = STORAGE_DTYPES[config.dtype].itemsize
     return {"sequences": sequences, "fragments": len(fragments), "documents": tally.documents,
             "bad_rows": tally.total_bad, "bytes_per_sequence": projections.width * item,
@@ -210,6 +212,7 @@ def _summary(state, fragments, projections, config: IndexConfig, tally, started:
 def _manifest(state, factors_manifest: dict, projections, summary: dict) -> dict:
     from flows.provenance import versions
     from flows.score_checks import fisher_sequences
+    from whence.index.shards import shard_fragments
     from whence.results import FISHER_SEQUENCES
 
     arguments = state.arguments
@@ -222,15 +225,9 @@ def _manifest(state, factors_manifest: dict, projections, summary: dict) -> dict
     return {
         "command": "index", "arguments": arguments, "layers": layers, "width": projections.width,
         "projection": {"kind": projections.kind, "dim": projections.dim, "seed": projections.seed},
-        "dtype": arguments["dtype"], "shards": sorted(int(f) for f in _fragment_indices(state)),
+        "dtype": arguments["dtype"], "shards": shard_fragments(state.location),
         "model": {"path": arguments["model"], "fingerprint": fingerprint},
         "factors": {"path": arguments["factors"], "fingerprint": arguments["factors_fingerprint"],
                     "strategy": factors_manifest.get("strategy")},
         FISHER_SEQUENCES: fisher_sequences(factors_manifest), "summary": summary, "versions": versions(),
     }
-
-
-def _fragment_indices(state) -> list[int]:
-    from whence.index.shards import SHARDS_DIR
-
-    return [int(p.stem.rsplit("-", 1)[1]) for p in sorted((state.path / SHARDS_DIR).glob("shard-*.safetensors"))]

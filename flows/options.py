@@ -73,10 +73,17 @@ def option_name(setting: str) -> str:
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
-def check_local_output(path: str | None, option: str = "--out") -> None:
-    """Outputs are written with local file operations: a URI would become a local directory named `s3:`.
-    Refuse it (SettingsError) rather than write somewhere the user did not ask for."""
+# Commands that write their --out through whence.storage (any pyarrow filesystem); the others use local files.
+URI_OUTPUTS = ("fit", "index")
+
+
+def check_local_output(path: str | None, option: str = "--out", command: str | None = None) -> None:
+    """Outputs of commands outside URI_OUTPUTS are written with local file operations: a URI would become a
+    local directory named `s3:`. Refuse it (SettingsError) rather than write somewhere the user did not ask for."""
+    if command in URI_OUTPUTS:
+        return
     if path is not None and URI.match(str(path)):
-        raise SettingsError(f"{option} {path}: outputs must be local paths (URIs such as s3:// or gs:// are read "
-                            "for corpora only); write locally and copy the directory to object storage", "out")
+        raise SettingsError(f"{option} {path}: this command's outputs must be local paths (`whence fit` and "
+                            "`whence index` write to URIs such as s3:// or gs://); write locally and copy the "
+                            "directory to object storage", "out")
 

@@ -22,14 +22,15 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from flows.cluster import ClusterSettings, surface_user_errors
 from flows.options import positive_int
 from whence.config import ScoreConfig, help_for
 from whence.errors import SettingsError
 from whence.queries import METHODS
+from whence.redact import redact_uri
 from whence.settings import setting
+from whence.storage import Location
 
 log = logging.getLogger("whence.query")
 
@@ -105,13 +106,14 @@ def query_index(index_dir: str, queries_path: str, out: str, config: ScoreConfig
     started, timings = time.monotonic(), {}
     queries = load_queries(queries_path)
     manifest = read_index_manifest(index_dir)
-    arguments = {"index": str(index_dir), "queries": str(queries_path), "top_k": config.top_k,
+    arguments = {"index": redact_uri(str(index_dir)), "queries": str(queries_path), "top_k": config.top_k,
                  "method": config.method, "damping": config.damping, "tfidf_candidates": config.tfidf_candidates,
                  "per_token": config.per_token, "query_rank": config.query_rank, "dtype": cluster.dtype,
                  "rescore": inputs.rescore,
-                 "model": inputs.model or manifest["model"]["path"], "factors": inputs.factors or manifest["factors"]["path"],
+                 "model": inputs.model or manifest["model"]["path"],
+                 "factors": redact_uri(str(inputs.factors or manifest["factors"]["path"])),
                  "queries_sha256": queries_fingerprint(queries),
-                 "index_sha256": hashlib.sha256((Path(index_dir) / MANIFEST_FILE).read_bytes()).hexdigest()}
+                 "index_sha256": hashlib.sha256((Location.of(index_dir) / MANIFEST_FILE).read_bytes()).hexdigest()}
     state = RunDirectory(out, "query", arguments)
     if state.reuse_or_open(overwrite):
         return state.saved_summary()
@@ -225,7 +227,7 @@ def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, clus
     connect(cluster.address)
     task = ray.remote(score_shard_file).options(num_cpus=1, max_retries=2)
     rows, key_ref = ray.put(prepared.numpy()), ray.put(keys)
-    pending = [task.remote(str(shard_path(index.path, f)), rows, index.projections.offsets, query_ids, top_k,
+    pending = [task.remote(shard_path(index.path, f), rows, index.projections.offsets, query_ids, top_k,
                            key_ref) for f in fragments]
     merged = TopK.empty(query_ids, top_k, len(index.layer_names))
     # At most `workers` shards in flight: each task reads one shard into memory.

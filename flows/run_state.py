@@ -1,6 +1,6 @@
 """Resumable output directories: arguments saved beside the outputs, finished work skipped, mismatches refused.
 
-Layout of a run directory (fit or score):
+Layout of a run directory (fit, score, query, index; fit's and index's on any pyarrow filesystem):
     run.json          the arguments that define the run and its status ("running" / "finished")
     manifest.json     written at the end (the contract: arguments, tracked layers, fingerprint, versions)
     parts/            finished units of work (one file per corpus fragment), written atomically; what a
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from whence.errors import RunStateError
+from whence.storage import Location
 
 log = logging.getLogger("whence.run")
 
@@ -25,8 +25,14 @@ PARTS = "parts"
 
 
 class RunDirectory:
-    def __init__(self, path: str | Path, command: str, arguments: dict):
-        self.path = Path(path)
+    """A run's output directory, on the local disk or (`whence fit`, `whence index`) on any pyarrow filesystem.
+
+    `location` is the directory as a whence.storage.Location; `path` is the same directory as a Path when it is
+    local (commands whose outputs are local only use it), else the Location."""
+
+    def __init__(self, path: str | Path | Location, command: str, arguments: dict):
+        self.location = Location.of(path)
+        self.path = self.location.local if self.location.is_local else self.location
         self.command = command
         self.arguments = arguments
 
@@ -35,26 +41,28 @@ class RunDirectory:
 
         A finished run with the same arguments is redone from its saved parts (cheap); a run with other
         arguments is refused unless overwrite, which clears the directory."""
-        run_file = self.path / RUN_FILE
-        if run_file.exists():
+        run_file = self.location / RUN_FILE
+        if run_file.is_file():
             saved = json.loads(run_file.read_text())
             if saved.get("command") != self.command or saved.get("arguments") != self.arguments:
                 if not overwrite:
                     changed = sorted(k for k in set(saved.get("arguments", {})) | set(self.arguments)
                                      if saved.get("arguments", {}).get(k) != self.arguments.get(k))
                     raise RunStateError(
-                        f"{self.path} holds a `whence {saved.get('command')}` run with other arguments "
+                        f"{self.location} holds a `whence {saved.get('command')}` run with other arguments "
                         f"(differing: {', '.join(changed) or 'command'}); pass --overwrite to replace it"
                     )
-                shutil.rmtree(self.path)
+                self.location.remove()
             else:
                 return True
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.location.is_file():
+            raise RunStateError(f"{self.location} is a file, not a directory; choose another --out")
+        elif self.location.children():
             if not overwrite:
-                raise RunStateError(f"{self.path} exists and is not a whence run directory; pass --overwrite "
+                raise RunStateError(f"{self.location} exists and is not a whence run directory; pass --overwrite "
                                     "to replace its contents, or choose another --out")
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+            self.location.remove()
+        self.location.mkdir()
         self.write_json(RUN_FILE, {"command": self.command, "arguments": self.arguments, "status": "running"})
         return False
 
@@ -63,10 +71,10 @@ class RunDirectory:
         outputs stand, nothing to do. Otherwise opens it (`open`: resuming an unfinished run with the same
         arguments) and returns False."""
         if self.finished and not overwrite:
-            log.info("%s already holds a finished run with these arguments; nothing to do", self.path)
+            log.info("%s already holds a finished run with these arguments; nothing to do", self.location)
             return True
         if self.open(overwrite):
-            log.info("resuming the unfinished run in %s", self.path)
+            log.info("resuming the unfinished run in %s", self.location)
         return False
 
     @property
@@ -82,24 +90,22 @@ class RunDirectory:
     def saved_summary(self) -> dict:
         return (self.read_json(RUN_FILE) or {}).get("summary", {})
 
-    def write_json(self, name: str, body: dict) -> Path:
-        path = self.path / name
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(body, indent=2, default=str))
-        partial.replace(path)
-        return path
+    def write_json(self, name: str, body: dict) -> Path | Location:
+        target = self.location / name
+        target.write_text(json.dumps(body, indent=2, default=str))
+        return target.local if target.is_local else target
 
     def read_json(self, name: str) -> dict | None:
-        path = self.path / name
-        return json.loads(path.read_text()) if path.exists() else None
+        target = self.location / name
+        return json.loads(target.read_text()) if target.is_file() else None
 
     def part_path(self, kind: str, index: int) -> Path:
-        directory = self.path / PARTS
+        directory = self.location.local / PARTS
         directory.mkdir(exist_ok=True)
         return directory / f"{kind}-{index:06d}.parquet"
 
     def finished_parts(self, kind: str) -> dict[int, Path]:
-        directory = self.path / PARTS
+        directory = self.location.local / PARTS
         if not directory.exists():
             return {}
         return {int(p.stem.rsplit("-", 1)[1]): p for p in sorted(directory.glob(f"{kind}-*.parquet"))}

@@ -36,7 +36,9 @@ from flows.cluster import ClusterSettings, surface_user_errors
 from flows.options import add_model_and_corpus, positive_int
 from whence.config import ScoreConfig, help_for
 from whence.queries import BASELINE_METHODS, METHODS
+from whence.redact import redact_uri
 from whence.refine import DEFAULT_REFINE_SEQUENCES, DEFAULT_REFINE_STEPS, DEFAULT_REFINE_TOLERANCE
+from whence.storage import Location
 
 if TYPE_CHECKING:
     from actors.hosting import ModelSpec
@@ -169,7 +171,7 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: Corpus
     seq_len = config.seq_len or fitted.get("seq_len", 512)
     check_window(model_config, seq_len, model)
     fragments = list_fragments(list(corpus.paths))
-    arguments = {"model": model, "factors": str(factors_dir), "queries": str(queries_path), **corpus.to_arguments(),
+    arguments = {"model": model, "factors": redact_uri(str(factors_dir)), "queries": str(queries_path), **corpus.to_arguments(),
                  "dtype": cluster.dtype, **config.to_dict(), "seq_len": seq_len, "candidates_from": candidates_from,
                  # What the paths hold: an edited input makes a resume refuse, naming the key (whence.fingerprints).
                  **input_fingerprints(queries, factors_dir, [fragment.path for fragment in fragments])}
@@ -187,13 +189,11 @@ def score_corpus(model: str, factors_dir: str, queries_path: str, corpus: Corpus
     return summary
 
 
-def _factors_manifest(factors_dir: str) -> dict:
-    from whence.errors import FactorsMismatchError
+def _factors_manifest(factors_dir: str | Location) -> dict:
+    """The factors directory's manifest (any pyarrow filesystem); FactorsMismatchError when it has none."""
+    from whence.factor_files import read_manifest
 
-    path = Path(factors_dir) / "manifest.json"
-    if not path.exists():
-        raise FactorsMismatchError(f"{factors_dir}: no manifest.json; is this a directory written by `whence fit`?")
-    return json.loads(path.read_text())
+    return read_manifest(factors_dir)
 
 
 @contextmanager

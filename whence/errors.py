@@ -25,6 +25,11 @@ class RunStateError(WhenceError):
     """An output directory holds a run with other arguments; pass --overwrite to replace it."""
 
 
+class StorageError(WhenceError, OSError):
+    """A file or directory on a filesystem (local or a pyarrow one: S3, GCS, ...) cannot be read or written:
+    unreachable, no such bucket, no permission. The message names the location (credentials redacted)."""
+
+
 class NonFiniteError(WhenceError):
     """A NaN or inf where values are made (model weights, activations, output gradients, prepared queries,
     scores); the message names the parameter or layer and, where known, the sequences."""

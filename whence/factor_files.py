@@ -6,7 +6,8 @@ Layout of a factors directory (format 2):
     layers/{layer}.lambda.safetensors     the corrected eigenvalues Lambda        (ekfac, kfac, diagonal)
     layers/{...}.safetensors.sha256       the hex SHA-256 of the file beside it
 Each file is written by the process that owns the layer (a fitting actor or pipeline stage) as soon as it is
-computed, through a .partial file and a rename, its checksum last: a file with a checksum is finished, so an
+computed, atomically (whence.storage: a .partial file and a rename locally, one upload on an object store: a
+factors directory may be on any pyarrow filesystem), its checksum last: a file with a checksum is finished, so an
 interrupted fit resumes per layer. Older directories hold one factors.safetensors (format 1): still read.
 
 Every read verifies the checksum and names the damaged file (FactorsDamagedError), so a truncated or overwritten
@@ -21,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from whence.errors import FactorsMismatchError
+from whence.errors import FactorsMismatchError, StorageError
+from whence.storage import Location
 
 LAYERS_DIR = "layers"
 BASIS, LAMBDA = "basis", "lambda"  # the kinds of per-layer file
 CHECKSUM_SUFFIX = ".sha256"
 FACTOR_FILES = "factor_files"  # manifest key: {layer: {kind: {"file": relative path, "sha256": hex}}}
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_CHUNK = 1 << 22  # bytes hashed at a time: a 2 GB file never sits in memory to be hashed
 
 
 class FactorsDamagedError(FactorsMismatchError):
@@ -46,67 +47,86 @@ def layer_file(name: str, kind: str) -> str:
     return f"{LAYERS_DIR}/{name}.{kind}.safetensors"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def sha256_of(path: str | Path | Location) -> str:
+    return Location.of(path).sha256()
 
 
-def write_checked(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write a safetensors file through .partial + rename, then its checksum beside it; returns the checksum."""
+def write_checked(path: str | Path | Location, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically (whence.storage: .partial + rename locally, one upload on an object
+    store), then its checksum beside it; returns the checksum."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-    checksum = sha256_of(partial)
-    partial.replace(path)
-    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
-    sidecar.with_name(sidecar.name + ".partial").write_text(checksum + "\n")
-    sidecar.with_name(sidecar.name + ".partial").replace(sidecar)
+    path = Location.of(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    checksum = path.write_through(lambda local: save_file(tensors, local, metadata=metadata))
+    path.with_name(path.name + CHECKSUM_SUFFIX).write_text(checksum + "\n")
     return checksum
 
 
-def verify(path: Path, expected: str | None = None) -> str:
-    """The file's checksum, after checking it against `expected` (the manifest's) or the sidecar file;
-    FactorsDamagedError naming the file when it is missing or does not match."""
+def _expected_checksum(path: Location, expected: str | None) -> str:
+    """The checksum `path` must have: `expected` (the manifest's) or its sidecar's."""
     if not path.is_file():
         raise FactorsDamagedError(f"{path}: factors file missing")
-    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
     if expected is None:
+        sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
         if not sidecar.is_file():
             raise FactorsDamagedError(f"{path}: no checksum file {sidecar.name}: the file was never finished")
         expected = sidecar.read_text().strip()
-    actual = sha256_of(path)
+    return expected
+
+
+def _check(path: Location, expected: str, actual: str) -> str:
     if actual != expected:
         raise FactorsDamagedError(f"{path}: checksum mismatch (the file is truncated or overwritten; refit with "
                                   f"--overwrite, or restore it): expected sha256 {expected[:16]}..., got {actual[:16]}...")
     return actual
 
 
-def finished(directory: Path, name: str, kind: str) -> dict | None:
+def verify(path: str | Path | Location, expected: str | None = None) -> str:
+    """The file's checksum, after checking it against `expected` (the manifest's) or the sidecar file;
+    FactorsDamagedError naming the file when it is missing or does not match."""
+    path = Location.of(path)
+    expected = _expected_checksum(path, expected)
+    return _check(path, expected, path.sha256())
+
+
+def finished(directory: str | Path | Location, name: str, kind: str) -> dict | None:
     """{"file", "sha256"} of a layer file that was written completely and is intact, else None (a damaged one
     is recomputed by a resumed fit)."""
     relative = layer_file(name, kind)
     try:
-        return {"file": relative, "sha256": verify(Path(directory) / relative)}
+        return {"file": relative, "sha256": verify(Location.of(directory) / relative)}
     except FactorsDamagedError:
         return None
 
 
-def read_checked(path: Path, expected: str | None = None, device="cpu", check: bool = True
+def read_checked(path: str | Path | Location, expected: str | None = None, device="cpu", check: bool = True
                  ) -> dict[str, torch.Tensor]:
-    """The tensors of a verified safetensors file (check=False: read only, for files written without one)."""
-    from safetensors.torch import load_file
+    """The tensors of a verified safetensors file (check=False: read only, for files written without one).
 
+    A local file is hashed as a stream and then mapped by safetensors; a remote one is read once into memory,
+    hashed and parsed from those bytes (so it briefly costs its size twice)."""
+    from safetensors.torch import load, load_file
+
+    path = Location.of(path)
     if check:
-        verify(path, expected)
+        expected = _expected_checksum(path, expected)
     elif not path.is_file():
         raise FactorsDamagedError(f"{path}: factors file missing; is this a directory written by `whence fit`?")
     try:
-        return load_file(str(path), device=str(device))
+        if path.is_local:
+            if check:
+                _check(path, expected, path.sha256())
+            return load_file(path.path, device=str(device))
+        data = path.read_bytes()
+        if check:
+            _check(path, expected, hashlib.sha256(data).hexdigest())
+        tensors = load(data)
+        del data
+        return {k: v.to(device) for k, v in tensors.items()}
+    except (FactorsDamagedError, StorageError):
+        raise
     except Exception as error:  # the checksum matched an unreadable file: written that way, never finished
         raise FactorsDamagedError(f"{path}: not a readable safetensors file ({error})") from None
 
@@ -116,9 +136,10 @@ def stored(tensor: torch.Tensor, factor_dtype: str) -> torch.Tensor:
     return tensor.to(FACTOR_DTYPES[factor_dtype]) if tensor.is_floating_point() else tensor
 
 
-def read_manifest(directory: Path) -> dict:
-    path = Path(directory) / "manifest.json"
-    if not path.exists():
+def read_manifest(directory: str | Path | Location) -> dict:
+    directory = Location.of(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
         raise FactorsDamagedError(f"{directory}: no manifest.json; is this a directory written by `whence fit`?")
     try:
         return json.loads(path.read_text())
@@ -168,40 +189,44 @@ def _blocks(tensors: dict[str, torch.Tensor], layer: str, kind: str) -> list[tor
     return [tensors[k] for k in sorted(keys, key=lambda k: int(k.rsplit("/", 1)[1]))]
 
 
-def write_basis(directory: Path, name: str, basis, factor_dtype: str = "float64") -> dict:
+def write_basis(directory: str | Path | Location, name: str, basis, factor_dtype: str = "float64") -> dict:
     """Write one layer's eigenbases; returns its manifest record {"file", "sha256"}."""
     relative = layer_file(name, BASIS)
-    return {"file": relative, "sha256": write_checked(Path(directory) / relative, basis_tensors(name, basis, factor_dtype))}
+    tensors = basis_tensors(name, basis, factor_dtype)
+    return {"file": relative, "sha256": write_checked(Location.of(directory) / relative, tensors)}
 
 
-def write_lambda(directory: Path, name: str, eigenvalues: torch.Tensor, factor_dtype: str = "float64") -> dict:
+def write_lambda(directory: str | Path | Location, name: str, eigenvalues: torch.Tensor, factor_dtype: str = "float64") -> dict:
     """Write one layer's corrected eigenvalues Lambda (d_out, d_in); returns its manifest record."""
     from whence.factors import CORRECTED_EIGENVALUES
 
     relative = layer_file(name, LAMBDA)
     tensors = {f"{name}/{CORRECTED_EIGENVALUES}": stored(eigenvalues, factor_dtype)}
-    return {"file": relative, "sha256": write_checked(Path(directory) / relative, tensors)}
+    return {"file": relative, "sha256": write_checked(Location.of(directory) / relative, tensors)}
 
 
-def read_basis(directory: Path, name: str, record: dict | None = None, device="cpu"):
+def read_basis(directory: str | Path | Location, name: str, record: dict | None = None, device="cpu"):
     record = record or {"file": layer_file(name, BASIS), "sha256": None}
-    return basis_of(read_checked(Path(directory) / record["file"], record.get("sha256"), device), name)
+    return basis_of(read_checked(Location.of(directory) / record["file"], record.get("sha256"), device), name)
 
 
-def read_lambda(directory: Path, name: str, record: dict | None = None, device="cpu") -> torch.Tensor:
+def read_lambda(directory: str | Path | Location, name: str, record: dict | None = None, device="cpu") -> torch.Tensor:
     from whence.factors import CORRECTED_EIGENVALUES
 
     record = record or {"file": layer_file(name, LAMBDA), "sha256": None}
-    return read_checked(Path(directory) / record["file"], record.get("sha256"), device)[f"{name}/{CORRECTED_EIGENVALUES}"]
+    tensors = read_checked(Location.of(directory) / record["file"], record.get("sha256"), device)
+    return tensors[f"{name}/{CORRECTED_EIGENVALUES}"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Whole directories (Factors.save and Factors.load)
 
 
-def save_factors(factors, directory: str | Path, manifest: dict | None = None, factor_dtype: str = "float64") -> Path:
-    """Every layer's files, then the manifest listing them (format 2)."""
-    directory = Path(directory)
+def save_factors(factors, directory: str | Path | Location, manifest: dict | None = None,
+                 factor_dtype: str = "float64") -> Path | Location:
+    """Every layer's files, then the manifest listing them (format 2). Returns the directory (a Path when it
+    is local)."""
+    directory = Location.of(directory)
     records = {}
     for name in factors.layer_names:
         records[name] = {}
@@ -211,23 +236,23 @@ def save_factors(factors, directory: str | Path, manifest: dict | None = None, f
             records[name][LAMBDA] = write_lambda(directory, name, factors.eigenvalues[name], factor_dtype)
     write_factors_manifest(directory, factors.strategy, factors.layers, records,
                            {**(manifest or {}), **factors.metadata, "factor_dtype": factor_dtype})
-    return directory
+    return directory.local if directory.is_local else directory
 
 
-def write_factors_manifest(directory: Path, strategy: str, layers: list[dict], records: dict, body: dict) -> None:
-    from whence.factors import MANIFEST_FILE, write_json
+def write_factors_manifest(directory: str | Path | Location, strategy: str, layers: list[dict], records: dict,
+                           body: dict) -> None:
+    from whence.factors import MANIFEST_FILE
 
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    write_json(Path(directory) / MANIFEST_FILE, {**body, "strategy": strategy, "layers": layers, "format": 2,
-                                                 FACTOR_FILES: records})
+    body = {**body, "strategy": strategy, "layers": layers, "format": 2, FACTOR_FILES: records}
+    (Location.of(directory) / MANIFEST_FILE).write_text(json.dumps(body, indent=2, default=str))
 
 
-def load_factors(cls, directory: str | Path, device="cpu", layers: list[str] | None = None):
+def load_factors(cls, directory: str | Path | Location, device="cpu", layers: list[str] | None = None):
     """Factors from a directory of either format; with `layers`, those layers' factors only (the manifest's
     layer list is kept whole, so compatibility checks still see every tracked layer)."""
     from whence.factors import CORRECTED_EIGENVALUES, FACTORS_FILE
 
-    directory = Path(directory)
+    directory = Location.of(directory)
     manifest = read_manifest(directory)
     names = [layer["name"] for layer in manifest["layers"]]
     unknown = sorted(set(layers or ()) - set(names))
@@ -244,7 +269,7 @@ def load_factors(cls, directory: str | Path, device="cpu", layers: list[str] | N
         path = directory / FACTORS_FILE
         sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
         # Format 1 had no checksum: verified when a sidecar was added, else only read (errors name the file).
-        tensors = read_checked(path, None, device, check=sidecar.exists())
+        tensors = read_checked(path, None, device, check=sidecar.is_file())
         bases = {n: basis_of(tensors, n) for n in wanted}
         eigenvalues = {n: tensors.get(f"{n}/{CORRECTED_EIGENVALUES}") for n in wanted}
     metadata = {k: v for k, v in manifest.items() if k not in ("strategy", "layers", FACTOR_FILES)}

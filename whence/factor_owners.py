@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from whence.factor_files import BASIS, LAMBDA, write_basis, write_lambda
 from whence.factors import CovarianceSums, LambdaSums, eigendecompose_layer, kfac_eigenvalues
+from whence.storage import Location
 
 COVARIANCE, CORRECTION = "covariance", "correction"
 
@@ -32,7 +32,7 @@ class FinishJob:
     """How owners finish their layers after a pass: where to write, the strategy, the storage dtype, and the
     pass's total counts over all workers (the driver adds up the workers' counts)."""
 
-    directory: str
+    directory: str | Location  # the factors directory (whence.storage: any pyarrow filesystem)
     strategy: str
     factor_dtype: str = "float64"
     tokens: int = 0
@@ -59,10 +59,10 @@ def finish_covariance_layer(name: str, sums: CovarianceSums, job: FinishJob, dev
     returns the layer's manifest records {kind: {"file", "sha256"}}."""
     sums = CovarianceSums(sums.activation, sums.gradient, job.tokens, job.sequences)  # normalise by the totals
     basis = eigendecompose_layer(sums, name, device)
-    records = {BASIS: write_basis(Path(job.directory), name, basis, job.factor_dtype)}
+    records = {BASIS: write_basis(job.directory, name, basis, job.factor_dtype)}
     if job.strategy == "kfac":
         per_sequence = job.tokens / max(job.sequences, 1)
-        records[LAMBDA] = write_lambda(Path(job.directory), name, kfac_eigenvalues(basis, per_sequence),
+        records[LAMBDA] = write_lambda(job.directory, name, kfac_eigenvalues(basis, per_sequence),
                                        job.factor_dtype)
     return records
 
@@ -70,7 +70,7 @@ def finish_covariance_layer(name: str, sums: CovarianceSums, job: FinishJob, dev
 def finish_correction_layer(name: str, sums: LambdaSums, job: FinishJob) -> dict:
     """Lambda_l = (sum over sequences of (Q_S^T dW_n Q_A)^2) / sequences, written; returns its records."""
     eigenvalues = sums.sums[name] / max(job.sequences, 1)
-    return {LAMBDA: write_lambda(Path(job.directory), name, eigenvalues, job.factor_dtype)}
+    return {LAMBDA: write_lambda(job.directory, name, eigenvalues, job.factor_dtype)}
 
 
 def finish_layers(kind: str, names: list[str], workers: int, fetch: Callable[[int, str], object], job: FinishJob,

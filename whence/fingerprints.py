@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from whence.storage import Location
 from whence.text import Query
 
 PARTIAL_SUFFIX = ".partial"
@@ -36,22 +37,24 @@ def queries_fingerprint(queries: Sequence[Query]) -> str:
     return _digest([[query.id, query.prompt, query.completion] for query in queries])
 
 
-def factors_fingerprint(factors_dir: str | Path) -> str:
-    """A fingerprint of the factors directory: whence.factors.factors_fingerprint when that module provides one,
-    else manifest.json's bytes and the name, size and modification time of every other file in it."""
+def factors_fingerprint(factors_dir: str | Path | Location) -> str:
+    """A fingerprint of the factors directory (any pyarrow filesystem): whence.factors.factors_fingerprint when
+    that module provides one, else manifest.json's bytes and the name, size and modification time of every other
+    file in it."""
     from whence import factors
 
     provided = getattr(factors, "factors_fingerprint", None)
     if provided is not None:
         return str(provided(factors_dir))
-    directory = Path(factors_dir)
+    directory = Location.of(factors_dir)
     digest = hashlib.sha256()
     manifest = directory / "manifest.json"
     digest.update(manifest.read_bytes() if manifest.is_file() else b"")
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and not path.name.endswith(PARTIAL_SUFFIX):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    # In the order of the files' path components (as pathlib sorts paths), so the value is unchanged from when
+    # this walked a local directory with pathlib.
+    for relative, info in sorted(directory.files(), key=lambda item: item[0].split("/")):
+        if not relative.endswith(PARTIAL_SUFFIX):
+            digest.update(f"{relative}:{info.size}:{info.mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -45,6 +45,7 @@ import torch
 
 from whence.errors import FactorsMismatchError, SettingsError
 from whence.factors import Factors
+from whence.storage import Location
 
 KINDS = ("eigen", "random")
 DEFAULT_KIND = "eigen"
@@ -141,7 +142,7 @@ class Projections:
             blocks.append(rotated.flatten(1))
         return torch.cat(blocks, dim=1)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path | Location) -> None:
         from safetensors.torch import save_file
 
         tensors = {}
@@ -153,15 +154,14 @@ class Projections:
                 tensors[f"{layer.name}/output_index"] = layer.output_index
         metadata = {"kind": self.kind, "dim": str(self.dim), "seed": str(self.seed),
                     "layers.json": json.dumps(self.layer_names)}
-        partial = Path(str(path) + ".partial")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-        partial.replace(path)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        Location.of(path).write_through(lambda local: save_file(tensors, local, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | Path) -> Projections:
+    def load(cls, path: str | Path | Location) -> Projections:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
+        with Location.of(path).local_copy() as local, safe_open(str(local), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         layers = [LayerProjection(name, tensors[f"{name}/input"], tensors[f"{name}/output"],

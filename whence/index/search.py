@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from whence.errors import FactorsMismatchError, WhenceError
+from whence.errors import FactorsMismatchError, SettingsError, WhenceError
 from whence.index.projection import PROJECTIONS_FILE, Projections
 from whence.index.shards import Shard, read_shard, shard_path
+from whence.storage import Location
 from whence.topk import TopK
 
 MANIFEST_FILE = "manifest.json"
@@ -74,23 +75,23 @@ def score_shard(shard: Shard, prepared: torch.Tensor, offsets: Sequence[int],
     return ShardScores(shard.fragment, doc_ids, shard.chunks[rows], layer_scores.sum(axis=2), layer_scores)
 
 
-def score_shard_file(path: str, prepared: np.ndarray, offsets: list[int], query_ids: list[str], k: int | None,
+def score_shard_file(path: str | Location, prepared: np.ndarray, offsets: list[int], query_ids: list[str], k: int | None,
                      keys: set[tuple[str, int]] | None = None) -> TopK:
     """One shard file's per-query top-k (what a Ray task over shards returns: small, mergeable)."""
     return score_shard(read_shard(path), torch.from_numpy(prepared), offsets, keys).topk(query_ids, k)
 
 
-def read_index_manifest(index_dir: str | Path) -> dict:
-    path = Path(index_dir) / MANIFEST_FILE
+def read_index_manifest(index_dir: str | Path | Location) -> dict:
+    path = Location.of(index_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise WhenceError(f"{index_dir}: no {MANIFEST_FILE}; is this a finished index written by `whence index`?")
+        raise WhenceError(f"{Location.of(index_dir)}: no {MANIFEST_FILE}; is this a finished index written by `whence index`?")
     manifest = json.loads(path.read_text())
     if manifest.get("command") != "index":
         raise WhenceError(f"{path} is a `whence {manifest.get('command')}` manifest, not an index's")
     return manifest
 
 
-def check_index_inputs(manifest: dict, model_fingerprint: str, factors_dir: str | Path) -> None:
+def check_index_inputs(manifest: dict, model_fingerprint: str, factors_dir: str | Path | Location) -> None:
     """FactorsMismatchError unless the model (by fingerprint) and the factors directory (by
     whence.fingerprints.factors_fingerprint) are those the index was built with."""
     from whence.fingerprints import factors_fingerprint
@@ -101,7 +102,7 @@ def check_index_inputs(manifest: dict, model_fingerprint: str, factors_dir: str 
                                    f"model {built['path']}; this model {model_fingerprint})")
     recorded = manifest["factors"]
     if factors_fingerprint(factors_dir) != recorded["fingerprint"]:
-        raise FactorsMismatchError(f"the index was built with other factors than {factors_dir} (it used "
+        raise FactorsMismatchError(f"the index was built with other factors than {Location.of(factors_dir)} (it used "
                                    f"{recorded['path']}, fingerprint {recorded['fingerprint'][:12]}...; refitted "
                                    "factors need a new `whence index`)")
 
@@ -111,7 +112,7 @@ class Index:
     """An opened index: its manifest, projections, the model and factors it was built with, and its shards
     (loaded on first use and kept)."""
 
-    path: Path
+    path: Location  # the index directory (whence.storage: any pyarrow filesystem)
     manifest: dict
     projections: Projections
     hosted: object  # whence.queries.HostedModel
@@ -119,17 +120,21 @@ class Index:
     shards: dict[int, Shard] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: str | Path, model: str | None = None, factors: str | None = None,
+    def open(cls, path: str | Path | Location, model: str | None = None, factors: str | None = None,
              dtype: str = "auto") -> Index:
         """The index at `path` with the model and factors it records (or `model` / `factors` given instead,
         which must be the same ones: FactorsMismatchError otherwise)."""
         from whence.factors import Factors
         from whence.model import find_tracked_layers, load_causal_lm, model_fingerprint
         from whence.queries import HostedModel
+        from whence.redact import REDACTED
 
-        path = Path(path)
+        path = Location.of(path)
         manifest = read_index_manifest(path)
         factors_dir = factors or manifest["factors"]["path"]
+        if REDACTED in factors_dir:  # the URI carried credentials, which are never written
+            raise SettingsError(f"{path} records its factors as {factors_dir}, whose credentials were redacted; "
+                                "pass the factors' location again (--factors)", "factors")
         loaded, tokenizer = load_causal_lm(model or manifest["model"]["path"], dtype=dtype)
         check_index_inputs(manifest, model_fingerprint(loaded), factors_dir)
         layers = find_tracked_layers(loaded, manifest["arguments"].get("modules", "mlp"))

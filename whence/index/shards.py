@@ -10,14 +10,16 @@ An index directory (written by `whence index`, flows.index):
 
 A shard holds the tensor GRADIENTS (N, width) in the storage dtype: row i is sequence i's compressed gradient
 (every layer's block, whence.index.projection), and in its metadata the sequences' doc ids and chunks (JSON
-arrays, row order), the fragment index and the row count. A shard is written to SHARD.partial and renamed,
-then its checksum; a resumed build keeps a shard only if it matches its checksum (`finished_shards`).
+arrays, row order), the fragment index and the row count. The directory may be on any pyarrow filesystem: a
+shard is written atomically (whence.storage: SHARD.partial and a rename locally, one upload on an object
+store), then its checksum; a resumed build keeps a shard only if it matches its checksum (`finished_shards`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 
 from whence.checksums import checksum_problem, remove_with_checksum, write_checksum
 from whence.errors import WhenceError
+from whence.storage import Location
 
 log = logging.getLogger("whence.index")
 
@@ -49,13 +52,13 @@ class Shard:
         return len(self.doc_ids)
 
 
-def shard_path(index_dir: str | Path, fragment: int) -> Path:
-    return Path(index_dir) / SHARDS_DIR / f"shard-{fragment:06d}.safetensors"
+def shard_path(index_dir: str | Path | Location, fragment: int) -> Location:
+    return Location.of(index_dir) / SHARDS_DIR / f"shard-{fragment:06d}.safetensors"
 
 
-def write_shard(index_dir: str | Path, shard: Shard, storage_dtype: str) -> Path:
-    """Write `shard` in `storage_dtype` atomically, then its checksum; a value the dtype cannot hold (float16
-    overflows above 65504) is a WhenceError naming the fragment."""
+def write_shard(index_dir: str | Path | Location, shard: Shard, storage_dtype: str) -> Location:
+    """Write `shard` in `storage_dtype` atomically (whence.storage), then its checksum; a value the dtype cannot
+    hold (float16 overflows above 65504) is a WhenceError naming the fragment."""
     from safetensors.torch import save_file
 
     stored = shard.gradients.to(STORAGE_DTYPES[storage_dtype]).contiguous()
@@ -63,23 +66,21 @@ def write_shard(index_dir: str | Path, shard: Shard, storage_dtype: str) -> Path
         raise WhenceError(f"fragment {shard.fragment}: compressed gradients overflow {storage_dtype}; "
                           "build the index with --dtype bfloat16 or float32")
     path = shard_path(index_dir, shard.fragment)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"fragment": str(shard.fragment), "sequences": str(shard.num_sequences),
                 "doc_ids.json": json.dumps(list(shard.doc_ids)),
                 "chunks.json": json.dumps([int(c) for c in shard.chunks])}
-    partial = path.with_name(path.name + ".partial")
-    save_file({GRADIENTS: stored}, str(partial), metadata=metadata)
-    partial.replace(path)
-    write_checksum(path)
+    checksum = path.write_through(lambda local: save_file({GRADIENTS: stored}, local, metadata=metadata))
+    write_checksum(path, checksum)
     return path
 
 
-def read_shard(path: str | Path) -> Shard:
+def read_shard(path: str | Path | Location) -> Shard:
     """The shard at `path`; a WhenceError naming the file when it is unreadable."""
     from safetensors import SafetensorError, safe_open
 
+    path = Location.of(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with path.local_copy() as local, safe_open(str(local), framework="pt") as handle:
             metadata = handle.metadata()
             gradients = handle.get_tensor(GRADIENTS)
     except (SafetensorError, OSError) as error:
@@ -88,15 +89,17 @@ def read_shard(path: str | Path) -> Shard:
                  np.asarray(json.loads(metadata["chunks.json"]), dtype=np.int64))
 
 
-def shard_sequences(path: str | Path) -> int:
-    """A shard's row count, from its header (the tensor is not read)."""
-    from safetensors import safe_open
+def shard_sequences(path: str | Path | Location) -> int:
+    """A shard's row count, from its safetensors header (8 bytes of header length, then the JSON header, whose
+    __metadata__ holds it): the tensor is not read."""
+    path = Location.of(path)
+    with path.errors_named("read its header"), path.filesystem.open_input_file(path.path) as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return int(header["__metadata__"]["sequences"])
 
-    with safe_open(str(path), framework="pt") as handle:
-        return int(handle.metadata()["sequences"])
 
-
-def finished_shards(index_dir: str | Path, fragments: list[int]) -> dict[int, Path]:
+def finished_shards(index_dir: str | Path | Location, fragments: list[int]) -> dict[int, Location]:
     """The fragments whose shard is in place and matches its checksum. A damaged shard (or one without its
     checksum: the build stopped between the two) is deleted with a warning, so its fragment is indexed again."""
     done = {}
@@ -111,3 +114,10 @@ def finished_shards(index_dir: str | Path, fragments: list[int]) -> dict[int, Pa
         log.warning("%s: %s; indexing fragment %d again", path, problem, fragment)
         remove_with_checksum(path)
     return done
+
+
+def shard_fragments(index_dir: str | Path | Location) -> list[int]:
+    """The fragments whose shard file is in the index directory, in order."""
+    names = [child.name for child in (Location.of(index_dir) / SHARDS_DIR).children()]
+    return sorted(int(name[len("shard-"):-len(".safetensors")]) for name in names
+                  if name.startswith("shard-") and name.endswith(".safetensors"))
