@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from flows.cluster import ClusterSettings, surface_user_errors
 from flows.options import add_model_and_corpus, positive_int
 from whence.index.config import IndexConfig
+from whence.index.projection import KINDS
 from whence.settings import help_for
 
 log = logging.getLogger("whence.index")
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     index.add_argument("--factors", required=True, metavar="DIR", help="factors directory written by `whence fit`")
     index.add_argument("--dim", type=positive_int, default=IndexConfig.dim, metavar="K",
                        help=help_for(IndexConfig, "dim"))
-    index.add_argument("--projection", default=IndexConfig.projection, choices=["eigen", "random"],
+    index.add_argument("--projection", default=IndexConfig.projection, choices=list(KINDS),
                        help=help_for(IndexConfig, "projection"))
     index.add_argument("--seed", type=int, default=0, help=help_for(IndexConfig, "seed"))
     index.add_argument("--seq-len", type=positive_int, default=None, help=help_for(IndexConfig, "seq_len"))

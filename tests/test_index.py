@@ -49,6 +49,7 @@ def index_scores(model, tokenizer, layers, projections, factors, sequences, meth
 
 
 @pytest.mark.parametrize(("kind", "method"), [("eigen", "ekfac"), ("eigen", "identity"), ("eigen", "kfac"),
+                                              ("lambda", "ekfac"), ("lambda", "kfac"),
                                               ("random", "ekfac"), ("random", "diagonal")])
 def test_an_untruncated_index_gives_the_exact_scores(fitted, tokenizer, kind, method):
     model, layers, factors, sequences = fitted
@@ -73,6 +74,27 @@ def test_a_truncated_index_ranks_like_the_exact_scores(fitted, tokenizer):
     scored = index_scores(model, tokenizer, layers, projections, factors, sequences, "ekfac").scores.T
     rho = np.mean([spearmanr(scored[q], expected[q]).statistic for q in range(len(QUERIES))])
     assert 0.8 < rho < 1.0 - 1e-9  # close, and not the exact scores: something was truncated
+
+
+def test_the_lambda_projection_keeps_the_largest_corrected_eigenvalues(fitted, tokenizer):
+    """K = 3 keeps the 9 coordinates of largest Lambda of each layer, wherever they lie, and its rows are those
+    coordinates of the untruncated rows (Q_S^T dW Q_A at (i, j))."""
+    model, layers, factors, sequences = fitted
+    every = build_projections(factors, "eigen", EVERY_DIMENSION)
+    kept = build_projections(factors, "lambda", 3)
+    full = GradientCompressor(model, tokenizer, layers, every).shard(0, sequences, 4).gradients  # (N, width)
+    rows = GradientCompressor(model, tokenizer, layers, kept).shard(0, sequences, 4).gradients
+    assert kept.width == 9 * len(layers)
+    for layer, whole, start, whole_start in zip(kept.layers, every.layers, kept.offsets, every.offsets):
+        lam = factors.eigenvalues[layer.name]  # (d_out, d_in) in basis order
+        # Where each kept pair lies in the full (d_out, d_in) grid of eigen-coordinates.
+        i = layer.output_index[layer.pairs // layer.input.shape[0]]
+        j = layer.input_index[layer.pairs % layer.input.shape[0]]
+        assert sorted(lam[i, j].tolist()) == sorted(lam.flatten().topk(9).values.tolist())
+        # The untruncated eigen rows put (i, j) at i * d_in + j (its bases' columns sorted by eigenvalue).
+        position = {int(c): n for n, c in enumerate(whole.input_index)}, {int(r): n for n, r in enumerate(whole.output_index)}
+        flat = torch.tensor([position[1][int(r)] * whole.input.shape[0] + position[0][int(c)] for r, c in zip(i, j)])
+        torch.testing.assert_close(rows[:, start : start + 9], full[:, whole_start + flat], rtol=1e-4, atol=1e-6)
 
 
 def test_random_projections_are_seeded_and_unbiased():

@@ -16,8 +16,10 @@ class IndexConfig:
     dim: int = setting("per tracked layer, keep K input and K output dimensions (k_in = min(K, d_in), k_out = "
                        "min(K, d_out)): K*K stored values per layer and sequence", DEFAULT_DIM)
     projection: str = setting("'eigen': the fitted EK-FAC eigenvectors of largest eigenvalue (exact "
-                              "preconditioning in the kept space); 'random': seeded random orthogonal "
-                              "projections of the gradient (a Johnson-Lindenstrauss estimate)", DEFAULT_KIND)
+                              "preconditioning in the kept space); 'lambda': the K*K eigen-coordinates of "
+                              "largest corrected eigenvalue, wherever they lie (also exact there); 'random': "
+                              "seeded random orthogonal projections of the gradient (a Johnson-Lindenstrauss "
+                              "estimate)", DEFAULT_KIND)
     seed: int = setting("seed of the random projections", 0)
     dtype: str = setting(f"storage dtype of the compressed gradients: {', '.join(STORAGE_DTYPES)}",
                          DEFAULT_STORAGE_DTYPE)
