@@ -1,9 +1,10 @@
 """StageActor: one pipeline stage (whence.shards.Stage) in its own process, on its own device.
 
-It holds its stage's blocks only (the rest of the model is freed), its tracked layers' partial sums and its
-queries, and answers the stage protocol's forward / backward / accumulate / score calls keyed by micro-batch id.
-A plain class: actors.sharded_worker.ShardedWorker applies `ray.remote` and drives N of them. Every process
-start gets a new `incarnation`, by which the worker notices a restart and re-sends bases and queries.
+It holds its stage's blocks only (read alone from the checkpoint: whence.shards.loading), its tracked layers'
+partial sums and its queries, and answers the stage protocol's forward / backward / accumulate / score calls
+keyed by micro-batch id. A plain class: actors.sharded_worker.ShardedWorker applies `ray.remote` and drives N of
+them. Every process start gets a new `incarnation`, by which the worker notices a restart and re-sends bases and
+queries.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading
 from actors.owner import LayerOwner, release_free_memory
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.fitting import eigendecompose
-from whence.model import default_device, find_tracked_layers, load_causal_lm, model_fingerprint, parse_dtype
+from whence.model import default_device, parse_dtype
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores
-from whence.shards import split_model
+from whence.shards.loading import load_stage
 
 # The passes a stage runs, and what it does with a micro-batch after its backward pass in each.
 COVARIANCE, CORRECTION, SCORE, PRODUCT = "covariance", "correction", "score", "product"
@@ -52,8 +53,10 @@ def _timed(method):
 class StageActor(LayerOwner):
     """Holds stage `stage_index` of `num_stages` of the model at `spec.path`, on this process's device.
 
-    The whole model is loaded on the CPU, split, and every module outside this stage is freed before the stage
-    moves to the device, so the device only ever holds this stage.
+    Only this stage's weights are read from the checkpoint, on the CPU, before the stage moves to the device
+    (whence.shards.loading.load_stage; its fingerprint of the whole model is hashed from the checkpoint a chunk at
+    a time). A checkpoint that cannot be read part by part is loaded whole and every module outside this stage
+    freed first, so the device only ever holds this stage either way.
     """
 
     def __init__(self, spec: ModelSpec | str, stage_index: int, num_stages: int, fisher: str = "true",
@@ -64,13 +67,11 @@ class StageActor(LayerOwner):
         self.incarnation = uuid.uuid4().hex  # new after every restart: the worker re-sends bases and queries
         device = default_device()
         quiet_model_loading()
-        model, _ = load_causal_lm(spec.path, device="cpu", dtype=parse_dtype(spec.dtype, device))
-        layers = find_tracked_layers(model, spec.modules)
-        self.fingerprint = model_fingerprint(model)
-        self.model_layers = [layer.describe() for layer in layers]
-        self.stage = split_model(model, num_stages, layers, fisher=fisher, num_blocks=num_blocks)[stage_index]
-        del model, layers  # the other stages' modules go with the model: only this stage's references remain
-        gc.collect()
+        loaded = load_stage(spec.path, stage_index, num_stages, spec.modules, parse_dtype(spec.dtype, device),
+                            fisher=fisher, num_blocks=num_blocks)
+        self.stage, self.fingerprint, self.model_layers = loaded.stage, loaded.fingerprint, loaded.model_layers
+        del loaded
+        gc.collect()  # the rest of the model (meta tensors, or the whole model's weights when it was loaded)
         self.stage.to(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -142,9 +142,18 @@ def check_buffer_bytes(header: dict) -> int:
 
 
 def _non_finite_counts(handle, offset: int, size: int, dtype: torch.dtype, buffer: bytearray) -> tuple[int, int]:
-    """(NaN count, inf count) of the `size` bytes of `dtype` values at `offset`, read a buffer at a time (a whole
-    number of elements each: the buffer's size is a multiple of every itemsize)."""
+    """(NaN count, inf count) of the `size` bytes of `dtype` values at `offset`, read a buffer at a time."""
     nans = infs = 0
+    for values in read_chunks(handle, offset, size, dtype, buffer):
+        if not bool(torch.isfinite(values).all()):
+            nans, infs = nans + int(torch.isnan(values).sum()), infs + int(torch.isinf(values).sum())
+    return nans, infs
+
+
+def read_chunks(handle, offset: int, size: int, dtype: torch.dtype, buffer: bytearray):
+    """The `size` bytes of `dtype` values at `offset` of an open binary file, as 1-D tensors over `buffer`, one
+    buffer's worth at a time (a whole number of elements each: the buffer's size is a multiple of every itemsize).
+    Each tensor shares the buffer's memory: use it before taking the next."""
     handle.seek(offset)
     view = memoryview(buffer)
     while size > 0:
@@ -154,18 +163,16 @@ def _non_finite_counts(handle, offset: int, size: int, dtype: torch.dtype, buffe
             if not read:
                 raise ModelError(f"{handle.name}: the file ends inside a tensor's data (truncated checkpoint)")
             got += read
-        values = torch.frombuffer(buffer, dtype=dtype, count=want // dtype.itemsize)
-        if not bool(torch.isfinite(values).all()):
-            nans, infs = nans + int(torch.isnan(values).sum()), infs + int(torch.isinf(values).sum())
+        yield torch.frombuffer(buffer, dtype=dtype, count=want // dtype.itemsize)
         size -= want
-    return nans, infs
 
 
 def check_finite_parameters(model: nn.Module, source: str = "the model") -> None:
     """NonFiniteError naming the first parameter that holds NaN or inf (and how many of its values do), before
-    any fitting or scoring: such a weight makes every factor and score NaN."""
+    any fitting or scoring: such a weight makes every factor and score NaN. Parameters still on the meta device
+    (not loaded: whence.skeleton) are skipped."""
     for name, parameter in model.named_parameters():
-        if not parameter.is_floating_point() or bool(torch.isfinite(parameter).all()):
+        if parameter.is_meta or not parameter.is_floating_point() or bool(torch.isfinite(parameter).all()):
             continue
         values = parameter.detach()
         nans, infs = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
@@ -283,14 +290,29 @@ def model_fingerprint(model: nn.Module) -> str:
     Values are hashed as float32 when that is exact (float32, bfloat16 and float16 weights, and float64 weights
     that are float32 values), else as float64, so the same checkpoint loaded with --dtype float32 or float64
     has one fingerprint."""
+    digest = fingerprint_digest(getattr(model, "config", None))
+    for name, parameter in model.named_parameters():
+        digest.update(parameter_label(name, parameter.shape))
+        digest.update(_canonical_bytes(parameter.detach()))
+    return fingerprint_of(digest)
+
+
+def fingerprint_digest(config) -> hashlib._Hash:
+    """model_fingerprint's running hash before the first parameter: the architecture's config values."""
     digest = hashlib.sha256()
-    config = getattr(model, "config", None)
     if config is not None:
         keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "n_embd", "n_layer")
         digest.update(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
-    for name, parameter in model.named_parameters():
-        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
-        digest.update(_canonical_bytes(parameter.detach()))
+    return digest
+
+
+def parameter_label(name: str, shape) -> bytes:
+    """What model_fingerprint hashes before a parameter's values: its name and shape."""
+    return f"{name}:{tuple(shape)}".encode()
+
+
+def fingerprint_of(digest) -> str:
+    """The fingerprint a finished running hash gives: its first 32 hex digits."""
     return digest.hexdigest()[:32]
 
 

@@ -10,6 +10,7 @@ side by side). Nothing here imports Ray: `actors/stage.py` wraps a `Stage` in an
                      and its forward; defining the module's Architecture subclass registers it
     planning.py      which blocks each stage holds (balanced by parameter count) and which tracked layers: StageSpec
     stage.py         Stage (the forward/backward protocol, per-stage sums and scores), split_model
+    loading.py       load_stage: one stage built from the checkpoint with only its own weights read
     merge.py         queries cut down to a stage's layers; stages' sums and scores merged back (float64)
     schedule.py      micro-batches and the one-forward-one-backward (1F1B) schedule
     pipeline.py      ShardedPipeline: all stages in this process (tests, notebooks)
@@ -20,6 +21,7 @@ The names below are this package's public interface; import them from `whence.sh
 from whence.shards import families  # noqa: F401  (importing the families registers them)
 from whence.shards.architecture import ARCHITECTURES, MODEL_TYPES, Architecture, architecture_of
 from whence.shards.families.llama import FULL_ATTENTION, SLIDING_ATTENTION
+from whence.shards.loading import LoadedStage, load_stage
 from whence.shards.merge import (
     concat_scores,
     merge_corrections,
@@ -53,7 +55,7 @@ from whence.shards.stage import (
 __all__ = [
     "ARCHITECTURES", "MODEL_TYPES", "Architecture", "architecture_of", "FULL_ATTENTION", "SLIDING_ATTENTION",
     "concat_scores", "merge_corrections", "merge_covariance", "merge_products", "merge_scores", "select_layers",
-    "sum_coefficients", "ShardedPipeline",
+    "sum_coefficients", "LoadedStage", "load_stage", "ShardedPipeline",
     "StageSpec", "balance_blocks", "parameter_count", "plan_stages", "stage_specs", "BACKWARD", "FORWARD",
     "pipeline_micro_batch", "pipeline_schedule", "split_batch", "stage_order", "BATCH_KEYS", "HIDDEN_STATES", "OBJECTIVE", "OBJECTIVES",
     "MicroBatchLost", "Stage", "StageStatistics", "split_model",
