@@ -30,11 +30,35 @@ def fit_shape(model: str, modules: str, config, cluster) -> FitShape:
     model_config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(model_config)
-    layers = [layer.describe() for layer in find_tracked_layers(meta, modules)]
+    tracked = find_tracked_layers(meta, modules)
+    layers = [layer.describe() for layer in tracked]
     dtype = cluster.dtype if cluster.dtype in ("float64", "float32", "bfloat16", "float16") else "float32"
     return FitShape(layers, sum(p.numel() for p in meta.parameters()), int(model_config.vocab_size), dtype,
                     config.batch_size, config.seq_len, config.num_blocks, config.factor_dtype, cluster.workers,
-                    cluster.shards, largest_tensor_bytes(model))
+                    cluster.shards, largest_tensor_bytes(model), _stages(meta, tracked, cluster.shards))
+
+
+def _stages(meta, tracked, shards: int):
+    """Each pipeline stage's (tracked layer names, parameter count) as whence.shards.planning plans them on the
+    meta model (None without shards, or for a family that has no stages: the estimate splits evenly)."""
+    if shards <= 1:
+        return None
+    from whence.errors import ModelError
+    from whence.shards.architecture import architecture_of
+    from whence.shards.planning import stage_specs
+
+    try:
+        architecture = architecture_of(meta)
+        specs = stage_specs(meta, shards, tracked)
+    except ModelError:
+        return None
+    plan = []
+    for spec in specs:
+        first, last = spec.index == 0, spec.index == shards - 1
+        held = {id(p): p for m in architecture.held_modules(meta, spec.block_range, first, last)
+                for p in m.parameters()}
+        plan.append((tuple(layer.name for layer in spec.layers), sum(p.numel() for p in held.values())))
+    return tuple(plan)
 
 
 def largest_tensor_bytes(model: str) -> int:

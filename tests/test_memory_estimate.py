@@ -9,6 +9,7 @@ the blocks or the vocabulary moves the estimate as it moves the measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -129,3 +130,32 @@ def test_a_process_peak_is_its_own_not_its_parents():
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, env=env)
     del held
     assert int(done.stdout.split()[-1]) < 2**29, "the child's peak includes the parent's 1 GiB"
+
+
+def test_with_shards_each_stage_is_estimated_with_the_layers_and_weights_it_loads(tmp_path):
+    """The estimate's stages are whence.shards.planning's (balanced by parameters, so not an even split of the
+    layers), each with the parameters its actor reads from the checkpoint (whence.shards.loading)."""
+    from flows.cluster import ClusterSettings
+    from flows.memory_check import fit_shape
+    from tests.tiny import make_tokenizer
+    from whence.config import FitConfig
+    from whence.memory_estimate import stage_peaks
+    from whence.shards.loading import load_stage
+
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer), hidden=32, layers=5, context=64, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    shape = fit_shape(str(tmp_path), "mlp", FitConfig(seq_len=32), ClusterSettings(shards=3))
+    for k, (names, parameters) in enumerate(shape.stages):
+        loaded = load_stage(str(tmp_path), k, 3, "mlp", torch.float32)
+        assert list(names) == [layer.name for layer in loaded.stage.spec.layers]
+        held = {id(p): p for p in loaded.stage.parts.parameters()}  # tied weights once
+        assert parameters == sum(p.numel() for p in held.values())
+    assert sum(parameters for _, parameters in shape.stages) == shape.parameters
+    # Each stage counts its own weights, not the whole model's: the same layers with the whole model's weights
+    # cost exactly the other stages' weights more.
+    whole = dataclasses.replace(shape, stages=tuple((names, shape.parameters) for names, _ in shape.stages))
+    for (_, parameters), own, every in zip(shape.stages, stage_peaks(shape, 4 * shape.parameters),
+                                           stage_peaks(whole, 4 * shape.parameters)):
+        assert every - own == 4 * (shape.parameters - parameters)

@@ -18,8 +18,8 @@ of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's f
       step          the logits (N, V) that the log-likelihood saves and their gradient, model dtype: LOGIT_COPIES N V
                     + the autograd graph and the captures: GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype
     pipeline (--shards N): each stage owns its layers' sums and finishes them, as a fitting actor over those
-                    layers that loaded the whole model before keeping its blocks (weights x 1, at start), whose
-                    step is the micro-batches it keeps at once (N - k of B / N sequences on stage k; logits on the
+                    layers holding its own blocks' weights (the stages planned as whence.shards.planning plans
+                    them, balanced by parameters), whose step is the micro-batches it keeps at once (N - k of B / N sequences on stage k; logits on the
                     last stage only); the pipeline's worker process holds no sums, only the bases it passes on.
 
 The constants are measured on CPU (SmolLM2-135M's layer shapes at 6 and 12 blocks, batch 8 x 256 tokens:
@@ -76,6 +76,10 @@ class FitShape:
     workers: int = 1
     shards: int = 1
     largest_tensor_bytes: int = 0  # a local checkpoint's largest tensor, as stored (0: none to check)
+    # With shards: each stage's tracked layers (names) and parameter count, as whence.shards.planning balances
+    # the model (by parameters, so stage 0 with the embeddings holds fewer blocks); None: an even split of the
+    # layers, each stage counting the whole model's weights.
+    stages: tuple[tuple[tuple[str, ...], int], ...] | None = None
 
 
 @dataclass
@@ -156,20 +160,26 @@ def owner_peak(shape: FitShape, owned: list[dict], weights: int) -> int:
 
 
 def stage_peaks(shape: FitShape, weights: int) -> list[int]:
-    """--shards N: each stage of a pipeline, holding about an N-th of the tracked layers (contiguous, as
-    whence.shards.planning deals blocks) and owning their sums: as a fitting actor over those layers, having loaded
-    the whole model's weights before keeping its blocks. Its step is that of the micro-batches it keeps at once:
-    stage k holds N - k micro-batches of ceil(B / N) sequences (1F1B, whence.shards.pipeline_micro_batch),
-    and only the last stage computes logits."""
-    per_stage = -(-len(shape.layers) // shape.shards)
+    """--shards N: each stage of a pipeline owns its tracked layers' sums: as a fitting actor over those layers
+    with its own blocks' weights (a stage reads only those from the checkpoint: whence.shards.loading). Its step
+    is that of the micro-batches it keeps at once: stage k holds N - k micro-batches of ceil(B / N) sequences
+    (1F1B, whence.shards.pipeline_micro_batch), and only the last stage computes logits. The stages are
+    shape.stages when known (whence.shards.planning's plan), else an even split of the layers, each stage
+    counting the whole model's `weights`."""
+    by_name = {layer["name"]: layer for layer in shape.layers}
+    if shape.stages is not None:
+        element = weights // max(shape.parameters, 1)
+        plan = [([by_name[name] for name in names], parameters * element) for names, parameters in shape.stages]
+    else:
+        per_stage = -(-len(shape.layers) // shape.shards)
+        plan = [(shape.layers[k * per_stage : (k + 1) * per_stage], weights) for k in range(shape.shards)]
     micro = pipeline_micro_batch(shape.batch_size, shape.shards)
     peaks = []
-    for k in range(shape.shards):
-        own = shape.layers[k * per_stage : (k + 1) * per_stage]
+    for k, (own, held) in enumerate(plan):
         last = k == shape.shards - 1
         part = replace(shape, layers=own, batch_size=(shape.shards - k) * micro,
                        vocab_size=shape.vocab_size if last else 0)
-        peaks.append(ACTOR_BASELINE + weights + max(phase_bytes(part, own, weights).values()))
+        peaks.append(ACTOR_BASELINE + held + max(phase_bytes(part, own, held).values()))
     return peaks
 
 
