@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from flows.options import corpus_from_args, settings_from_args
     from whence.errors import SettingsError
+    from whence.redact import redact_uri
 
     if args.shards > 1:
         raise SettingsError("--shards: `whence index` runs whole model replicas (--workers N); pipeline-sharded "
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     summary = build_index(args.model, args.factors, corpus_from_args(args), args.out,
                           settings_from_args(IndexConfig, args), cluster, overwrite=args.overwrite)
     print(f"indexed {summary['sequences']:,} sequences ({summary['bytes_per_sequence']:,} bytes each, "
-          f"{summary['bad_rows']} bad rows skipped) in {summary['seconds']:.1f}s; index in {args.out}")
+          f"{summary['bad_rows']} bad rows skipped) in {summary['seconds']:.1f}s; index in {redact_uri(str(args.out))}")
     return 0
 
 
