@@ -45,7 +45,7 @@ def _stages(meta, tracked, shards: int):
         return None
     from whence.errors import ModelError
     from whence.shards.architecture import architecture_of
-    from whence.shards.planning import stage_specs
+    from whence.shards.planning import parameter_count, stage_specs
 
     try:
         architecture = architecture_of(meta)
@@ -55,9 +55,8 @@ def _stages(meta, tracked, shards: int):
     plan = []
     for spec in specs:
         first, last = spec.index == 0, spec.index == shards - 1
-        held = {id(p): p for m in architecture.held_modules(meta, spec.block_range, first, last)
-                for p in m.parameters()}
-        plan.append((tuple(layer.name for layer in spec.layers), sum(p.numel() for p in held.values())))
+        held = architecture.held_modules(meta, spec.block_range, first, last)
+        plan.append((tuple(layer.name for layer in spec.layers), parameter_count(held)))
     return tuple(plan)
 
 

@@ -24,14 +24,10 @@ def sidecar(path: str | Path | Location) -> Path | Location:
     return path.with_name(path.name + SUFFIX)
 
 
-def file_sha256(path: str | Path | Location) -> str:
-    return Location.of(path).sha256()
-
-
 def write_checksum(path: str | Path | Location, checksum: str | None = None) -> Path | Location:
     """Write PATH.sha256 (atomically) for the complete file at `path` (`checksum`: its digest, when known)."""
     target = sidecar(path)
-    Location.of(target).write_text((checksum or file_sha256(path)) + "\n")
+    Location.of(target).write_text((checksum or Location.of(path).sha256()) + "\n")
     return target
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from whence.checksums import sidecar, write_checksum
 from whence.errors import FactorsMismatchError, StorageError
 from whence.storage import Location
 
 LAYERS_DIR = "layers"
 BASIS, LAMBDA = "basis", "lambda"  # the kinds of per-layer file
-CHECKSUM_SUFFIX = ".sha256"
 FACTOR_FILES = "factor_files"  # manifest key: {layer: {kind: {"file": relative path, "sha256": hex}}}
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -47,10 +47,6 @@ def layer_file(name: str, kind: str) -> str:
     return f"{LAYERS_DIR}/{name}.{kind}.safetensors"
 
 
-def sha256_of(path: str | Path | Location) -> str:
-    return Location.of(path).sha256()
-
-
 def write_checked(path: str | Path | Location, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> str:
     """Write a safetensors file atomically (whence.storage: .partial + rename locally, one upload on an object
@@ -60,7 +56,7 @@ def write_checked(path: str | Path | Location, tensors: dict[str, torch.Tensor],
     path = Location.of(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     checksum = path.write_through(lambda local: save_file(tensors, local, metadata=metadata))
-    path.with_name(path.name + CHECKSUM_SUFFIX).write_text(checksum + "\n")
+    write_checksum(path, checksum)
     return checksum
 
 
@@ -69,10 +65,10 @@ def _expected_checksum(path: Location, expected: str | None) -> str:
     if not path.is_file():
         raise FactorsDamagedError(f"{path}: factors file missing")
     if expected is None:
-        sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
-        if not sidecar.is_file():
-            raise FactorsDamagedError(f"{path}: no checksum file {sidecar.name}: the file was never finished")
-        expected = sidecar.read_text().strip()
+        recorded = sidecar(path)
+        if not recorded.is_file():
+            raise FactorsDamagedError(f"{path}: no checksum file {recorded.name}: the file was never finished")
+        expected = recorded.read_text().strip()
     return expected
 
 
@@ -267,9 +263,8 @@ def load_factors(cls, directory: str | Path | Location, device="cpu", layers: li
             eigenvalues[name] = read_lambda(directory, name, record[LAMBDA], device) if LAMBDA in record else None
     else:  # format 1: one factors.safetensors
         path = directory / FACTORS_FILE
-        sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
         # Format 1 had no checksum: verified when a sidecar was added, else only read (errors name the file).
-        tensors = read_checked(path, None, device, check=sidecar.is_file())
+        tensors = read_checked(path, None, device, check=sidecar(path).is_file())
         bases = {n: basis_of(tensors, n) for n in wanted}
         eigenvalues = {n: tensors.get(f"{n}/{CORRECTED_EIGENVALUES}") for n in wanted}
     metadata = {k: v for k, v in manifest.items() if k not in ("strategy", "layers", FACTOR_FILES)}

@@ -95,12 +95,16 @@ CHECK_CHUNK_BYTES = 16 * 2**20
 SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def safetensors_header(file: str | Path) -> tuple[dict, int]:
+def safetensors_header(file) -> tuple[dict, int]:
     """(the JSON header of a .safetensors file, the offset its data starts at): an 8-byte little-endian header
-    length, then the header, whose entries give each tensor's dtype, shape and data_offsets from that start."""
+    length, then the header, whose entries give each tensor's dtype, shape and data_offsets from that start.
+    `file`: a local path or a whence.storage.Location (only the header's bytes are read)."""
     import struct
 
-    with open(file, "rb") as handle:
+    from whence.storage import Location
+
+    location = Location.of(file)
+    with location.errors_named("read its header"), location.filesystem.open_input_file(location.path) as handle:
         length = struct.unpack("<Q", handle.read(8))[0]
         return json.loads(handle.read(length)), 8 + length
 

@@ -210,9 +210,14 @@ def build_projections(factors: Factors, kind: str = DEFAULT_KIND, dim: int = DEF
     return Projections(kind, dim, seed, layers)
 
 
+def _dense_basis(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """(d, d) float64 Q of a block-diagonal basis, its columns the eigenvectors."""
+    return torch.block_diag(*[block.to(torch.float64) for block in blocks])
+
+
 def _top_eigenvectors(blocks: list[torch.Tensor], values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, d) rows: the eigenvectors of the k largest eigenvalues of a block-diagonal basis, and their columns."""
-    basis = torch.block_diag(*[block.to(torch.float64) for block in blocks])  # (d, d) Q, columns = eigenvectors
+    basis = _dense_basis(blocks)  # (d, d)
     # Largest first; ties (zero eigenvalues) by column, so the choice is deterministic.
     order = sorted(range(values.shape[0]), key=lambda j: (-float(values[j]), j))[:k]
     index = torch.tensor(order, dtype=torch.int64)
@@ -253,10 +258,9 @@ def _lambda_projection(factors: Factors, name: str, kept: int) -> LayerProjectio
     place_in = torch.full((d_in,), -1, dtype=torch.int64)
     place_in[input_index] = torch.arange(input_index.shape[0])
     pairs = torch.sort(place_out[rows] * input_index.shape[0] + place_in[columns]).values  # (kept,), row-major
-    gradient_basis = torch.block_diag(*[block.to(torch.float64) for block in basis.gradient_vectors])  # (d_out, d_out)
-    activation_basis = torch.block_diag(*[block.to(torch.float64) for block in basis.activation_vectors])
-    return LayerProjection(name, activation_basis[:, input_index].T.contiguous(),
-                           gradient_basis[:, output_index].T.contiguous(), input_index, output_index, pairs)
+    return LayerProjection(name, _dense_basis(basis.activation_vectors)[:, input_index].T.contiguous(),  # (k_in, d_in)
+                           _dense_basis(basis.gradient_vectors)[:, output_index].T.contiguous(),  # (k_out, d_out)
+                           input_index, output_index, pairs)
 
 
 def random_projection(d: int, k: int, seed: int, key: str) -> torch.Tensor:

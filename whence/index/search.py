@@ -82,9 +82,10 @@ def score_shard_file(path: str | Location, prepared: np.ndarray, offsets: list[i
 
 
 def read_index_manifest(index_dir: str | Path | Location) -> dict:
-    path = Location.of(index_dir) / MANIFEST_FILE
+    directory = Location.of(index_dir)
+    path = directory / MANIFEST_FILE
     if not path.is_file():
-        raise WhenceError(f"{Location.of(index_dir)}: no {MANIFEST_FILE}; is this a finished index written by `whence index`?")
+        raise WhenceError(f"{directory}: no {MANIFEST_FILE}; is this a finished index written by `whence index`?")
     manifest = json.loads(path.read_text())
     if manifest.get("command") != "index":
         raise WhenceError(f"{path} is a `whence {manifest.get('command')}` manifest, not an index's")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,12 +89,10 @@ def read_shard(path: str | Path | Location) -> Shard:
 
 
 def shard_sequences(path: str | Path | Location) -> int:
-    """A shard's row count, from its safetensors header (8 bytes of header length, then the JSON header, whose
-    __metadata__ holds it): the tensor is not read."""
-    path = Location.of(path)
-    with path.errors_named("read its header"), path.filesystem.open_input_file(path.path) as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+    """A shard's row count, from its safetensors header's metadata (the tensor is not read)."""
+    from whence.model import safetensors_header
+
+    header, _ = safetensors_header(path)
     return int(header["__metadata__"]["sequences"])
 
 
