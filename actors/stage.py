@@ -163,7 +163,7 @@ class StageActor(LayerOwner):
 
     def reset(self, kind: str) -> None:
         """Drop the partial sums of `kind` and the micro-batch ids they include (a pass starts, and its phase)."""
-        self.take(kind)
+        self.stage.drop_sums(kind)
         self.begin_phase()
 
     def hold(self, kind: str, expected: set[int]) -> dict | None:

@@ -66,10 +66,12 @@ class _Captured:
 
 @dataclass
 class StageStatistics:
-    """One stage's partial sums and the micro-batch ids they include (so re-runs never count twice)."""
+    """One stage's partial sums and the micro-batch ids they include (so re-runs never count twice). Each pass's
+    sums are allocated at its first micro-batch (None before), as whence.fitting.FactorFitter's: a stage running
+    one pass never holds the other pass's sums, nor a fresh zero copy of the sums it just handed over."""
 
-    covariance: CovarianceSums
-    corrections: LambdaSums
+    covariance: CovarianceSums | None = None
+    corrections: LambdaSums | None = None
     covariance_ids: set[int] = field(default_factory=set)
     correction_ids: set[int] = field(default_factory=set)
 
@@ -102,7 +104,7 @@ class Stage:
         self.shapes = {layer.name: (layer.d_out, layer.d_in) for layer in self.layers}
         self._in_flight: dict[int, _InFlight] = {}
         self._captured: dict[int, _Captured] = {}
-        self.statistics = self._empty_statistics()
+        self.statistics = StageStatistics()
         self.bases: dict[str, LayerBasis | None] | None = None  # None until set_bases: required for corrections
         self.scorer: QueryScorer | None = None
         self.num_queries: int | None = None  # None until set_queries
@@ -137,7 +139,8 @@ class Stage:
     def to(self, device) -> Stage:
         self.parts.to(device)
         stats = self.statistics
-        stats.covariance, stats.corrections = stats.covariance.to(device), stats.corrections.to(device)
+        stats.covariance = stats.covariance.to(device) if stats.covariance is not None else None
+        stats.corrections = stats.corrections.to(device) if stats.corrections is not None else None
         if self.bases is not None:
             self.bases = {n: basis_to(b, self.device) for n, b in self.bases.items()}
         return self
@@ -146,9 +149,12 @@ class Stage:
         """Bytes held: weights (parameters and buffers), factors (partial sums and bases), queries."""
         weights = _tensor_bytes(list(self.parts.parameters()) + list(self.parts.buffers()))
         stats = self.statistics
-        factor_tensors = [t for blocks in stats.covariance.activation.values() for t in blocks]
-        factor_tensors += [t for blocks in stats.covariance.gradient.values() for t in blocks]
-        factor_tensors += list(stats.corrections.sums.values())
+        factor_tensors = []
+        if stats.covariance is not None:
+            factor_tensors += [t for blocks in stats.covariance.activation.values() for t in blocks]
+            factor_tensors += [t for blocks in stats.covariance.gradient.values() for t in blocks]
+        if stats.corrections is not None:
+            factor_tensors += list(stats.corrections.sums.values())
         for basis in (self.bases or {}).values():
             if basis is not None:
                 factor_tensors += [*basis.activation_vectors, *basis.gradient_vectors, basis.activation_values,
@@ -241,6 +247,8 @@ class Stage:
         key already included is not counted again."""
         captured = self._take_captured(micro_batch_id)
         if self._include(self.statistics.covariance_ids, micro_batch_id, batch_key):
+            if self.statistics.covariance is None:
+                self.statistics.covariance = CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
             self.statistics.covariance.accumulate(dict(zip(self.layer_names, captured.captures)), captured.tokens,
                                                   captured.sequences)
 
@@ -259,6 +267,8 @@ class Stage:
         if self.bases is None:
             raise RuntimeError(f"stage {self.index}: set_bases before the correction pass")
         if self._include(self.statistics.correction_ids, micro_batch_id, batch_key):
+            if self.statistics.corrections is None:
+                self.statistics.corrections = LambdaSums.zeros(self.shapes, self.device)
             self.statistics.corrections.accumulate(dict(zip(self.layer_names, captured.captures)), self.bases,
                                                    captured.sequences)
 
@@ -273,17 +283,25 @@ class Stage:
         return True
 
     def take_covariance(self) -> CovarianceSums:
-        """The partial sums so far (CPU), and reset."""
-        result = self.statistics.covariance.to("cpu")
-        self.statistics.covariance = CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
-        self.statistics.covariance_ids = set()
-        return result
+        """The partial sums so far (CPU; zeros if no micro-batch was included), and reset."""
+        stats = self.statistics
+        result = stats.covariance or CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
+        stats.covariance, stats.covariance_ids = None, set()
+        return result.to("cpu")
 
     def take_corrections(self) -> LambdaSums:
-        result = self.statistics.corrections.to("cpu")
-        self.statistics.corrections = LambdaSums.zeros(self.shapes, self.device)
-        self.statistics.correction_ids = set()
-        return result
+        stats = self.statistics
+        result = stats.corrections or LambdaSums.zeros(self.shapes, self.device)
+        stats.corrections, stats.correction_ids = None, set()
+        return result.to("cpu")
+
+    def drop_sums(self, kind: str) -> None:
+        """Forget the partial sums of one pass ("covariance" or "correction") and the ids they include."""
+        stats = self.statistics
+        if kind == "covariance":
+            stats.covariance, stats.covariance_ids = None, set()
+        else:
+            stats.corrections, stats.correction_ids = None, set()
 
     # -- scoring -------------------------------------------------------------------------------------------
     def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
@@ -337,11 +355,6 @@ class Stage:
         return {n: t.to("cpu") for n, t in self.products.sums.items()}, self.products.sequences
 
     # -- internals -----------------------------------------------------------------------------------------
-    def _empty_statistics(self) -> StageStatistics:
-        device = self.device
-        return StageStatistics(CovarianceSums.zeros(self.shapes, self.num_blocks, device),
-                               LambdaSums.zeros(self.shapes, device))
-
     def _take_captured(self, micro_batch_id: int) -> _Captured:
         captured = self._captured.pop(micro_batch_id, None)
         if captured is None:
