@@ -4,7 +4,8 @@ The estimate of a fitting actor's covariance phase is its float64 sums plus one 
 their gradient, the autograd graph and the captures). We measure the rise of this process's peak resident memory
 (Linux: the kernel's high-water mark, reset before the batch) over one covariance step of a Llama with MLP
 shapes large enough for the step to dwarf allocator noise, and check the estimate against it, and that doubling
-the blocks or the vocabulary moves the estimate as it moves the measurement.
+the blocks or the vocabulary moves the estimate as it moves the measurement; likewise a pipeline stage's part of a
+batch (its micro-batches in 1F1B order) against the estimate's stage step. Each measurement runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -69,27 +70,67 @@ def measure_in_this_process(blocks: int, vocab: int) -> tuple[int, int]:
     return measured_covariance_step(blocks, vocab)
 
 
-@pytest.fixture(scope="module")
-def steps():
-    """Each shape measured in a fresh process of its own: in a process that has already run a step (an earlier
-    shape, earlier tests), the freed blocks its allocator keeps absorb part of the next step's allocations by an
-    amount that varies from run to run (seen: an 8-block step measured 15-30% low after a 4-block one)."""
+def measured_stage_step(blocks: int, vocab: int, index: int, shards: int = 2) -> tuple[int, int]:
+    """(measured, estimated) bytes above the loaded model of stage `index`'s part of one covariance batch: its
+    micro-batches in the stage's 1F1B order (whence.shards.schedule.stage_order), the hidden states and their
+    gradients from the neighbouring stages random, as a stage actor receives them."""
+    from whence.shards import split_model
+    from whence.shards.schedule import FORWARD, pipeline_micro_batch, split_batch, stage_order
+
+    model = make_model("llama", vocab, hidden=HIDDEN, layers=blocks, context=SEQ_LEN, dtype=torch.float32)
+    stage = split_model(model, shards, find_tracked_layers(model, "mlp"))[index]
+    generator = torch.Generator().manual_seed(0)
+    batch = collate([torch.randint(0, vocab, (SEQ_LEN,), generator=generator).tolist() for _ in range(BATCH)], 0)
+    batch["seeds"] = torch.arange(BATCH)
+    micro = split_batch(batch, pipeline_micro_batch(BATCH, shards))
+    hidden = lambda part: torch.randn(part["input_ids"].shape[0], SEQ_LEN, HIDDEN)  # noqa: E731
+    release_free_memory()
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    before = peak_rss()
+    for kind, i in stage_order(range(len(micro)), index, shards):
+        if kind == FORWARD:
+            stage.forward(i, micro[i] if stage.first else {**micro[i], "hidden_states": hidden(micro[i])})
+        else:
+            stage.backward(i, None if stage.last else {"hidden_states": hidden(micro[i])})
+            stage.accumulate_covariance(i)
+    measured = peak_rss() - before
+    # As whence.memory_estimate.stage_peaks counts stage k: its layers, (shards - k) micro-batches' graphs at
+    # once, the logits on the last stage only.
+    part = FitShape([layer.describe() for layer in stage.layers], 1, vocab if stage.last else 0, "float32",
+                    (shards - index) * len(micro[0]["input_ids"]), SEQ_LEN)
+    return measured, phase_bytes(part, [], weights=1)["covariance"]
+
+
+def stage_in_this_process(blocks: int, vocab: int, index: int) -> tuple[int, int]:
+    torch.set_num_threads(1)
+    measured_stage_step(2, 1024, 0)  # warm-up, as measure_in_this_process
+    return measured_stage_step(blocks, vocab, index)
+
+
+def in_fresh_process(function: str, *arguments: int) -> tuple[int, int]:
+    """Run this module's `function(*arguments)` in a fresh Python process: in a process that has already run a
+    step (an earlier shape, earlier tests), the freed blocks its allocator keeps absorb part of the next step's
+    allocations by an amount that varies from run to run (seen: an 8-block step measured 15-30% low after a
+    4-block one)."""
     import json
     import os
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    measured = {}
-    for blocks, vocab in SHAPES:
-        child = ("import json; from tests.test_memory_estimate import measure_in_this_process; "
-                 f"print(json.dumps(measure_in_this_process({blocks}, {vocab})))")
-        done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            if "reset its peak RSS" in done.stdout + done.stderr:
-                pytest.skip("this kernel does not let a process reset its peak RSS")
-            raise AssertionError(done.stderr[-4000:])
-        measured[blocks, vocab] = tuple(json.loads(done.stdout.strip().splitlines()[-1]))
-    return measured
+    child = (f"import json; from tests.test_memory_estimate import {function}; "
+             f"print(json.dumps({function}(*{list(arguments)})))")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        if "reset its peak RSS" in done.stdout + done.stderr:
+            pytest.skip("this kernel does not let a process reset its peak RSS")
+        raise AssertionError(done.stderr[-4000:])
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def steps():
+    return {(blocks, vocab): in_fresh_process("measure_in_this_process", blocks, vocab) for blocks, vocab in SHAPES}
 
 
 def test_the_covariance_step_estimate_is_within_a_quarter_of_the_measurement(steps):
@@ -106,6 +147,14 @@ def test_the_estimate_grows_with_blocks_and_vocabulary_as_the_measurement_does(s
         assert growth_measured > 0 and growth_estimated > 0
         assert abs(growth_estimated - growth_measured) <= 0.5 * growth_measured, (key, growth_measured,
                                                                                   growth_estimated)
+
+
+@pytest.mark.parametrize("blocks, vocab, index", [(8, 16384, 0), (4, 32768, 1)])
+def test_a_pipeline_stage_step_is_estimated_as_measured(blocks, vocab, index):
+    """Stage 0 (two micro-batches' graphs at once) and the last stage (its logits), as their actors run them."""
+    measured, estimated = in_fresh_process("stage_in_this_process", blocks, vocab, index)
+    assert abs(estimated - measured) <= ESTIMATE_TOLERANCE * measured, (blocks, vocab, index, measured, estimated)
+    assert estimated >= LOWEST_RATIO * measured
 
 
 def test_an_actor_needs_its_largest_phase_and_the_driver_the_checkpoint_it_checks():
