@@ -18,7 +18,6 @@ A finished run with the same arguments is not redone; other arguments are refuse
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from whence.errors import SettingsError
 from whence.queries import METHODS
 from whence.redact import redact_uri
 from whence.settings import setting
-from whence.storage import Location
 
 log = logging.getLogger("whence.query")
 
@@ -100,12 +98,12 @@ def query_index(index_dir: str, queries_path: str, out: str, config: ScoreConfig
     """Score the queries against the index; returns the summary also stored in RESULTS_DIR/manifest.json."""
     from flows.run_state import RunDirectory
     from whence.fingerprints import queries_fingerprint
-    from whence.index.search import MANIFEST_FILE, Index, read_index_manifest
+    from whence.index.search import Index, load_index_manifest
     from whence.text import load_queries
 
     started, timings = time.monotonic(), {}
     queries = load_queries(queries_path)
-    manifest = read_index_manifest(index_dir)
+    manifest, manifest_sha256 = load_index_manifest(index_dir)
     arguments = {"index": redact_uri(str(index_dir)), "queries": str(queries_path), "top_k": config.top_k,
                  "method": config.method, "damping": config.damping, "tfidf_candidates": config.tfidf_candidates,
                  "per_token": config.per_token, "query_rank": config.query_rank, "dtype": cluster.dtype,
@@ -113,12 +111,12 @@ def query_index(index_dir: str, queries_path: str, out: str, config: ScoreConfig
                  "model": inputs.model or manifest["model"]["path"],
                  "factors": redact_uri(str(inputs.factors or manifest["factors"]["path"])),
                  "queries_sha256": queries_fingerprint(queries),
-                 "index_sha256": hashlib.sha256((Location.of(index_dir) / MANIFEST_FILE).read_bytes()).hexdigest()}
+                 "index_sha256": manifest_sha256}
     state = RunDirectory(out, "query", arguments)
     if state.reuse_or_open(overwrite):
         return state.saved_summary()
     tick = time.monotonic()
-    index = Index.open(index_dir, inputs.model, inputs.factors, dtype=cluster.dtype)
+    index = Index.open(index_dir, inputs.model, inputs.factors, dtype=cluster.dtype, manifest=manifest)
     prepared = index.prepare(queries, config.method, config.damping)
     timings["prepare_s"] = time.monotonic() - tick
     needs_model = config.per_token or inputs.rescore

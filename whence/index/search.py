@@ -15,6 +15,7 @@ whence.api.ScoreTable as `whence.score` does, and can be called in a loop (shard
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,14 +83,21 @@ def score_shard_file(path: str | Location, prepared: np.ndarray, offsets: list[i
 
 
 def read_index_manifest(index_dir: str | Path | Location) -> dict:
+    return load_index_manifest(index_dir)[0]
+
+
+def load_index_manifest(index_dir: str | Path | Location) -> tuple[dict, str]:
+    """(an index's manifest, the SHA-256 of its bytes), from one read: a query records the digest of the very
+    manifest it used."""
     directory = Location.of(index_dir)
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise WhenceError(f"{directory}: no {MANIFEST_FILE}; is this a finished index written by `whence index`?")
-    manifest = json.loads(path.read_text())
+    raw = path.read_bytes()
+    manifest = json.loads(raw)
     if manifest.get("command") != "index":
         raise WhenceError(f"{path} is a `whence {manifest.get('command')}` manifest, not an index's")
-    return manifest
+    return manifest, hashlib.sha256(raw).hexdigest()
 
 
 def check_index_inputs(manifest: dict, model_fingerprint: str, factors_dir: str | Path | Location) -> None:
@@ -122,16 +130,17 @@ class Index:
 
     @classmethod
     def open(cls, path: str | Path | Location, model: str | None = None, factors: str | None = None,
-             dtype: str = "auto") -> Index:
+             dtype: str = "auto", manifest: dict | None = None) -> Index:
         """The index at `path` with the model and factors it records (or `model` / `factors` given instead,
-        which must be the same ones: FactorsMismatchError otherwise)."""
+        which must be the same ones: FactorsMismatchError otherwise). `manifest`: the index's manifest, when the
+        caller has read it already (load_index_manifest)."""
         from whence.factors import Factors
         from whence.model import find_tracked_layers, load_causal_lm, model_fingerprint
         from whence.queries import HostedModel
         from whence.redact import REDACTED
 
         path = Location.of(path)
-        manifest = read_index_manifest(path)
+        manifest = read_index_manifest(path) if manifest is None else manifest
         factors_dir = factors or manifest["factors"]["path"]
         if REDACTED in factors_dir:  # the URI carried credentials, which are never written
             raise SettingsError(f"{path} records its factors as {factors_dir}, whose credentials were redacted; "
