@@ -43,18 +43,29 @@ def shape_of(model, layers, vocab: int) -> FitShape:
                     "float32", BATCH, SEQ_LEN)
 
 
+def random_batch(vocab: int) -> dict:
+    """BATCH sequences of SEQ_LEN random tokens, with true-Fisher seeds, as whence.text.collate makes them."""
+    generator = torch.Generator().manual_seed(0)
+    batch = collate([torch.randint(0, vocab, (SEQ_LEN,), generator=generator).tolist() for _ in range(BATCH)], 0)
+    batch["seeds"] = torch.arange(BATCH)
+    return batch
+
+
+def start_measuring() -> int:
+    """Reset this process's peak resident memory and return it (skip where the kernel cannot reset it)."""
+    release_free_memory()  # what earlier steps freed would otherwise absorb the measured step's allocations
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    return peak_rss()
+
+
 def measured_covariance_step(blocks: int, vocab: int) -> tuple[int, int]:
     """(measured, estimated) bytes above the loaded model of one covariance step of a float32 Llama."""
     model = make_model("llama", vocab, hidden=HIDDEN, layers=blocks, context=SEQ_LEN, dtype=torch.float32)
     layers = find_tracked_layers(model, "mlp")
-    generator = torch.Generator().manual_seed(0)
-    batch = collate([torch.randint(0, vocab, (SEQ_LEN,), generator=generator).tolist() for _ in range(BATCH)], 0)
-    batch["seeds"] = torch.arange(BATCH)
+    batch = random_batch(vocab)
     fitter = FactorFitter(model, layers, "true")
-    release_free_memory()  # what earlier tests freed would otherwise absorb the step's allocations
-    if not reset_peak_rss():
-        pytest.skip("this kernel does not let a process reset its peak RSS")
-    before = peak_rss()
+    before = start_measuring()
     fitter.covariance_step(batch)
     measured = peak_rss() - before
     estimated = phase_bytes(shape_of(model, layers, vocab), [], weights=1)["covariance"]
@@ -79,15 +90,9 @@ def measured_stage_step(blocks: int, vocab: int, index: int, shards: int = 2) ->
 
     model = make_model("llama", vocab, hidden=HIDDEN, layers=blocks, context=SEQ_LEN, dtype=torch.float32)
     stage = split_model(model, shards, find_tracked_layers(model, "mlp"))[index]
-    generator = torch.Generator().manual_seed(0)
-    batch = collate([torch.randint(0, vocab, (SEQ_LEN,), generator=generator).tolist() for _ in range(BATCH)], 0)
-    batch["seeds"] = torch.arange(BATCH)
-    micro = split_batch(batch, pipeline_micro_batch(BATCH, shards))
+    micro = split_batch(random_batch(vocab), pipeline_micro_batch(BATCH, shards))
     hidden = lambda part: torch.randn(part["input_ids"].shape[0], SEQ_LEN, HIDDEN)  # noqa: E731
-    release_free_memory()
-    if not reset_peak_rss():
-        pytest.skip("this kernel does not let a process reset its peak RSS")
-    before = peak_rss()
+    before = start_measuring()
     for kind, i in stage_order(range(len(micro)), index, shards):
         if kind == FORWARD:
             stage.forward(i, micro[i] if stage.first else {**micro[i], "hidden_states": hidden(micro[i])})

@@ -284,15 +284,13 @@ class Stage:
 
     def take_covariance(self) -> CovarianceSums:
         """The partial sums so far (CPU; zeros if no micro-batch was included), and reset."""
-        stats = self.statistics
-        result = stats.covariance or CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
-        stats.covariance, stats.covariance_ids = None, set()
+        result = self.statistics.covariance or CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
+        self.drop_sums("covariance")
         return result.to("cpu")
 
     def take_corrections(self) -> LambdaSums:
-        stats = self.statistics
-        result = stats.corrections or LambdaSums.zeros(self.shapes, self.device)
-        stats.corrections, stats.correction_ids = None, set()
+        result = self.statistics.corrections or LambdaSums.zeros(self.shapes, self.device)
+        self.drop_sums("correction")
         return result.to("cpu")
 
     def drop_sums(self, kind: str) -> None:
