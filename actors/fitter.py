@@ -16,14 +16,16 @@ from whence.errors import NonFiniteError
 from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.fitting import FactorFitter
 from whence.model import model_fingerprint
+from whence.shards import ShardedPipeline
 
 
 class FitterActor(LayerOwner):
     def __init__(self, spec: ModelSpec, fisher: str, num_blocks: int, seed: int, batch_size: int,
-                 num_threads: int | None = None, skip_non_finite: bool = False):
+                 num_threads: int | None = None, skip_non_finite: bool = False, checkpointing: bool = False):
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
         self.fisher, self.num_blocks = fisher, num_blocks
-        self.fitter = FactorFitter(self.model, self.layers, fisher, num_blocks)
+        self.checkpointing = checkpointing
+        self.fitter = self._fitter(self.layers)
         self.seed = seed
         self.batch_size = batch_size
         self.pad_id = pad_id_of(self.tokenizer)
@@ -35,7 +37,8 @@ class FitterActor(LayerOwner):
 
     def describe(self) -> dict:
         return {"layers": [layer.describe() for layer in self.layers], "fingerprint": model_fingerprint(self.model),
-                "dtype": str(next(self.model.parameters()).dtype), "device": str(self.fitter.device)}
+                "dtype": str(next(self.model.parameters()).dtype), "device": str(self.fitter.device),
+                "checkpointing": isinstance(self.fitter, ShardedPipeline)}
 
     def ready(self) -> bool:
         return True
@@ -75,9 +78,15 @@ class FitterActor(LayerOwner):
     def _track(self, names: list[str]) -> None:
         """Accumulate the layers `names` only (a resumed fit skips the finished ones); sums start at zero."""
         self.held, self.non_finite = {}, []
-        self.fitter = FactorFitter(self.model, [layer for layer in self.layers if layer.name in set(names)],
-                                   self.fisher, self.num_blocks)
+        self.fitter = self._fitter([layer for layer in self.layers if layer.name in set(names)])
         release_free_memory()  # what the last pass freed, on another thread's arena
+
+    def _fitter(self, layers):
+        """FactorFitter over `layers`; with activation checkpointing the same methods over one stage per block
+        (whence.shards.ShardedPipeline.checkpointed), each block's graph rebuilt at its backward."""
+        if self.checkpointing:
+            return ShardedPipeline.checkpointed(self.model, layers, self.fisher, self.num_blocks)
+        return FactorFitter(self.model, layers, self.fisher, self.num_blocks)
 
     def covariance_pass(self, dataset, names: list[str]) -> dict:
         """Covariance sums of the layers `names` over this actor's sequences, kept here: returns the counts."""

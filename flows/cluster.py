@@ -24,6 +24,10 @@ class ClusterSettings:
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     address: str | None = None
     actor_env: dict = field(default_factory=dict, hash=False, compare=False)
+    # Activation checkpointing in the fitting actors (`whence fit --activation-checkpointing`): each block's
+    # graph is rebuilt at its backward pass, for one more forward pass of compute. Not part of a run's identity:
+    # the sums are the same, so a fit that ran out of memory resumes with it.
+    checkpointing: bool = False
 
     def __post_init__(self):
         from whence.errors import SettingsError
@@ -34,8 +38,10 @@ class ClusterSettings:
 
     @classmethod
     def from_args(cls, args) -> ClusterSettings:
-        """From the command line's --workers, --shards, --dtype and --address."""
-        return cls(workers=args.workers, shards=args.shards, dtype=args.dtype, address=args.address)
+        """From the command line's --workers, --shards, --dtype and --address (and --activation-checkpointing,
+        where the command has it)."""
+        return cls(workers=args.workers, shards=args.shards, dtype=args.dtype, address=args.address,
+                   checkpointing=getattr(args, "activation_checkpointing", False))
 
 
 def connect(address: str | None = None):

@@ -58,7 +58,8 @@ class FitterPool:
             threads = torch_threads(resources.get("num_cpus", 1))
             remote = ray.remote(FitterActor).options(**resources, **policy)
             self.actors = [remote.remote(spec, config.fisher, config.num_blocks, config.seed, config.batch_size,
-                                         threads, config.skip_non_finite) for _ in range(workers)]
+                                         threads, config.skip_non_finite, cluster.checkpointing)
+                           for _ in range(workers)]
 
     def describe(self) -> dict:
         import ray

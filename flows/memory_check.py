@@ -33,9 +33,26 @@ def fit_shape(model: str, modules: str, config, cluster) -> FitShape:
     tracked = find_tracked_layers(meta, modules)
     layers = [layer.describe() for layer in tracked]
     dtype = cluster.dtype if cluster.dtype in ("float64", "float32", "bfloat16", "float16") else "float32"
+    blocks = _block_count(meta, required=cluster.checkpointing)
     return FitShape(layers, sum(p.numel() for p in meta.parameters()), int(model_config.vocab_size), dtype,
                     config.batch_size, config.seq_len, config.num_blocks, config.factor_dtype, cluster.workers,
-                    cluster.shards, largest_tensor_bytes(model), _stages(meta, tracked, cluster.shards))
+                    cluster.shards, largest_tensor_bytes(model), _stages(meta, tracked, cluster.shards),
+                    cluster.checkpointing, blocks, int(getattr(model_config, "hidden_size", 0) or 0))
+
+
+def _block_count(meta, required: bool) -> int:
+    """The transformer blocks that activation checkpointing recomputes one at a time (0 for a family whose blocks
+    the stages cannot run, whence.shards.architecture); required: ModelError for such a family instead, before
+    any actor starts."""
+    from whence.errors import ModelError
+    from whence.shards.architecture import architecture_of
+
+    try:
+        return len(architecture_of(meta).blocks_of(meta))
+    except ModelError as error:
+        if required:
+            raise ModelError(f"--activation-checkpointing runs the model block by block: {error}") from None
+        return 0
 
 
 def _stages(meta, tracked, shards: int):
@@ -92,6 +109,8 @@ def alternatives(shape: FitShape, total: int, largest: int) -> list[str]:
     candidates += [(f"--workers {w}", {"workers": w}) for w in range(shape.workers - 1, 0, -1)]
     candidates += [(f"--shards {s}", {"shards": s}) for s in (2, 4) if s > shape.shards]
     candidates += [(f"--batch-size {b}", {"batch_size": b}) for b in (4, 1) if b < shape.batch_size]
+    if not shape.checkpointing and shape.shards == 1 and shape.blocks:
+        candidates.append(("--activation-checkpointing", {"checkpointing": True}))
     return [flag for flag, change in candidates if fits(estimate_fit(dataclasses.replace(shape, **change)), total,
                                                          largest)]
 

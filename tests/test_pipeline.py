@@ -15,7 +15,7 @@ from flows.score import score_corpus
 from tests.pipeline_fixtures import FIT_CONFIG, QUERIES, copy_workspace
 from whence import FitConfig, ScoreConfig, fit, load_causal_lm, prepare, score
 from whence.corpus import CorpusSource
-from whence.errors import CorpusError, RunStateError
+from whence.errors import CorpusError, RunStateError, SettingsError
 from whence.factor_files import LAMBDA, LAYERS_DIR, layer_file
 from whence.factors import MANIFEST_FILE, Factors
 from whence.model import find_tracked_layers
@@ -140,6 +140,26 @@ def test_fit_with_two_shards_equals_and_survives_a_killed_stage(workspace, tmp_p
     stages = sharded.metadata["summary"]["memory"]["peak_rss"]["stages"]
     assert [[s["stage"] for s in pipeline] for pipeline in stages] == [[0, 1]]
     assert all({"covariance finish", "correction finish"} <= set(s["phases"]) for s in stages[0])
+
+
+def test_fit_with_activation_checkpointing_equals_and_survives_a_killed_actor(workspace, tmp_path):
+    """Each block's graph rebuilt at its backward (one stage per block in the actor): the same factors as the
+    session's fit, and a fault in the middle of the covariance pass costs its rerun only."""
+    marker = tmp_path / "died"
+    out = tmp_path / "checkpointed"
+    fit_corpus(workspace["model"], [workspace["corpus"]], str(out), FIT_CONFIG,
+               ClusterSettings(workers=1, dtype="float64", checkpointing=True,
+                               actor_env={"WHENCE_FAULT_AFTER_BATCHES": f"5:{marker}"}))
+    assert marker.exists(), "the fault was injected"
+    expected, checkpointed = Factors.load(workspace["factors"]), Factors.load(out)
+    assert checkpointed.metadata["summary"]["activation_checkpointing"] is True
+    assert expected.metadata["summary"]["activation_checkpointing"] is False
+    for name in expected.layer_names:
+        torch.testing.assert_close(checkpointed.eigenvalues[name], expected.eigenvalues[name], **FLOAT64)
+    with pytest.raises(SettingsError, match="--activation-checkpointing cannot be combined with --shards"):
+        fit_corpus(workspace["model"], [workspace["corpus"]], str(tmp_path / "refused"), FIT_CONFIG,
+                   ClusterSettings(shards=2, checkpointing=True))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_score_everything_equals_the_core_engine(workspace, tmp_path):

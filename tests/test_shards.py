@@ -113,8 +113,33 @@ def test_factors_with_1_2_3_stages_equal_the_unsharded_fitter(family, tokenizer)
     for num_stages in (1, 2, 3):
         pipeline = ShardedPipeline(model, layers, num_stages, micro_batch_size=2)
         assert_sums_equal(fit_sums(pipeline, batches), expected)
+    checkpointed = ShardedPipeline.checkpointed(model, layers)  # a stage per block, each recomputed at its backward
+    assert [stage.block_range for stage in checkpointed.stages] == [(0, 1), (1, 2), (2, 3)]
+    assert_sums_equal(fit_sums(checkpointed, batches), expected)
     assert all(p.grad is None for p in model.parameters()), "no weight gradient is ever computed"
     assert all(p.requires_grad for p in model.parameters()), "requires_grad is restored"
+
+
+@pytest.mark.parametrize("modules", ["mlp", r"(mlp\.|lm_head)"])
+def test_the_last_stage_runs_its_head_one_sequence_at_a_time(tokenizer, monkeypatch, modules):
+    """With room for one sequence's logits (HEAD_GROUP_BYTES), the last stage differentiates its LM head sequence by
+    sequence, keeping the gradient at the final norm for the backward pass: the same sums and scores. A tracked
+    head (its per-batch capture) runs on the whole batch."""
+    import whence.shards.schedule
+
+    monkeypatch.setattr(whence.shards.schedule, "HEAD_GROUP_BYTES", 1)
+    model = make_model("llama", len(tokenizer), layers=2)
+    layers = find_tracked_layers(model, modules)
+    assert any("lm_head" in layer.name for layer in layers) == (modules != "mlp")
+    batches = batches_of(tokenizer)[:3]
+    expected = fit_sums(FactorFitter(model, layers), batches)
+    queries = prepared_queries(model, tokenizer, layers)
+    scorer = QueryScorer(model, layers, queries)
+    for pipeline in (ShardedPipeline(model, layers, 2), ShardedPipeline.checkpointed(model, layers)):
+        assert_sums_equal(fit_sums(pipeline, batches), expected)
+        pipeline.set_queries(queries)
+        for batch in batches:
+            assert_scores_equal(pipeline.score(batch, per_token=True), scorer.score(batch, per_token=True))
 
 
 @pytest.mark.parametrize("rank", [2, "full"])
@@ -125,8 +150,8 @@ def test_scores_with_1_2_3_stages_equal_the_query_scorer(family, tokenizer, rank
     scorer = QueryScorer(model, layers, queries)
     batches = batches_of(tokenizer, batch_size=4)
     expected = [scorer.score(batch, per_token=True) for batch in batches]
-    for num_stages in (1, 2, 3):
-        pipeline = ShardedPipeline(model, layers, num_stages, micro_batch_size=3)
+    pipelines = [ShardedPipeline(model, layers, num_stages, micro_batch_size=3) for num_stages in (1, 2, 3)]
+    for pipeline in pipelines + [ShardedPipeline.checkpointed(model, layers, micro_batch_size=3)]:
         pipeline.set_queries(queries)
         for batch, reference in zip(batches, expected):
             assert_scores_equal(pipeline.score(batch, per_token=True), reference)

@@ -16,7 +16,12 @@ of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's f
                     BASES_COPIES) + the Lambda sums (float64, d_out d_in per layer) + a batch's step + one layer's rotations
                     (B, d_out, d_in) and rotated captures (N (d_in + d_out)), compute dtype
       step          the logits (N, V) that the log-likelihood saves and their gradient, model dtype: LOGIT_COPIES N V
-                    + the autograd graph and the captures: GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype
+                    (with the LM head run a group of sequences at a time, as pipeline stages and checkpointed actors
+                    do: one group's (g T, V))
+                    + the autograd graph and the captures: GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype;
+                    with activation checkpointing (one stage per block, each rebuilt at its backward) one block's
+                    share of that graph, plus the hidden states entering every block and the gradient passed
+                    back: (blocks + 1) N H
     pipeline (--shards N): each stage owns its layers' sums and finishes them, as a fitting actor over those
                     layers holding its own blocks' weights (the stages planned as whence.shards.planning plans
                     them, balanced by parameters), whose step is the micro-batches it keeps at once (N - k of B / N sequences on stage k; logits on the
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from whence.factors import block_slices
 from whence.fit_plan import FLOAT64_BYTES, layer_sum_bytes, plan_owners
 from whence.model import CHECK_CHUNK_BYTES
-from whence.shards.schedule import pipeline_micro_batch
+from whence.shards.schedule import head_group_sequences, pipeline_micro_batch
 
 DRIVER_BASELINE = 450 * 2**20  # the driver before it reads the checkpoint: Python, torch, Ray, Ray Data
 # Checking a checkpoint holds one chunk of a tensor, isfinite's copy of its magnitudes and its masks: measured
@@ -80,6 +85,13 @@ class FitShape:
     # the model (by parameters, so stage 0 with the embeddings holds fewer blocks); None: an even split of the
     # layers, each stage counting the whole model's weights.
     stages: tuple[tuple[tuple[str, ...], int], ...] | None = None
+    checkpointing: bool = False  # activation checkpointing in the fitting actors
+    # Pipeline stages (and checkpointed actors, which run one) apply the LM head a group of sequences at a time
+    # (whence.shards.stage.head_group_sequences): their logits are one group's. Not so when the head is tracked,
+    # which the estimate does not model (its factors would dwarf the logits anyway).
+    head_in_groups: bool = False
+    blocks: int = 0  # transformer blocks (for checkpointing: the tracked layers are spread over them)
+    hidden: int = 0  # H, the width of the hidden states between blocks
 
 
 @dataclass
@@ -126,11 +138,20 @@ def _sum_bytes(layer: dict, num_blocks: int) -> int:
 
 def step_bytes(shape: FitShape) -> int:
     """One batch's forward and backward pass at its peak (the start of the backward pass): the logits and their
-    gradient (N, V), and the graph with the captures, GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype."""
+    gradient (N, V), and the graph with the captures, GRAPH_FACTOR x N sum_l (d_in + d_out), model dtype. With
+    activation checkpointing the last block's graph is the only one alive beside the logits (the tracked layers
+    taken as spread evenly over the blocks), and every block's input hidden states wait for their recomputation,
+    with the gradient passed back between blocks: (blocks + 1) N H."""
     element = DTYPE_BYTES.get(shape.model_dtype, 4)
     tokens = shape.batch_size * shape.seq_len  # N
     logits = LOGIT_COPIES * tokens * shape.vocab_size * element
     graph = GRAPH_FACTOR * tokens * sum(layer["d_in"] + layer["d_out"] for layer in shape.layers) * element
+    if shape.head_in_groups or shape.checkpointing:
+        logits *= min(1.0, head_group_sequences(shape.seq_len, shape.vocab_size, element) / shape.batch_size)
+    if shape.checkpointing and shape.blocks:
+        # (blocks + 1) hidden states waiting and passed back, and the final norm's output with its gradient.
+        boundaries = (shape.blocks + 3) * tokens * shape.hidden * element
+        return int(logits + graph / shape.blocks + boundaries)
     return int(logits + graph)
 
 
@@ -178,7 +199,7 @@ def stage_peaks(shape: FitShape, weights: int) -> list[int]:
     for k, (own, held) in enumerate(plan):
         last = k == shape.shards - 1
         part = replace(shape, layers=own, batch_size=(shape.shards - k) * micro,
-                       vocab_size=shape.vocab_size if last else 0)
+                       vocab_size=shape.vocab_size if last else 0, head_in_groups=True)
         peaks.append(ACTOR_BASELINE + held + max(phase_bytes(part, own, held).values()))
     return peaks
 

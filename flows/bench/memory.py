@@ -1,11 +1,12 @@
 """`whence bench --only memory`: peak resident memory of a `whence fit` against the factors it writes.
 
 For the config's shape and for the same shape with MEMORY_DEEP_BLOCKS blocks (about SmolLM2-135M's size at the
-medium config), each fitted with 1 and 2 workers and with 2 shards on MEMORY_SEQUENCES sequences of the demo
-corpus: the driver's peak, each fitting actor's peak over the factors' bytes, and the estimate
-(whence.memory_estimate) over the measured peak (the driver's too; each actor's peak per phase goes in the
-details). Targets (issue 16): no process above model + 1.5 x the layers it
-owns; the driver below 1 GiB whatever the model.
+medium config), each fitted with 1 and 2 workers, with 2 shards and with 1 worker and activation checkpointing, on
+MEMORY_SEQUENCES sequences of the demo corpus: the driver's peak, each fitting actor's peak over the factors'
+bytes, the largest process's peak over its budget (`*_peak_vs_budget`: the whole model's weights plus 1.5 x an even
+share of the factors, per worker or per stage), and the estimate (whence.memory_estimate) over the measured peak
+(the driver's too; each actor's peak per phase goes in the details). Targets (issue 16): no process above model +
+1.5 x the layers it owns (peak_vs_budget <= 1); the driver below 1 GiB whatever the model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 MEMORY_DEEP_BLOCKS = 30
 MEMORY_SEQUENCES = 16
-VARIANTS = {"1w": dict(workers=1), "2w": dict(workers=2), "2s": dict(workers=1, shards=2)}
+VARIANTS = {"1w": dict(workers=1), "2w": dict(workers=2), "2s": dict(workers=1, shards=2),
+            "1w-ckpt": dict(workers=1, checkpointing=True)}
 
 
 def directory_bytes(directory: Path) -> int:
@@ -37,7 +39,8 @@ def fit_in_subprocess(model_dir: Path, out: Path, config, layout: dict, address:
                "--model", str(model_dir), "--corpus", str(demo_corpus()), "--out", str(out), "--address", address,
                "--seq-len", str(config.seq_len), "--batch-size", str(config.batch_size),
                "--max-sequences", str(MEMORY_SEQUENCES), "--workers", str(layout.get("workers", 1)),
-               "--shards", str(layout.get("shards", 1))]
+               "--shards", str(layout.get("shards", 1))] + (["--activation-checkpointing"] if layout.get("checkpointing")
+                                                           else [])
     subprocess.run(command, check=True)
     return json.loads((out / "run.json").read_text())["summary"]
 
@@ -70,6 +73,12 @@ def fit_memory(bench) -> tuple[dict, dict]:
                 peaks, estimate = memory["peak_rss"], memory["estimate"]
                 name = f"fit_memory_{label}_{variant}"
                 figures[f"{name}_actor_peak_vs_factors"] = max(peaks["actors"]) / factors
+                # The target's budget: the weights plus 1.5 x the factors of the layers a process owns (an even
+                # share of the layers per worker, per stage with shards).
+                owned = factors / (layout.get("workers", 1) * layout.get("shards", 1))
+                top = max(stage["peak_rss"] for pipeline in peaks["stages"] for stage in pipeline) if peaks.get(
+                    "stages") else max(peaks["actors"])
+                figures[f"{name}_peak_vs_budget"] = top / (weights + 1.5 * owned)
                 figures[f"{name}_driver_peak_gib"] = peaks["driver"] / 2**30
                 figures[f"{name}_estimate_vs_actor_peak"] = max(estimate["actors"]) / max(peaks["actors"])
                 figures[f"{name}_estimate_vs_driver_peak"] = estimate["driver"] / peaks["driver"]

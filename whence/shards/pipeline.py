@@ -1,5 +1,7 @@
 """All stages of one model in this process (tests, notebooks): whence.fitting.FactorFitter's and
-whence.scoring.QueryScorer's methods over the stages, run micro-batch by micro-batch in the 1F1B schedule."""
+whence.scoring.QueryScorer's methods over the stages, run micro-batch by micro-batch in the 1F1B schedule, or with
+activation checkpointing (`ShardedPipeline.checkpointed`: one stage per transformer block, each stage's graph
+rebuilt when its backward comes, so a batch holds one block's graph and captures at a time)."""
 
 from __future__ import annotations
 
@@ -31,12 +33,29 @@ class ShardedPipeline:
     """
 
     def __init__(self, model: nn.Module, layers: list[TrackedLayer], num_stages: int, fisher: str = "true",
-                 num_blocks: int = 1, task: LanguageModelingTask | None = None, micro_batch_size: int | None = None):
+                 num_blocks: int = 1, task: LanguageModelingTask | None = None, micro_batch_size: int | None = None,
+                 recompute: bool = False):
         self.stages = split_model(model, num_stages, layers, fisher=fisher, num_blocks=num_blocks, task=task)
         self.layers = list(layers)
         self.layer_names = [layer.name for layer in self.layers]
         self.micro_batch_size = micro_batch_size
+        self.recompute = recompute
         self._next_id = 0
+
+    @classmethod
+    def checkpointed(cls, model: nn.Module, layers: list[TrackedLayer], fisher: str = "true", num_blocks: int = 1,
+                     task: LanguageModelingTask | None = None, micro_batch_size: int | None = None) -> ShardedPipeline:
+        """Activation checkpointing: one stage per transformer block, run in the recomputing order (_recomputed).
+        A batch then holds its boundary hidden states (blocks x (B, T, H)) and one block's graph and captures at a
+        time, not every block's: the same sums and scores for about one more forward pass of compute."""
+        from whence.shards.architecture import architecture_of
+
+        blocks = len(architecture_of(model).blocks_of(model))
+        return cls(model, layers, blocks, fisher, num_blocks, task, micro_batch_size, recompute=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.stages[0].device
 
     def _run(self, batch: dict, objective: str, consume) -> list:
         """Forward and backward every micro-batch of `batch`; consume(stage, id) after each stage's backward."""
@@ -44,6 +63,8 @@ class ShardedPipeline:
         for part in split_batch(batch, self.micro_batch_size):
             micro[self._next_id] = part
             self._next_id += 1
+        if self.recompute:
+            return [self._recomputed(mb, part, objective, consume) for mb, part in micro.items()]
         outputs: dict[tuple[int, int], dict] = {}  # (stage, id) -> forward outputs
         grads: dict[tuple[int, int], dict] = {}  # (stage, id) -> backward outputs
         results: dict[int, list] = {mb: [None] * len(self.stages) for mb in micro}
@@ -56,6 +77,23 @@ class ShardedPipeline:
                 grads[k, mb] = stage.backward(mb, None if k == last else grads.pop((k + 1, mb)))
                 results[mb][k] = consume(stage, mb)
         return [results[mb] for mb in micro]
+
+    def _recomputed(self, mb: int, batch: dict, objective: str, consume) -> list:
+        """One micro-batch with activation checkpointing: a forward pass without graphs that keeps only what enters
+        each stage, then from the last stage back to the first, each stage's forward run again with its graph and
+        its backward straight after (then consume(stage, mb)). Recomputing a stage gives the same activations as
+        its first forward (the model is in eval mode: no dropout), so the sums are those of the 1F1B schedule."""
+        received = [batch]  # received[k]: what stage k takes in
+        for stage in self.stages[:-1]:
+            received.append(stage.forward(mb, received[-1], objective, keep=False))
+        results: list = [None] * len(self.stages)
+        grads = None
+        for k in range(len(self.stages) - 1, -1, -1):
+            stage = self.stages[k]
+            stage.forward(mb, received.pop(), objective)  # received[k]: dropped once its stage has run
+            grads = stage.backward(mb, grads)
+            results[k] = consume(stage, mb)
+        return results
 
     def covariance_step(self, batch: dict) -> None:
         self._run(batch, "fisher", lambda stage, mb: stage.accumulate_covariance(mb))

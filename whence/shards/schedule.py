@@ -9,6 +9,17 @@ import torch
 
 FORWARD, BACKWARD = "forward", "backward"
 
+# The last stage runs its LM head a group of sequences at a time (unless the head is tracked): the largest (g T, V)
+# logits a group may hold, in the model's dtype. Each group's logits, sampled labels and their gradient are gone
+# before the next group's exist, so a batch holds one group's, not its whole (B T, V): 128 MiB is two sequences
+# of 512 tokens at a 32k vocabulary in float32, and at least one sequence always.
+HEAD_GROUP_BYTES = 2**27
+
+
+def head_group_sequences(seq_len: int, vocab: int, element: int) -> int:
+    """Sequences per group of the last stage's LM head: as many as HEAD_GROUP_BYTES of logits hold, at least one."""
+    return max(1, HEAD_GROUP_BYTES // max(1, seq_len * vocab * element))
+
 
 def pipeline_micro_batch(batch_size: int, num_stages: int) -> int:
     """The micro-batch size of a pipeline of `num_stages` stages fed batches of `batch_size` sequences:

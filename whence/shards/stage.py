@@ -32,6 +32,7 @@ from whence.scoring import BatchScores, QueryScorer
 from whence.shards.architecture import architecture_of
 from whence.shards.merge import select_layers
 from whence.shards.planning import StageSpec, parameter_count, stage_specs
+from whence.shards.schedule import head_group_sequences
 from whence.task import LanguageModelingTask
 from whence.tracking import LayerCapture, check_finite_captures, layer_capture, recorded_layers
 
@@ -50,10 +51,11 @@ class _InFlight:
 
     batch: dict  # on the stage's device
     inputs: torch.Tensor | None  # (B, T, H) received hidden states, requires grad; None on stage 0
-    outputs: torch.Tensor | None  # (B, T, H) sent on; None on the last stage
+    outputs: torch.Tensor | None  # (B, T, H) sent on; on the last stage, the final norm's output (head in groups)
     objective: torch.Tensor | None  # (B,) on the last stage
     layer_inputs: list[torch.Tensor]  # per tracked layer, detached
     layer_outputs: list[torch.Tensor]  # per tracked layer, in the graph
+    head_grads: torch.Tensor | None = None  # (B, T, H) d objective / d outputs, when the head ran in groups
 
 
 @dataclass
@@ -169,30 +171,43 @@ class Stage:
                 "micro_batches_held": len(self._in_flight) + len(self._captured)}
 
     # -- forward / backward --------------------------------------------------------------------------------
-    def forward(self, micro_batch_id: int, inputs: dict, objective: str = "fisher") -> dict:
+    def forward(self, micro_batch_id: int, inputs: dict, objective: str = "fisher", keep: bool = True) -> dict:
         """Run this stage's blocks on one micro-batch and keep its autograd graph under `micro_batch_id`.
 
         inputs: a batch (stage 0) or the previous stage's outputs. Returns the batch keys and the hidden states
         (CPU), or on the last stage {"objective": (B,)} (the per-sequence objective, whose backward it starts).
+        keep=False runs the blocks without a graph and keeps nothing: the outputs only, for a pass that recomputes
+        this stage when its backward comes (ShardedPipeline's activation checkpointing).
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         device = self.device
         batch = {k: inputs[k].to(device) for k in BATCH_KEYS if k in inputs}
+        if not keep:
+            if self.last:
+                raise ValueError(f"stage {self.index} is the last: its forward starts the backward pass, keep it")
+            with torch.no_grad():
+                hidden = self.arch.run_blocks(self.config, self.parts, self.block_range[0],
+                                              self._input_hidden_states(inputs, batch)[1], batch["attention_mask"])
+            return {**{k: inputs[k] for k in BATCH_KEYS if k in inputs}, HIDDEN_STATES: hidden.to("cpu")}
         with recorded_layers(self.layers) as (layer_inputs, layer_outputs):
             with _frozen(self.parts), torch.enable_grad():
                 received, hidden = self._input_hidden_states(inputs, batch)
                 hidden = self.arch.run_blocks(self.config, self.parts, self.block_range[0], hidden,
                                               batch["attention_mask"])
-                values = None
+                values = head_grads = None
                 if self.last:
-                    logits = self.parts["head"](self.parts["final_norm"](hidden))
-                    values = self._objective(logits, batch, objective)
+                    hidden = self.parts["final_norm"](hidden)
+                    if self._head_tracked:
+                        values = self._objective(self.parts["head"](hidden), batch, objective)
+                        hidden = None
+                    else:
+                        values, head_grads = self._head_in_groups(hidden, batch, objective)
         missing = [self.layers[i].name for i, out in enumerate(layer_outputs) if out is None]
         if missing:
             raise RuntimeError(f"tracked layers not called in stage {self.index}'s forward: {', '.join(missing)}")
-        self._in_flight[micro_batch_id] = _InFlight(batch, received, None if self.last else hidden, values,
-                                                    layer_inputs, layer_outputs)
+        self._in_flight[micro_batch_id] = _InFlight(batch, received, hidden, values, layer_inputs, layer_outputs,
+                                                    head_grads)
         if self.last:
             return {OBJECTIVE: values.detach().to("cpu")}
         outputs = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
@@ -207,8 +222,10 @@ class Stage:
         state = self._in_flight.pop(micro_batch_id, None)
         if state is None:
             raise MicroBatchLost(f"stage {self.index} holds no forward pass for micro-batch {micro_batch_id}")
-        if self.last:
+        if self.last and state.head_grads is None:
             roots, root_grads = [state.objective.sum()], None
+        elif self.last:  # the head ran in groups: its gradient at the final norm's output is known already
+            roots, root_grads = [state.outputs], [state.head_grads]
         else:
             roots = [state.outputs]
             root_grads = [grad_outputs[HIDDEN_STATES].to(state.outputs.device, state.outputs.dtype)]
@@ -368,6 +385,31 @@ class Stage:
         # Parameters are frozen: the embeddings' output is made to require grad so the blocks build a graph
         # (as whence.tracking.frozen_parameters does with a hook).
         return None, hidden.requires_grad_(True)
+
+    @property
+    def _head_tracked(self) -> bool:
+        head = list(self.parts["head"].modules()) if self.last else []
+        return any(layer.module is module for layer in self.layers for module in head)
+
+    def _head_in_groups(self, normed: torch.Tensor, batch: dict, objective: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective (B,), its gradient at the final norm's output (B, T, H)): the LM head and the objective run
+        head_group_sequences() sequences at a time, each group differentiated before the next starts, so that a
+        batch never holds more than one group's logits. Sequences do not interact and sampled labels are seeded
+        per sequence, so the values and gradients are those of the whole batch at once."""
+        detached = normed.detach()
+        batch_size, seq_len = detached.shape[:2]
+        vocab = self.parts["head"].weight.shape[0]
+        group = head_group_sequences(seq_len, vocab, detached.element_size())
+        values, grads = [], torch.empty_like(detached)
+        for start in range(0, batch_size, group):
+            rows = slice(start, start + group)
+            part = {k: v[rows] for k, v in batch.items()}
+            inputs = detached[rows].requires_grad_(True)
+            value = self._objective(self.parts["head"](inputs), part, objective)  # (g,)
+            grads[rows] = torch.autograd.grad(value.sum(), inputs)[0]
+            values.append(value.detach())
+        return torch.cat(values), grads
 
     def _objective(self, logits: torch.Tensor, batch: dict, objective: str) -> torch.Tensor:
         if objective == "fisher":
