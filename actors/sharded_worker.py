@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from actors.hosting import ModelSpec, gpu_share, pad_id_of, rows_to_batch, sequence_rows_mask
-from actors.stage import CONSUMERS, CORRECTION, COVARIANCE, SCORE, STAGE_CONCURRENCY, StageActor
+from actors.stage import CONSUMERS, SCORE, STAGE_CONCURRENCY, StageActor
 from actors.stage_passes import MAX_RECOVERY_ROUNDS, StagePasses
+from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.queries import PreparedQueries
 from whence.scoring import BatchScores

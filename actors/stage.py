@@ -19,6 +19,7 @@ import torch
 
 from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading
 from actors.owner import LayerOwner, release_free_memory
+from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
 from whence.fitting import eigendecompose
 from whence.model import default_device, parse_dtype
@@ -27,7 +28,7 @@ from whence.scoring import BatchScores
 from whence.shards.loading import load_stage
 
 # The passes a stage runs, and what it does with a micro-batch after its backward pass in each.
-COVARIANCE, CORRECTION, SCORE, PRODUCT = "covariance", "correction", "score", "product"
+SCORE, PRODUCT = "score", "product"  # the passes besides whence.factor_owners' COVARIANCE and CORRECTION
 # StageActor's concurrency group for `export` (one thread beside the default one, where every other call runs in
 # order): see StageActor.export. Launchers pass STAGE_CONCURRENCY to ray.remote.
 EXPORTS = "exports"

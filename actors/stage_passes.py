@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from actors.owner import LayerOwner
-from actors.stage import CORRECTION, COVARIANCE, PRODUCT
+from actors.stage import PRODUCT
+from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.shards import merge_products, sum_coefficients
 
 # Re-run rounds before giving up on micro-batches that keep failing while stages keep restarting.

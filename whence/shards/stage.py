@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis, compute_dtype
 from whence.fitting import basis_to
 from whence.model import TrackedLayer, find_tracked_layers
@@ -302,18 +303,18 @@ class Stage:
     def take_covariance(self) -> CovarianceSums:
         """The partial sums so far (CPU; zeros if no micro-batch was included), and reset."""
         result = self.statistics.covariance or CovarianceSums.zeros(self.shapes, self.num_blocks, self.device)
-        self.drop_sums("covariance")
+        self.drop_sums(COVARIANCE)
         return result.to("cpu")
 
     def take_corrections(self) -> LambdaSums:
         result = self.statistics.corrections or LambdaSums.zeros(self.shapes, self.device)
-        self.drop_sums("correction")
+        self.drop_sums(CORRECTION)
         return result.to("cpu")
 
     def drop_sums(self, kind: str) -> None:
-        """Forget the partial sums of one pass ("covariance" or "correction") and the ids they include."""
+        """Forget the partial sums of one pass (COVARIANCE or CORRECTION) and the ids they include."""
         stats = self.statistics
-        if kind == "covariance":
+        if kind == COVARIANCE:
             stats.covariance, stats.covariance_ids = None, set()
         else:
             stats.corrections, stats.correction_ids = None, set()
