@@ -37,7 +37,8 @@ def fit_shape(model: str, modules: str, config, cluster) -> FitShape:
     return FitShape(layers, sum(p.numel() for p in meta.parameters()), int(model_config.vocab_size), dtype,
                     config.batch_size, config.seq_len, config.num_blocks, config.factor_dtype, cluster.workers,
                     cluster.shards, largest_tensor_bytes(model), _stages(meta, tracked, cluster.shards),
-                    cluster.checkpointing, blocks, int(getattr(model_config, "hidden_size", 0) or 0))
+                    checkpointing=cluster.checkpointing, blocks=blocks,
+                    hidden=int(getattr(model_config, "hidden_size", 0) or 0))
 
 
 def _block_count(meta, required: bool) -> int:

@@ -238,3 +238,25 @@ def test_with_shards_each_stage_is_estimated_with_the_layers_and_weights_it_load
     for (_, parameters), own, every in zip(shape.stages, stage_peaks(shape, 4 * shape.parameters),
                                            stage_peaks(whole, 4 * shape.parameters)):
         assert every - own == 4 * (shape.parameters - parameters)
+
+
+def test_a_fit_too_large_for_its_node_is_offered_activation_checkpointing(tmp_path):
+    """fit_shape reads the blocks and width from the model's config; a fit whose batch's graph is what does not fit
+    is offered --activation-checkpointing (and a family without stages is refused it before any actor starts)."""
+    from flows.cluster import ClusterSettings
+    from flows.memory_check import alternatives, fit_shape
+    from tests.tiny import make_tokenizer
+    from whence.config import FitConfig
+
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer), hidden=32, layers=6, context=64, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    shape = fit_shape(str(tmp_path), "mlp", FitConfig(seq_len=64, batch_size=4096), ClusterSettings())
+    assert (shape.blocks, shape.hidden, shape.checkpointing) == (6, 32, False)
+    plain = estimate_fit(shape)
+    checkpointed = estimate_fit(dataclasses.replace(shape, checkpointing=True))
+    assert checkpointed.largest < plain.largest
+    room = (plain.largest + checkpointed.largest) // 2  # a node between the two
+    assert "--activation-checkpointing" in alternatives(shape, room, room)
+    assert "--activation-checkpointing" not in alternatives(dataclasses.replace(shape, shards=2), room, room)

