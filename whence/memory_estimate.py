@@ -34,7 +34,7 @@ estimate beside the peaks of whole fits, and `whence fit` records both in the fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 from whence.factors import block_slices
 from whence.fit_plan import FLOAT64_BYTES, layer_sum_bytes, plan_owners
@@ -85,6 +85,7 @@ class FitShape:
     # the model (by parameters, so stage 0 with the embeddings holds fewer blocks); None: an even split of the
     # layers, each stage counting the whole model's weights.
     stages: tuple[tuple[tuple[str, ...], int], ...] | None = None
+    _: KW_ONLY  # the fields below by keyword only: added later, a positional call would shift them silently
     checkpointing: bool = False  # activation checkpointing in the fitting actors
     # Pipeline stages (and checkpointed actors, which run one) apply the LM head a group of sequences at a time
     # (whence.shards.stage.head_group_sequences): their logits are one group's. Not so when the head is tracked,
