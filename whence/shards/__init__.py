@@ -12,8 +12,10 @@ side by side). Nothing here imports Ray: `actors/stage.py` wraps a `Stage` in an
     stage.py         Stage (the forward/backward protocol, per-stage sums and scores), split_model
     loading.py       load_stage: one stage built from the checkpoint with only its own weights read
     merge.py         queries cut down to a stage's layers; stages' sums and scores merged back (float64)
-    schedule.py      micro-batches and the one-forward-one-backward (1F1B) schedule
-    pipeline.py      ShardedPipeline: all stages in this process (tests, notebooks)
+    schedule.py      micro-batches, the one-forward-one-backward (1F1B) schedule, the LM head's sequence groups
+    pipeline.py      ShardedPipeline: all stages in this process (tests, notebooks), and activation checkpointing
+                     (ShardedPipeline.checkpointed: a stage per block, each recomputed at its backward), which
+                     the fitting actors run with `whence fit --activation-checkpointing`
 
 The names below are this package's public interface; import them from `whence.shards`.
 """

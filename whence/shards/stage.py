@@ -8,6 +8,10 @@ Protocol for one micro-batch (ids are ints chosen by the caller; a stage keeps s
     stage k     backward(id, grads of k + 1)  -> {"hidden_states": dL/dh}  ({} on stage 0)
     each stage  accumulate_covariance(id) | accumulate_corrections(id) | score(id, per_token)
     each stage  product_coefficients(id) -> (B, Q); then accumulate_products(id, their sum over the stages)
+    stage k     forward(id, inputs, keep=False) -> the same outputs, no graph kept (activation checkpointing: the
+                stage's forward runs again with its graph when its backward comes; not the last stage)
+The last stage applies its LM head a group of sequences at a time (whence.shards.schedule.head_group_sequences)
+and keeps the gradient at the final norm's output, so its backward never holds the whole batch's logits.
 Everything that crosses a stage boundary is a dict of plain CPU tensors, so Ray can carry it. Backward is
 activation-only: parameters are frozen during forward, and `torch.autograd.grad` runs to the stage's input
 hidden states and to its tracked layers' outputs, never to a weight. The family's forward (embeddings, blocks)
