@@ -88,6 +88,9 @@ def fit_memory(bench) -> tuple[dict, dict]:
                     figures[f"{name}_estimate_vs_stage_peak"] = max(estimate["stages"]) / stage_peak
                 details[name] = {"weights": weights, "factors": factors, "peak_rss": peaks, "estimate": estimate,
                                  "seconds": summary["seconds"]}  # peak_rss["phases"]: each actor's, per phase
+                if layout.get("checkpointing"):  # what recomputing each block costs: the whole fit's seconds
+                    plain = details[f"fit_memory_{label}_1w"]["seconds"]
+                    figures[f"{name}_seconds_vs_1w"] = summary["seconds"] / plain
                 print(f"  {name}: actors {[round(p / 2**20) for p in peaks['actors']]} MiB (estimate "
                       f"{[round(e / 2**20) for e in estimate['actors']]}), driver {peaks['driver'] / 2**20:.0f} MiB, "
                       f"weights {weights / 2**20:.0f} MiB, factors {factors / 2**20:.0f} MiB", flush=True)
