@@ -194,7 +194,7 @@ class Stage:
             with torch.no_grad():
                 hidden = self.arch.run_blocks(self.config, self.parts, self.block_range[0],
                                               self._input_hidden_states(inputs, batch)[1], batch["attention_mask"])
-            return {**{k: inputs[k] for k in BATCH_KEYS if k in inputs}, HIDDEN_STATES: hidden.to("cpu")}
+            return self._outputs(inputs, hidden)
         with recorded_layers(self.layers) as (layer_inputs, layer_outputs):
             with _frozen(self.parts), torch.enable_grad():
                 received, hidden = self._input_hidden_states(inputs, batch)
@@ -215,9 +215,12 @@ class Stage:
                                                     head_grads)
         if self.last:
             return {OBJECTIVE: values.detach().to("cpu")}
-        outputs = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
-        outputs[HIDDEN_STATES] = hidden.detach().to("cpu")
-        return outputs
+        return self._outputs(inputs, hidden)
+
+    @staticmethod
+    def _outputs(inputs: dict, hidden: torch.Tensor) -> dict:
+        """What the next stage receives: the batch keys as received and the hidden states (CPU)."""
+        return {**{k: inputs[k] for k in BATCH_KEYS if k in inputs}, HIDDEN_STATES: hidden.detach().to("cpu")}
 
     def backward(self, micro_batch_id: int, grad_outputs: dict | None = None, capture: bool = True) -> dict:
         """Backpropagate one micro-batch: from the objective (last stage, grad_outputs None) or from the next
