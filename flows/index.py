@@ -223,7 +223,7 @@ def _manifest(state, factors_manifest: dict, projections, summary: dict) -> dict
     layers, offsets = [], projections.offsets
     for layer, described, start in zip(projections.layers, factors_manifest["layers"], offsets):
         layers.append({"name": layer.name, "d_out": described["d_out"], "d_in": described["d_in"],
-                       "k_out": layer.output.shape[0], "k_in": layer.input.shape[0], "offset": start})
+                       "k_out": layer.k_out, "k_in": layer.k_in, "rank": layer.rank, "offset": start})
     return {
         "command": "index", "arguments": arguments, "layers": layers, "width": projections.width,
         "projection": {"kind": projections.kind, "dim": projections.dim, "seed": projections.seed},

@@ -225,7 +225,7 @@ def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, clus
     connect(cluster.address)
     task = ray.remote(score_shard_file).options(num_cpus=1, max_retries=2)
     rows, key_ref = ray.put(prepared.numpy()), ray.put(keys)
-    pending = [task.remote(shard_path(index.path, f), rows, index.projections.offsets, query_ids, top_k,
+    pending = [task.remote(shard_path(index.path, f), rows, index.projections.layout, query_ids, top_k,
                            key_ref) for f in fragments]
     merged = TopK.empty(query_ids, top_k, len(index.layer_names))
     # At most `workers` shards in flight: each task reads one shard into memory.

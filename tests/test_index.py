@@ -9,7 +9,7 @@ from tests.references import per_sequence_gradients
 from tests.tiny import TEXTS
 from whence import FitConfig, fit
 from whence.index import GradientCompressor, build_projections, score_shard
-from whence.index.projection import random_projection
+from whence.index.projection import DEFAULT_DIMS, random_projection
 from whence.model import find_tracked_layers
 from whence.queries import factors_for_method, query_gradients
 from whence.task import LanguageModelingTask
@@ -45,12 +45,13 @@ def dense_scores(model, tokenizer, layers, factors, sequences, method):
 def index_scores(model, tokenizer, layers, projections, factors, sequences, method, batch_size=3):
     shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, batch_size)
     prepared = projections.prepare(query_gradients(model, tokenizer, layers, QUERIES), factors, method)
-    return score_shard(shard, prepared, projections.offsets)
+    return score_shard(shard, prepared, projections.layout)
 
 
 @pytest.mark.parametrize(("kind", "method"), [("eigen", "ekfac"), ("eigen", "identity"), ("eigen", "kfac"),
                                               ("lambda", "ekfac"), ("lambda", "kfac"),
-                                              ("random", "ekfac"), ("random", "diagonal")])
+                                              ("random", "ekfac"), ("random", "diagonal"),
+                                              ("lowrank", "ekfac"), ("lowrank", "diagonal")])
 def test_an_untruncated_index_gives_the_exact_scores(fitted, tokenizer, kind, method):
     model, layers, factors, sequences = fitted
     if method == "diagonal":  # the random kind preconditions the full gradient: any derivable method
@@ -59,7 +60,8 @@ def test_an_untruncated_index_gives_the_exact_scores(fitted, tokenizer, kind, me
         factors = Factors("diagonal", factors.layers, dict.fromkeys(factors.layer_names), factors.eigenvalues,
                           factors.metadata)
     expected = dense_scores(model, tokenizer, layers, factors, sequences, method)
-    projections = build_projections(factors if kind == "random" else fitted[2], kind, EVERY_DIMENSION, seed=3)
+    projections = build_projections(factors if kind in ("random", "lowrank") else fitted[2], kind, EVERY_DIMENSION,
+                                    seed=3)
     scored = index_scores(model, tokenizer, layers, projections, factors, sequences, method)
     torch.testing.assert_close(torch.from_numpy(scored.scores.T), expected, **FLOAT64)
     np.testing.assert_allclose(scored.layer_scores.sum(axis=2), scored.scores, rtol=1e-12)
@@ -97,6 +99,31 @@ def test_the_lambda_projection_keeps_the_largest_corrected_eigenvalues(fitted, t
         torch.testing.assert_close(rows[:, start : start + 9], full[:, whole_start + flat], rtol=1e-4, atol=1e-6)
 
 
+def test_the_lowrank_rows_are_each_gradients_truncated_svd(fitted, tokenizer):
+    """Rank r keeps L R with L R the best rank-r approximation of each sequence's dW (its r largest singular
+    triplets, as torch.linalg.svd of the dense gradient gives them), and the index scores <P(grad f(q)), L R>."""
+    model, layers, factors, sequences = fitted
+    rank = 3
+    projections = build_projections(factors, "lowrank", rank)
+    rows = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, 4).gradients  # (N, width)
+    train = per_sequence_gradients(model, tokenizer, layers, sequences,
+                                   objective=LanguageModelingTask().sequence_log_likelihood)
+    grads = query_gradients(model, tokenizer, layers, QUERIES)
+    expected = 0
+    for layer, block in zip(projections.layers, projections.layout):
+        d_out, d_in = layer.d_out, layer.d_in
+        assert (layer.k_out, layer.k_in, layer.width) == (rank, rank, rank * (d_out + d_in))
+        stored = rows[:, block.stored[0] : block.stored[1]]
+        low = stored[:, : rank * d_out].view(-1, rank, d_out).transpose(1, 2) @ stored[:, rank * d_out :].view(-1, rank, d_in)
+        u, sigma, vh = torch.linalg.svd(train[layer.name].view(-1, d_out, d_in))
+        best = (u[:, :, :rank] * sigma[:, None, :rank]) @ vh[:, :rank]  # (N, d_out, d_in)
+        torch.testing.assert_close(low, best, atol=1e-8 * float(sigma.max()), rtol=0)
+        assert float((train[layer.name].view(-1, d_out, d_in) - best).abs().max()) > 1e-6  # something was dropped
+        expected = expected + factors.precondition(layer.name, grads[layer.name]).flatten(1) @ best.flatten(1).T
+    scored = index_scores(model, tokenizer, layers, projections, factors, sequences, "ekfac")
+    torch.testing.assert_close(torch.from_numpy(scored.scores.T), expected, **FLOAT64)
+
+
 def test_random_projections_are_seeded_and_unbiased():
     first, again, other = (random_projection(40, 8, seed, "layer/input") for seed in (1, 1, 2))
     torch.testing.assert_close(first, again, rtol=0, atol=0)
@@ -106,9 +133,10 @@ def test_random_projections_are_seeded_and_unbiased():
     torch.testing.assert_close(mean / 2000, torch.eye(6, dtype=torch.float64), atol=0.1, rtol=0)
 
 
-def test_the_batch_size_does_not_change_the_rows(fitted, tokenizer):
+@pytest.mark.parametrize("kind", ["eigen", "lowrank"])
+def test_the_batch_size_does_not_change_the_rows(fitted, tokenizer, kind):
     model, layers, factors, sequences = fitted
-    projections = build_projections(factors, "eigen", 4)
+    projections = build_projections(factors, kind, 4)
     compressor = GradientCompressor(model, tokenizer, layers, projections)
     one, five = (compressor.shard(0, sequences, size).gradients for size in (1, 5))
     torch.testing.assert_close(one, five, **FLOAT64)
@@ -249,6 +277,27 @@ def test_query_results_read_like_score_results_with_per_token_scores(indexed, tm
         for row in rows:  # untruncated: the index's score is the full score the tokens sum to (float32 rows)
             assert np.isclose(row.token_scores.sum(), row.score, rtol=1e-4, atol=1e-6)
     assert main(["report", str(out)]) == 0
+
+
+def test_a_lowrank_index_on_ray_answers_as_the_untruncated_index(indexed, tmp_path):
+    """`--projection lowrank` at its default rank (20: above the full rank, 16, of every tiny layer), built by 2 workers and
+    searched by Ray tasks (the layout travels with each), ranks as the untruncated eigen index does."""
+    import json
+
+    from whence.results import load_results
+
+    build(indexed, tmp_path / "full", dim=EVERY_DIMENSION)
+    build(indexed, tmp_path / "low", workers=2, projection="lowrank", dim=None)
+    manifest = json.loads((tmp_path / "low" / "manifest.json").read_text())
+    assert manifest["projection"]["kind"] == "lowrank" and manifest["projection"]["dim"] == DEFAULT_DIMS["lowrank"]
+    assert all(layer["rank"] == min(layer["d_out"], layer["d_in"]) == 16 for layer in manifest["layers"])
+    run_query(tmp_path / "full", indexed, tmp_path / "a")
+    run_query(tmp_path / "low", indexed, tmp_path / "b", workers=2)
+    reference, low = (load_results(tmp_path / name) for name in ("a", "b"))
+    for query in reference.queries:
+        expected, found = reference.top(query.id), low.top(query.id)
+        assert [(r.doc_id, r.chunk) for r in found] == [(r.doc_id, r.chunk) for r in expected]
+        np.testing.assert_allclose([r.score for r in found], [r.score for r in expected], rtol=1e-4)
 
 
 def test_rescoring_ranks_the_shortlist_by_the_full_score(indexed, tmp_path):

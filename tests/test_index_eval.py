@@ -42,6 +42,14 @@ def test_the_random_index_scores_every_sequence(setup):
     assert min(np.corrcoef(r, e)[0, 1] for r, e in zip(random, expected)) > 0.3, "a projection of the same scores"
 
 
+def test_the_lowrank_index_of_short_sequences_scores_as_ekfac(setup):
+    """A sequence of T <= 16 tokens has a gradient of rank <= 16 in every layer: the default rank keeps it all."""
+    scoring, factors = setup
+    lowrank = index_scores(scoring, factors, QUERIES, "lowrank")
+    expected = influence_scores(scoring, factors, QUERIES, "ekfac")
+    np.testing.assert_allclose(lowrank, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
 def test_the_index_methods_are_evaluation_methods():
-    assert {"index", "index-random"} <= set(ALL_METHODS)
+    assert {"index", "index-random", "index-lowrank"} <= set(ALL_METHODS)
     assert parse_methods("ekfac,index,index-random") == ["ekfac", "index", "index-random"]

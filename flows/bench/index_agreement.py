@@ -61,7 +61,7 @@ def exact_and_compressed(args, queries) -> tuple[np.ndarray, dict, dict, int]:
     gradients = query_gradients(model, tokenizer, layers, queries)
     projections = {(kind, dim): build_projections(factors, kind, dim)
                    for kind in args.kinds.split(",") for dim in (int(d) for d in args.dims.split(","))}
-    rows = {key: p.prepare(gradients, factors).to(torch.float32) for key, p in projections.items()}  # (Q, width)
+    rows = {key: p.prepare(gradients, factors).to(torch.float32) for key, p in projections.items()}  # (Q, query width)
     settings = ReadSettings(args.model, int(arguments.get("seq_len", 512)))
     sequences = (s for f in list_fragments(list(args.corpus)) for s in fragment_sequences(f, settings))
     sequences = islice(sequences, args.max_sequences)
@@ -73,7 +73,9 @@ def exact_and_compressed(args, queries) -> tuple[np.ndarray, dict, dict, int]:
             compressed = projection.compress(captures)  # (B, width) float32
             for dtype in ("float16", "float32"):
                 stored = compressed.to(getattr(torch, dtype)).to(torch.float32)
-                approx[(*key, dtype)].append((stored @ rows[key].T).numpy())
+                approx[(*key, dtype)].append(sum(block.scores(stored[:, slice(*block.stored)],
+                                                              rows[key][:, slice(*block.query)])
+                                                 for block in projection.layout).numpy())
     sizes = {key: 2 * p.width for key, p in projections.items()}
     exact_scores = np.concatenate(exact)
     return exact_scores, {k: np.concatenate(v) for k, v in approx.items()}, sizes, exact_scores.shape[0]

@@ -23,7 +23,7 @@ from whence.text import Query, TrainingSequence
 
 BASELINES = ("tfidf", "random")
 # The gradient index (whence.index) at its default dimension, EK-FAC-preconditioned: method -> projection kind.
-INDEX_METHODS = {"index": "eigen", "index-random": "random"}
+INDEX_METHODS = {"index": "eigen", "index-random": "random", "index-lowrank": "lowrank"}
 ALL_METHODS = METHODS + tuple(INDEX_METHODS) + BASELINES
 
 
@@ -75,13 +75,14 @@ def influence_scores(setup: ScoringSetup, factors: Factors, queries: Sequence[Qu
 def index_scores(setup: ScoringSetup, factors: Factors, queries: Sequence[Query], kind: str) -> np.ndarray:
     """(Q, N) scores of an in-memory gradient index of the setup's sequences (projection `kind`, the default
     dimension and seed), queries preconditioned by EK-FAC in the compressed space, as `whence query` scores."""
-    from whence.index import DEFAULT_DIM, GradientCompressor, build_projections, score_shard
+    from whence.index import GradientCompressor, build_projections, score_shard
+    from whence.index.projection import DEFAULT_DIMS
     from whence.queries import query_gradients
     from whence.text import iter_sequences
 
-    projections = build_projections(factors, kind, DEFAULT_DIM)
+    projections = build_projections(factors, kind, DEFAULT_DIMS[kind])
     compressor = GradientCompressor(setup.model, setup.tokenizer, setup.layers, projections)
     shard = compressor.shard(0, iter_sequences(setup.tokenizer, setup.documents, setup.seq_len), setup.batch_size)
     gradients = query_gradients(setup.model, setup.tokenizer, setup.layers, list(queries))
-    prepared = projections.prepare(gradients, factors, "ekfac", setup.damping)  # (Q, width)
-    return np.ascontiguousarray(score_shard(shard, prepared, projections.offsets).scores.T)  # (Q, N)
+    prepared = projections.prepare(gradients, factors, "ekfac", setup.damping)  # (Q, query width)
+    return np.ascontiguousarray(score_shard(shard, prepared, projections.layout).scores.T)  # (Q, N)

@@ -1,8 +1,8 @@
 """The gradient index: every corpus sequence's gradient stored once, compressed, so that new queries are
 answered by matrix products instead of a pass of the model over the corpus (`whence index`, `whence query`).
 
-    projection.py  the Kronecker-structured projections (EK-FAC eigenbasis truncation, seeded random) and the
-                   query side that preconditions in the compressed space
+    projection.py  the Kronecker-structured projections (EK-FAC eigenbasis truncation, seeded random), each
+                   sequence's own low-rank factors (lowrank), and the query side that preconditions to match
     build.py       a batch of sequences -> compressed rows (GradientCompressor), a fragment -> its shard
     shards.py      the index directory: one safetensors shard per corpus fragment, checksums, resume
     search.py      scoring shards by matrix products; Index.open(path).query(queries, top_k=10)

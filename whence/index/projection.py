@@ -22,6 +22,17 @@ stored G~ is <X~_q, G~> with X~_q (k_out, k_in) the query's side, made according
           <P_out X P_in^T, P_out dW P_in^T> is an unbiased (Johnson-Lindenstrauss) estimate of <X, dW>, with
           X = P(grad f(q)) preconditioned in full as `whence score` does (whence.queries). With k = d the
           projection is orthogonal and the estimate exact.
+  lowrank not a fixed projection: each sequence's own rank-r factorisation dW ~= L R, L (d_out, r) and R (r, d_in)
+          (the r largest singular triplets, sqrt(sigma) on each side), stored as r (d_out + d_in) values. A
+          sequence's gradient is a sum of T rank-one terms and its singular values fall fast, so r = 16 keeps
+          most of it where a fixed K x K projection of the same bytes keeps a small part (below). The factors
+          come from a seeded randomized range finder (Halko, Martinsson & Tropp 2011) run on the tokens,
+          dW Omega = s^T (a Omega), with POWER_ITERATIONS power iterations and OVERSAMPLE extra columns, so
+          dW is never formed while compressing. The query side is X = P(grad f(q)) in full (d_out x d_in),
+          as for random, and the score <X, L R> is exact for the stored factors: a search expands each
+          stored row to its (d_out, d_in) rank-r gradient, a few rows at a time, and takes one matrix product
+          with the queries, so a search costs about r + Q dense products per sequence and layer, and the
+          query rows are as wide as the tracked layers' weights.
 
 Measured on the bundled model and corpus (flows.bench.index_agreement: 2,115 sequences of 128 tokens, 17 queries,
 against the full-rank EK-FAC score; mean per-query Spearman / top-10 overlap, float16 rows):
@@ -33,7 +44,20 @@ flows/eval_assets/queries.jsonl), the lambda kind against eigen (Spearman, demo 
 K = 32 0.50/0.51 against 0.55/0.54, K = 64 0.67/0.67 against 0.71/0.70, K = 128 0.85/0.85 against 0.86/0.85
 (top-10 overlap 0.37 against 0.51 at K = 64): the queries' preconditioned gradients weigh the directions of the
 Kronecker factors' largest eigenvalues more than the training data's Lambda predicts.
-The eigen kind ranks closer at every K (Spearman) and is the default, at K = 64; the random kind finds more of the
+The lowrank kind, on the first 1,500 sequences with the same 17 queries (flows.bench.index_agreement; Spearman
+/ top-10 overlap / share of the exact top 10 within the index's top 100, demo queries then others, float16):
+    r = 12 (203 KB a sequence)  0.86/0.66/0.98  0.87/0.69/1.00      eigen K = 64 (98 KB)  0.71/0.51/0.89  0.70/0.51/0.95
+    r = 16 (270 KB)             0.90/0.72/0.98  0.91/0.76/1.00
+    r = 20 (338 KB, default)    0.92/0.79/1.00  0.93/0.76/1.00      eigen K = 128 (393 KB, 2,115 sequences) 0.87/0.72
+    r = 24 (406 KB)             0.94/0.84/1.00  0.95/0.81/1.00
+A first in-process trial on 200 sequences with the exact truncated SVD: r = 6 (4,224 values a layer, as many as
+K = 64's 4,096) 0.75 against eigen K = 64's 0.71; rounding the factors to int8 with a scale per vector moved no
+figure by more than 0.001 (not implemented: the shards hold one floating dtype); non-square eigen blocks of 4,096
+values (128 x 32, 32 x 128, 90 x 45) and an eigen block of 45 x 45 with a random sketch of the rest did no
+better than the square block. Per byte, a sequence's own factors beat any fixed projection tried, and lowrank is
+the default; its price is the search: a few dense products per sequence and layer where eigen takes one small
+one, and query rows as wide as the layers (at model scale, choose eigen or random).
+The eigen kind ranks closer than random at every K (Spearman) and was the default, at K = 64; the random kind finds more of the
 top 10 at K >= 32. Neither is close at small K: with the heuristic damping (0.1 x mean Lambda) EK-FAC's score
 spreads over most of a layer's d_out x d_in eigen-directions (sum of Lambda / (Lambda + damping) is 50-70 thousand
 of 98 thousand for these layers), so any K x K block keeps a small part of it. float16 rows agree with float32
@@ -58,20 +82,57 @@ from whence.errors import FactorsMismatchError, SettingsError
 from whence.factors import Factors
 from whence.storage import Location
 
-KINDS = ("eigen", "lambda", "random")
-DEFAULT_KIND = "eigen"
-DEFAULT_DIM = 64
+KINDS = ("eigen", "lambda", "random", "lowrank")
+DEFAULT_KIND = "lowrank"
+DEFAULT_DIM = 64  # K of the fixed projections
+# --dim when not given: K for the projections, the rank r for lowrank (the first rank whose mean Spearman with
+# the full score passed 0.9 with a margin on the bundled corpus, see above).
+DEFAULT_DIMS = {"eigen": DEFAULT_DIM, "lambda": DEFAULT_DIM, "random": DEFAULT_DIM, "lowrank": 20}
+# The randomized range finder of the lowrank kind: extra sketch columns and power iterations. Two of each
+# bring the kept rank-r part within a fraction of a percent of the exact truncated SVD for these spectra.
+OVERSAMPLE = 8
+POWER_ITERATIONS = 2
+# Stored rows expanded to (d_out, d_in) rank-r gradients at a time in a lowrank search: n x d_out x d_in floats.
+LOWRANK_ROWS = 128
 PROJECTIONS_FILE = "projections.safetensors"
 # Methods whose preconditioner is diagonal in the fitted eigenbasis: the eigen kind applies them exactly.
 EIGEN_METHODS = ("ekfac", "kfac", "identity")
-# The random kind preconditions the full query gradient first: any method whence.queries derives from factors.
+# The random and lowrank kinds precondition the full query gradient first: any method whence.queries derives
+# from factors.
 RANDOM_METHODS = ("ekfac", "kfac", "diagonal", "identity")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where one layer's block lies in a stored row and in a prepared query row, and how the two meet: a plain
+    dot product (rank 0), or for lowrank the stored (r, d_out) and (r, d_in) factors against the query's
+    (d_out, d_in) matrix. Small and picklable: what a search task needs of the projections."""
+
+    stored: tuple[int, int]
+    query: tuple[int, int]
+    rank: int = 0
+    d_out: int = 0
+    d_in: int = 0
+
+    def scores(self, stored: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """(n, Q) scores from this layer's stored blocks (n, w) and query blocks (Q, w_q), in their dtype."""
+        if not self.rank:
+            return stored @ queries.T
+        parts = []
+        for start in range(0, stored.shape[0], LOWRANK_ROWS):
+            rows = stored[start : start + LOWRANK_ROWS]
+            left = rows[:, : self.rank * self.d_out].view(-1, self.rank, self.d_out)  # (n, r, d_out): L^T
+            right = rows[:, self.rank * self.d_out :].view(-1, self.rank, self.d_in)  # (n, r, d_in): R
+            dense = torch.bmm(left.transpose(1, 2), right).flatten(1)  # (n, d_out * d_in): L R, row-major
+            parts.append(dense @ queries.T)
+        return torch.cat(parts) if parts else stored.new_zeros(0, queries.shape[0])
 
 
 @dataclass
 class LayerProjection:
     """One layer's projection: P_in (k_in, d_in), P_out (k_out, d_out), float64; for the eigen kind also the
-    kept eigenbasis columns (into Lambda's d_in and rows of its d_out), else None."""
+    kept eigenbasis columns (into Lambda's d_in and rows of its d_out), else None. For lowrank (rank > 0),
+    `input` is the range finder's seeded Gaussian test matrix (q, d_in) and `output` an empty (0, d_out)."""
 
     name: str
     input: torch.Tensor  # (k_in, d_in)
@@ -79,11 +140,35 @@ class LayerProjection:
     input_index: torch.Tensor | None = None  # (k_in,) int64
     output_index: torch.Tensor | None = None  # (k_out,) int64
     pairs: torch.Tensor | None = None  # (m,) int64: the kept entries of the (k_out, k_in) block, row-major (lambda)
+    rank: int = 0  # lowrank: r, the stored factors' rank; 0 for a fixed projection
+
+    @property
+    def d_in(self) -> int:
+        return self.input.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.output.shape[1]
+
+    @property
+    def k_in(self) -> int:
+        return self.rank or self.input.shape[0]
+
+    @property
+    def k_out(self) -> int:
+        return self.rank or self.output.shape[0]
 
     @property
     def width(self) -> int:
-        """Stored values per sequence: k_out * k_in, or the kept pairs' count."""
+        """Stored values per sequence: k_out * k_in, the kept pairs' count, or r (d_out + d_in)."""
+        if self.rank:
+            return self.rank * (self.d_out + self.d_in)
         return self.input.shape[0] * self.output.shape[0] if self.pairs is None else self.pairs.shape[0]
+
+    @property
+    def query_width(self) -> int:
+        """Prepared query values: as many as stored, or d_out * d_in (lowrank)."""
+        return self.d_out * self.d_in if self.rank else self.width
 
     def keep(self, blocks: torch.Tensor) -> torch.Tensor:
         """(B, width) stored values from (B, k_out, k_in) blocks: all of them, or the kept pairs."""
@@ -91,10 +176,35 @@ class LayerProjection:
         return flat if self.pairs is None else flat[:, self.pairs.to(flat.device)]
 
     def compress(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """(B, width) G~ = sum_t (P_out s_t)(P_in a_t)^T from s (B, T, d_out), a (B, T, d_in)."""
+        """(B, width) G~ = sum_t (P_out s_t)(P_in a_t)^T from s (B, T, d_out), a (B, T, d_in); for lowrank the
+        rank-r factors of dW = s^T a."""
+        if self.rank:
+            return self._low_rank(s, a)
         ps = s @ self.output.to(s).T  # (B, T, k_out), on s's device and in its dtype
         pa = a @ self.input.to(a).T  # (B, T, k_in)
         return self.keep(torch.bmm(ps.transpose(1, 2), pa))  # (B, k_out, k_in) -> (B, width)
+
+    def _low_rank(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """(B, r (d_out + d_in)) rows [L^T, R] flattened, dW ~= L R with L = U sqrt(Sigma), R = sqrt(Sigma) V^T
+        from a randomized SVD of each dW = s^T a that only ever multiplies the tokens (B, T, d)."""
+        st = s.transpose(1, 2)  # (B, d_out, T)
+        times = lambda m: st @ (a @ m)  # noqa: E731  dW M for M (B, d_in, q): (B, d_out, q)
+        times_t = lambda m: a.transpose(1, 2) @ (s @ m)  # noqa: E731  dW^T M for M (B, d_out, q): (B, d_in, q)
+        sketch = times(self.input.to(a).T.expand(a.shape[0], -1, -1))  # (B, d_out, q): dW Omega
+        for _ in range(POWER_ITERATIONS):  # re-orthonormalised each way, so small singular values survive
+            sketch = times(torch.linalg.qr(times_t(torch.linalg.qr(sketch).Q)).Q)
+        basis = torch.linalg.qr(sketch).Q  # (B, d_out, q): orthonormal, spanning dW's leading left space
+        small = (s @ basis).transpose(1, 2) @ a  # (B, q, d_in): basis^T dW
+        u, sigma, vh = torch.linalg.svd(small, full_matrices=False)  # (B, q, q), (B, q), (B, q, d_in)
+        root = sigma[:, : self.rank].sqrt()  # (B, r)
+        left = (basis @ u[:, :, : self.rank]) * root[:, None, :]  # (B, d_out, r): L
+        right = vh[:, : self.rank] * root[:, :, None]  # (B, r, d_in): R
+        return torch.cat([left.transpose(1, 2).flatten(1), right.flatten(1)], dim=1)
+
+    def layout(self, stored: int, query: int) -> BlockLayout:
+        """This layer's BlockLayout, its blocks starting at `stored` in a stored row and `query` in a query row."""
+        return BlockLayout((stored, stored + self.width), (query, query + self.query_width), self.rank,
+                           self.d_out if self.rank else 0, self.d_in if self.rank else 0)
 
     def project(self, matrices: torch.Tensor) -> torch.Tensor:
         """(Q, k_out, k_in) P_out V P_in^T for V (Q, d_out, d_in), in V's dtype."""
@@ -124,7 +234,17 @@ class Projections:
 
     @property
     def width(self) -> int:
+        """Stored values per sequence."""
         return self.offsets[-1]
+
+    @property
+    def layout(self) -> list[BlockLayout]:
+        """Each layer's blocks in a stored row and a prepared query row (search.score_shard's argument)."""
+        blocks, stored, query = [], 0, 0
+        for layer in self.layers:
+            blocks.append(layer.layout(stored, query))
+            stored, query = stored + layer.width, query + layer.query_width
+        return blocks
 
     def compress(self, captures) -> torch.Tensor:
         """(B, width) stored rows from the tracked layers' captures (whence.tracking.LayerCapture, layer order),
@@ -136,10 +256,11 @@ class Projections:
 
     def prepare(self, gradients: dict[str, torch.Tensor], factors: Factors, method: str = "ekfac",
                 damping: float | str = "heuristic") -> torch.Tensor:
-        """(Q, width) float64 query rows X~_q from grad_l f(q) (name -> (Q, d_out, d_in)), for `method`."""
+        """(Q, query width) float64 query rows X~_q from grad_l f(q) (name -> (Q, d_out, d_in)), for `method`
+        (as wide as the stored rows, except for lowrank: each layer's d_out * d_in)."""
         from whence.queries import factors_for_method
 
-        allowed = RANDOM_METHODS if self.kind == "random" else EIGEN_METHODS
+        allowed = RANDOM_METHODS if self.kind in ("random", "lowrank") else EIGEN_METHODS
         if method not in allowed:
             raise SettingsError(f"method {method!r} cannot be applied to a {self.kind!r} index; choose from "
                                 f"{', '.join(allowed)}", "method")
@@ -147,6 +268,9 @@ class Projections:
         blocks = []
         for layer in self.layers:
             g = gradients[layer.name].to("cpu", torch.float64)  # the factors and projections live on the CPU
+            if self.kind == "lowrank":  # X = P(grad f(q)) itself: (Q, d_out * d_in)
+                blocks.append(preconditioner.precondition(layer.name, g, damping).flatten(1))
+                continue
             if self.kind == "random":
                 blocks.append(layer.keep(layer.project(preconditioner.precondition(layer.name, g, damping))))
                 continue
@@ -172,7 +296,8 @@ class Projections:
             if layer.pairs is not None:
                 tensors[f"{layer.name}/pairs"] = layer.pairs
         metadata = {"kind": self.kind, "dim": str(self.dim), "seed": str(self.seed),
-                    "layers.json": json.dumps(self.layer_names)}
+                    "layers.json": json.dumps(self.layer_names),
+                    "ranks.json": json.dumps([layer.rank for layer in self.layers])}
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         Location.of(path).write_through(lambda local: save_file(tensors, local, metadata=metadata))
 
@@ -183,16 +308,19 @@ class Projections:
         with Location.of(path).local_copy() as local, safe_open(str(local), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        names = json.loads(metadata["layers.json"])
+        ranks = json.loads(metadata.get("ranks.json", "null")) or [0] * len(names)  # indexes from before lowrank
         layers = [LayerProjection(name, tensors[f"{name}/input"], tensors[f"{name}/output"],
                                   tensors.get(f"{name}/input_index"), tensors.get(f"{name}/output_index"),
-                                  tensors.get(f"{name}/pairs"))
-                  for name in json.loads(metadata["layers.json"])]
+                                  tensors.get(f"{name}/pairs"), rank)
+                  for name, rank in zip(names, ranks)]
         return cls(metadata["kind"], int(metadata["dim"]), int(metadata["seed"]), layers)
 
 
 def build_projections(factors: Factors, kind: str = DEFAULT_KIND, dim: int = DEFAULT_DIM, seed: int = 0
                       ) -> Projections:
-    """Per-layer projections keeping k = min(dim, d) dimensions on each side (whence.index.projection doc)."""
+    """Per-layer projections keeping k = min(dim, d) dimensions on each side, or for lowrank factors of rank
+    min(dim, d_out, d_in) (whence.index.projection doc)."""
     if kind not in KINDS:
         raise SettingsError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}", "projection")
     if dim < 1:
@@ -204,6 +332,11 @@ def build_projections(factors: Factors, kind: str = DEFAULT_KIND, dim: int = DEF
             layers.append(_eigen_projection(factors, name, min(dim, d_in), min(dim, d_out)))
         elif kind == "lambda":
             layers.append(_lambda_projection(factors, name, min(dim, d_in) * min(dim, d_out)))
+        elif kind == "lowrank":
+            rank = min(dim, d_in, d_out)
+            layers.append(LayerProjection(name, random_projection(d_in, min(rank + OVERSAMPLE, d_in, d_out), seed,
+                                                                  f"{name}/range"),
+                                          torch.zeros(0, d_out, dtype=torch.float64), rank=rank))
         else:
             layers.append(LayerProjection(name, random_projection(d_in, min(dim, d_in), seed, f"{name}/input"),
                                           random_projection(d_out, min(dim, d_out), seed, f"{name}/output")))

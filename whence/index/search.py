@@ -3,8 +3,9 @@ layer and shard.
 
 For queries Q and a shard of N sequences, layer l's scores are
     S_l = G~[:, block_l] @ X~[:, block_l]^T        (N, w_l) x (w_l, Q) -> (N, Q),   w_l = k_out * k_in
-with G~ the stored rows and X~ the prepared query rows (whence.index.projection); the total is their sum over
-layers, so per-layer scores sum to the total as in `whence score`. Shard rows are widened from their storage
+with G~ the stored rows and X~ the prepared query rows (whence.index.projection; for the lowrank kind each
+stored block is first expanded to its (d_out, d_in) rank-r gradient, whence.index.projection.BlockLayout);
+the total is their sum over layers, so per-layer scores sum to the total as in `whence score`. Shard rows are widened from their storage
 dtype to float32 ROW_BLOCK rows and one layer at a time (float64 when the query rows are float64, as in the tests), and the
 per-layer scores are accumulated in float64.
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from whence.errors import FactorsMismatchError, SettingsError, WhenceError
-from whence.index.projection import PROJECTIONS_FILE, Projections
+from whence.index.projection import PROJECTIONS_FILE, BlockLayout, Projections
 from whence.index.shards import Shard, read_shard, shard_path
 from whence.storage import Location
 from whence.topk import TopK
@@ -51,10 +52,10 @@ class ShardScores:
         return topk
 
 
-def score_shard(shard: Shard, prepared: torch.Tensor, offsets: Sequence[int],
+def score_shard(shard: Shard, prepared: torch.Tensor, layout: Sequence[BlockLayout],
                 keys: set[tuple[str, int]] | None = None) -> ShardScores:
     """Scores of every row of `shard` (only those whose (doc_id, chunk) is in `keys`, when given) against the
-    prepared query rows (Q, width)."""
+    prepared query rows (Q, query width); `layout`: Projections.layout, where each layer's blocks lie."""
     rows = np.arange(shard.num_sequences)
     gradients = shard.gradients  # (N, width) in the storage dtype
     if keys is not None:
@@ -63,23 +64,22 @@ def score_shard(shard: Shard, prepared: torch.Tensor, offsets: Sequence[int],
         gradients = gradients[torch.from_numpy(rows)]
     compute = torch.float64 if prepared.dtype == torch.float64 else torch.float32
     queries = prepared.to(compute)
-    layers = len(offsets) - 1
-    layer_scores = np.zeros((len(rows), queries.shape[0], layers), dtype=np.float64)  # (N, Q, L)
+    layer_scores = np.zeros((len(rows), queries.shape[0], len(layout)), dtype=np.float64)  # (N, Q, L)
     for start in range(0, len(rows), ROW_BLOCK):
-        for layer in range(layers):
-            lo, hi = offsets[layer], offsets[layer + 1]
+        for layer, block_layout in enumerate(layout):
+            (lo, hi), (q_lo, q_hi) = block_layout.stored, block_layout.query
             # One layer's block of ROW_BLOCK rows widened at a time: (n, w_l) temporaries, not (n, width).
             block = gradients[start : start + ROW_BLOCK, lo:hi].to(compute)
-            part = block @ queries[:, lo:hi].T  # (n, Q)
+            part = block_layout.scores(block, queries[:, q_lo:q_hi])  # (n, Q)
             layer_scores[start : start + len(block), :, layer] = part.to(torch.float64).numpy()
     doc_ids = np.asarray(shard.doc_ids, dtype=object)[rows] if len(rows) else np.empty(0, dtype=object)
     return ShardScores(shard.fragment, doc_ids, shard.chunks[rows], layer_scores.sum(axis=2), layer_scores)
 
 
-def score_shard_file(path: str | Location, prepared: np.ndarray, offsets: list[int], query_ids: list[str], k: int | None,
-                     keys: set[tuple[str, int]] | None = None) -> TopK:
+def score_shard_file(path: str | Location, prepared: np.ndarray, layout: list[BlockLayout], query_ids: list[str],
+                     k: int | None, keys: set[tuple[str, int]] | None = None) -> TopK:
     """One shard file's per-query top-k (what a Ray task over shards returns: small, mergeable)."""
-    return score_shard(read_shard(path), torch.from_numpy(prepared), offsets, keys).topk(query_ids, k)
+    return score_shard(read_shard(path), torch.from_numpy(prepared), layout, keys).topk(query_ids, k)
 
 
 def read_index_manifest(index_dir: str | Path | Location) -> dict:
@@ -167,7 +167,7 @@ class Index:
         return self.shards[fragment]
 
     def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic") -> torch.Tensor:
-        """(Q, width) float64 query rows: the queries' gradients projected and preconditioned by `method`."""
+        """(Q, query width) float64 query rows: the queries' gradients projected and preconditioned by `method`."""
         from whence.queries import query_gradients
 
         hosted = self.hosted
@@ -179,7 +179,7 @@ class Index:
         """Per-query top-k over every shard, in this process."""
         merged = TopK.empty(query_ids, top_k, len(self.layer_names))
         for fragment in self.fragments:
-            merged.merge(score_shard(self.shard(fragment), prepared, self.projections.offsets, keys)
+            merged.merge(score_shard(self.shard(fragment), prepared, self.projections.layout, keys)
                          .topk(query_ids, top_k))
         return merged
 
@@ -192,7 +192,8 @@ class Index:
         queries = [q if isinstance(q, Query) else Query(str(q["id"]), q["prompt"], q["completion"]) for q in queries]
         query_ids = [q.id for q in queries]
         prepared = self.prepare(queries, method, damping)
-        parts = [score_shard(self.shard(f), prepared, self.projections.offsets) for f in self.fragments]
+        layout = self.projections.layout
+        parts = [score_shard(self.shard(f), prepared, layout) for f in self.fragments]
         if top_k is not None:
             merged = TopK.empty(query_ids, top_k, len(self.layer_names))
             for part in parts:

@@ -2,7 +2,7 @@
 
 An index directory (written by `whence index`, flows.index):
     run.json                  the build's arguments and status (flows.run_state)
-    manifest.json             command, arguments, layers (name, d_out, d_in, k_out, k_in, offset), projection
+    manifest.json             command, arguments, layers (name, d_out, d_in, k_out, k_in, rank, offset), projection
                               (kind, dim, seed), storage dtype, model (path, fingerprint), factors (path,
                               fingerprint, strategy), fisher_sequences, sequences, summary, versions
     projections.safetensors   the projections (whence.index.projection)
