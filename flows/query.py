@@ -219,11 +219,13 @@ def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, clus
         return index.search(query_ids, prepared, top_k, keys), scored
     import ray
 
-    from flows.cluster import connect
+    from flows.cluster import cluster_gpus, connect, gpu_share
     from whence.index.search import score_shard_file
 
     connect(cluster.address)
-    task = ray.remote(score_shard_file).options(num_cpus=1, max_retries=2)
+    # Each search task reserves a share of the GPUs when the cluster has them, and scores its shard there.
+    gpus = {"num_gpus": gpu_share(cluster.workers)} if cluster_gpus() >= 1 else {}
+    task = ray.remote(score_shard_file).options(num_cpus=1, max_retries=2, **gpus)
     rows, key_ref = ray.put(prepared.numpy()), ray.put(keys)
     pending = [task.remote(shard_path(index.path, f), rows, index.projections.layout, query_ids, top_k,
                            key_ref) for f in fragments]

@@ -11,7 +11,7 @@ import pytest
 
 from flows.bench.scale import SCORE_RUNS, ScaleSettings, scale_costs
 
-SEQUENCES = 2_000  # the bench's 200,000, cut to a test's size
+SEQUENCES = 1_000  # the bench's 200,000, cut to a test's size
 FRAGMENT_BYTES = 40_000  # the read measurement's byte ranges: several fragments even for this small file
 
 

@@ -65,3 +65,21 @@ def test_bfloat16_scores_follow_float32(tokenizer, rank):
         spearman = spearmanr(table.scores[:, q], reference.scores[:, q]).statistic
         print(f"{query['id']} rank {rank}: bfloat16 vs float32 Pearson {pearson:.4f}, Spearman {spearman:.4f}")
         assert pearson >= MIN_BFLOAT16_PEARSON and spearman >= MIN_BFLOAT16_SPEARMAN, query["id"]
+
+
+@pytest.mark.parametrize("kind", ["eigen", "lowrank"])
+def test_index_search_on_cuda_equals_cpu(tokenizer, kind):
+    from whence.index import GradientCompressor, build_projections, score_shard
+    from whence.queries import query_gradients
+    from whence.text import Query, iter_sequences
+
+    model = make_model("llama", len(tokenizer))
+    layers = find_tracked_layers(model, "mlp")
+    factors = fit(model, tokenizer, layers, enumerate(TEXTS), FitConfig(seq_len=12))
+    projections = build_projections(factors, kind, 4)
+    shard = GradientCompressor(model, tokenizer, layers, projections).shard(
+        0, iter_sequences(tokenizer, enumerate(TEXTS), 12), 4)
+    queries = [Query(q["id"], q["prompt"], q["completion"]) for q in QUERIES]
+    prepared = projections.prepare(query_gradients(model, tokenizer, layers, queries), factors)
+    cpu, gpu = (score_shard(shard, prepared, projections.layout, device=d) for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(gpu.layer_scores, cpu.layer_scores, rtol=1e-9, atol=1e-12 * np.abs(cpu.scores).max())

@@ -7,7 +7,8 @@ with G~ the stored rows and X~ the prepared query rows (whence.index.projection;
 stored block is first expanded to its (d_out, d_in) rank-r gradient, whence.index.projection.BlockLayout);
 the total is their sum over layers, so per-layer scores sum to the total as in `whence score`. Shard rows are widened from their storage
 dtype to float32 ROW_BLOCK rows and one layer at a time (float64 when the query rows are float64, as in the tests), and the
-per-layer scores are accumulated in float64.
+per-layer scores are accumulated in float64. Shards are scored on the process's GPU when it has one
+(search_device; `whence query` reserves a GPU share for each search task on a cluster with GPUs).
 
 `Index.open(path)` loads the model and factors the index was built with (or others given, which must be the
 same: their fingerprints are checked against the manifest) once; `Index.query(queries, top_k=10)` returns a
@@ -52,10 +53,17 @@ class ShardScores:
         return topk
 
 
+def search_device() -> torch.device:
+    """Where shards are scored: the (first visible) GPU when this process has one, else the CPU. In a Ray task
+    that reserved no GPU, Ray hides them (CUDA_VISIBLE_DEVICES is empty), so such a task scores on its CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def score_shard(shard: Shard, prepared: torch.Tensor, layout: Sequence[BlockLayout],
-                keys: set[tuple[str, int]] | None = None) -> ShardScores:
+                keys: set[tuple[str, int]] | None = None, device: torch.device | str | None = None) -> ShardScores:
     """Scores of every row of `shard` (only those whose (doc_id, chunk) is in `keys`, when given) against the
-    prepared query rows (Q, query width); `layout`: Projections.layout, where each layer's blocks lie."""
+    prepared query rows (Q, query width); `layout`: Projections.layout, where each layer's blocks lie. On
+    `device` (default search_device()): each ROW_BLOCK of a layer's rows goes there widened, the scores come back."""
     rows = np.arange(shard.num_sequences)
     gradients = shard.gradients  # (N, width) in the storage dtype
     if keys is not None:
@@ -63,15 +71,16 @@ def score_shard(shard: Shard, prepared: torch.Tensor, layout: Sequence[BlockLayo
                           dtype=np.int64)
         gradients = gradients[torch.from_numpy(rows)]
     compute = torch.float64 if prepared.dtype == torch.float64 else torch.float32
-    queries = prepared.to(compute)
+    device = search_device() if device is None else torch.device(device)
+    queries = prepared.to(device, compute)
     layer_scores = np.zeros((len(rows), queries.shape[0], len(layout)), dtype=np.float64)  # (N, Q, L)
     for start in range(0, len(rows), ROW_BLOCK):
         for layer, block_layout in enumerate(layout):
             (lo, hi), (q_lo, q_hi) = block_layout.stored, block_layout.query
             # One layer's block of ROW_BLOCK rows widened at a time: (n, w_l) temporaries, not (n, width).
-            block = gradients[start : start + ROW_BLOCK, lo:hi].to(compute)
+            block = gradients[start : start + ROW_BLOCK, lo:hi].to(device, compute)
             part = block_layout.scores(block, queries[:, q_lo:q_hi])  # (n, Q)
-            layer_scores[start : start + len(block), :, layer] = part.to(torch.float64).numpy()
+            layer_scores[start : start + len(block), :, layer] = part.to("cpu", torch.float64).numpy()
     doc_ids = np.asarray(shard.doc_ids, dtype=object)[rows] if len(rows) else np.empty(0, dtype=object)
     return ShardScores(shard.fragment, doc_ids, shard.chunks[rows], layer_scores.sum(axis=2), layer_scores)
 
