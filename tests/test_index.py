@@ -346,8 +346,12 @@ def test_the_python_api_answers_as_the_command_line(indexed, tmp_path):
     cli = load_results(tmp_path / "cli")
     index = whence.Index.open(index_dir, dtype="float64")
     queries = [json.loads(line) for line in open(indexed["queries"])]
-    for _ in range(2):  # a loop in a notebook: shards stay loaded, answers stay the same
+    for keep in (True, True, False):  # a loop in a notebook: shards stay loaded, answers stay the same
+        if not keep:  # with no room to keep them, each query reads the shards again: the same answers
+            index.shards.clear()
+            index.cache_bytes = 0
         table = index.query(queries, top_k=3)
+        assert len(index.shards) == (3 if keep else 0)
         for query in queries:
             rows = table.top(query["id"], 3)
             assert [(r["doc_id"], r["chunk"]) for r in rows] == [(r.doc_id, r.chunk) for r in cli.top(query["id"])]

@@ -34,6 +34,7 @@ from whence.topk import TopK
 
 MANIFEST_FILE = "manifest.json"
 ROW_BLOCK = 4096  # shard rows widened to the compute dtype at a time, one layer block at a time
+CACHE_BYTES = 4 << 30  # an opened Index keeps the shards it has read up to this many bytes of rows
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def check_index_inputs(manifest: dict, model_fingerprint: str, factors_dir: str 
 @dataclass
 class Index:
     """An opened index: its manifest, projections, the model and factors it was built with, and its shards
-    (loaded on first use and kept)."""
+    (loaded on first use and kept, up to `cache_bytes` of them)."""
 
     path: Location  # the index directory (whence.storage: any pyarrow filesystem)
     manifest: dict
@@ -136,6 +137,7 @@ class Index:
     hosted: object  # whence.queries.HostedModel
     factors: object  # whence.factors.Factors
     shards: dict[int, Shard] = field(default_factory=dict)
+    cache_bytes: int = CACHE_BYTES
 
     @classmethod
     def open(cls, path: str | Path | Location, model: str | None = None, factors: str | None = None,
@@ -171,9 +173,15 @@ class Index:
         return [int(f) for f in self.manifest["shards"]]
 
     def shard(self, fragment: int) -> Shard:
-        if fragment not in self.shards:
-            self.shards[fragment] = read_shard(shard_path(self.path, fragment))
-        return self.shards[fragment]
+        """Fragment `fragment`'s shard: kept once read while the kept shards stay within `cache_bytes`, read
+        again on each use beyond that (a whole-corpus index can exceed the memory of the process that asks)."""
+        if fragment in self.shards:
+            return self.shards[fragment]
+        shard = read_shard(shard_path(self.path, fragment))
+        kept = sum(s.gradients.nbytes for s in self.shards.values())
+        if kept + shard.gradients.nbytes <= self.cache_bytes:
+            self.shards[fragment] = shard
+        return shard
 
     def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic") -> torch.Tensor:
         """(Q, query width) float64 query rows: the queries' gradients projected and preconditioned by `method`."""
