@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results directory (as `whence score`)")
     parser.add_argument("--top-k", type=_top_k, default=10, metavar="K|all", help=help_for(ScoreConfig, "top_k"))
     parser.add_argument("--method", default="ekfac", choices=METHODS,
-                        help="preconditioner: ekfac, kfac, identity (any index); diagonal (random projections)")
+                        help="preconditioner: ekfac, kfac, identity (any index); diagonal (random and lowrank indexes)")
     parser.add_argument("--damping", default="heuristic", metavar="heuristic|FLOAT", help=help_for(ScoreConfig, "damping"))
     parser.add_argument("--tfidf-candidates", type=int, default=0, metavar="N|0",
                         help=help_for(ScoreConfig, "tfidf_candidates") + " (default here: 0)")
