@@ -116,7 +116,8 @@ def build_index(model: str, factors_dir: str, corpus, out: str, config: IndexCon
     projections = _projections(state, factors_dir, config)
     connect(cluster.address)
     settings = ReadSettings.for_corpus(model, seq_len, corpus)
-    tally, skip = _scan(fragments, settings)
+    tally, skip, counts = _scan(fragments, settings)
+    _check_room(state, projections, config, counts)
     built = _index_fragments(state, fragments, FragmentReader({f.index: f for f in fragments}, settings, skip),
                              factors_manifest, cluster)
     summary = _summary(state, fragments, projections, config, tally, started, built)
@@ -155,7 +156,30 @@ def _scan(fragments, settings):
     tally, skip, counts, _ = reduce_scans(scans)
     if sum(counts.values()) == 0:
         raise CorpusError(f"no sequences to index in {len(fragments)} fragments ({tally.total_bad} bad rows)")
-    return tally, skip
+    return tally, skip, counts
+
+
+def _check_room(state, projections, config: IndexConfig, counts: dict[int, int]) -> None:
+    """Log the index's size (sequences x bytes a row) before any work, and refuse with the options that would
+    fit when a local output directory has less room than the fragments still to index need."""
+    import shutil
+
+    from whence.errors import SettingsError
+    from whence.index.shards import STORAGE_DTYPES, finished_shards
+
+    row = projections.width * STORAGE_DTYPES[config.dtype].itemsize
+    total = sum(counts.values()) * row
+    done = finished_shards(state.location, list(counts))
+    needed = sum(n for fragment, n in counts.items() if fragment not in done) * row
+    log.info("index: %d sequences x %s bytes = %.2f GiB (%s, dim %d, %s)", sum(counts.values()), f"{row:,}",
+             total / 2**30, projections.kind, projections.dim, config.dtype)
+    if not state.location.is_local:
+        return
+    free = shutil.disk_usage(state.location.local).free
+    if needed > free:
+        raise SettingsError(f"{state.location}: the index needs {needed / 2**30:.2f} GiB more ({row:,} bytes a "
+                            f"sequence) and the disk has {free / 2**30:.2f} GiB free; choose a smaller --dim, "
+                            "--projection eigen (K*K values a layer), or another --out", "out")
 
 
 def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest: dict,

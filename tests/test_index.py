@@ -276,6 +276,22 @@ def test_a_query_with_other_factors_or_another_model_is_an_error(indexed, tmp_pa
     assert "pipeline-sharded indexing is not supported" in capsys.readouterr().err
 
 
+def test_an_index_the_disk_cannot_hold_is_refused_before_any_work(indexed, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from flows.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "index"
+    assert main(["index", "--model", indexed["model"], "--factors", indexed["factors"], "--corpus",
+                 indexed["corpus"], "--out", str(out), "--seq-len", str(SEQ_LEN)]) == 2
+    err = capsys.readouterr().err
+    assert "the index needs" in err and "GiB free" in err and "--projection eigen" in err
+    assert not list((out / "shards").glob("*.safetensors")), "refused before any shard was written"
+
+
 def test_query_results_read_like_score_results_with_per_token_scores(indexed, tmp_path):
     import pyarrow.parquet as pq
 
