@@ -124,6 +124,23 @@ def test_the_lowrank_rows_are_each_gradients_truncated_svd(fitted, tokenizer):
     torch.testing.assert_close(torch.from_numpy(scored.scores.T), expected, **FLOAT64)
 
 
+def test_a_bfloat16_search_ranks_as_the_float32_one(fitted, tokenizer):
+    from scipy.stats import spearmanr
+
+    from whence.errors import SettingsError
+
+    model, layers, factors, sequences = fitted
+    projections = build_projections(factors, "lowrank", 4)
+    shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, 4)
+    prepared = projections.prepare(query_gradients(model, tokenizer, layers, QUERIES), factors)
+    wide, narrow = (score_shard(shard, prepared, projections.layout, compute=c).scores for c in ("float32", "bfloat16"))
+    assert not np.array_equal(wide, narrow), "the products ran in bfloat16"
+    np.testing.assert_allclose(narrow, wide, rtol=0, atol=0.02 * np.abs(wide).max())
+    assert min(spearmanr(narrow[:, q], wide[:, q]).statistic for q in range(len(QUERIES))) > 0.99
+    with pytest.raises(SettingsError, match="search dtype"):
+        score_shard(shard, prepared, projections.layout, compute="int8")
+
+
 def test_random_projections_are_seeded_and_unbiased():
     first, again, other = (random_projection(40, 8, seed, "layer/input") for seed in (1, 1, 2))
     torch.testing.assert_close(first, again, rtol=0, atol=0)
