@@ -89,6 +89,7 @@ def build_index(model: str, factors_dir: str, corpus, out: str, config: IndexCon
     from flows.score import _factors_manifest
     from whence.corpus import CorpusSource, list_fragments
     from whence.fingerprints import corpus_fingerprint, factors_fingerprint
+    from whence.index.shards import finished_shards
     from whence.model import check_finite_checkpoint, check_model_source
     from whence.redact import redact_uri
     from whence.text import check_window
@@ -117,9 +118,11 @@ def build_index(model: str, factors_dir: str, corpus, out: str, config: IndexCon
     connect(cluster.address)
     settings = ReadSettings.for_corpus(model, seq_len, corpus)
     tally, skip, counts = _scan(fragments, settings)
-    _check_room(state, projections, config, counts)
+    # Verified once (a checksum read of every finished shard): both the room check and the build use it.
+    done = finished_shards(state.location, [f.index for f in fragments])
+    _check_room(state, projections, config, counts, done)
     built = _index_fragments(state, fragments, FragmentReader({f.index: f for f in fragments}, settings, skip),
-                             factors_manifest, cluster)
+                             factors_manifest, cluster, done)
     summary = _summary(state, fragments, projections, config, tally, started, built)
     state.write_json("manifest.json", _manifest(state, factors_manifest, projections, summary))
     state.finish(summary)
@@ -159,17 +162,16 @@ def _scan(fragments, settings):
     return tally, skip, counts
 
 
-def _check_room(state, projections, config: IndexConfig, counts: dict[int, int]) -> None:
+def _check_room(state, projections, config: IndexConfig, counts: dict[int, int], done: dict) -> None:
     """Log the index's size (sequences x bytes a row) before any work, and refuse with the options that would
-    fit when a local output directory has less room than the fragments still to index need."""
+    fit when a local output directory has less room than the fragments still to index (not in `done`) need."""
     import shutil
 
     from whence.errors import SettingsError
-    from whence.index.shards import STORAGE_DTYPES, finished_shards
+    from whence.index.shards import STORAGE_DTYPES
 
     row = projections.width * STORAGE_DTYPES[config.dtype].itemsize
     total = sum(counts.values()) * row
-    done = finished_shards(state.location, list(counts))
     needed = sum(n for fragment, n in counts.items() if fragment not in done) * row
     log.info("index: %d sequences x %s bytes = %.2f GiB (%s, dim %d, %s)", sum(counts.values()), f"{row:,}",
              total / 2**30, projections.kind, projections.dim, config.dtype)
@@ -183,18 +185,16 @@ def _check_room(state, projections, config: IndexConfig, counts: dict[int, int])
 
 
 def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest: dict,
-                     cluster: ClusterSettings) -> dict:
-    """Stream the fragments without a verified shard through the indexer actors. Returns {"sequences",
-    "tokens", "indexed_s"} of the fragments indexed now."""
+                     cluster: ClusterSettings, done: dict) -> dict:
+    """Stream the fragments without a verified shard (those not in `done`, whence.index.shards.finished_shards)
+    through the indexer actors. Returns {"sequences", "tokens", "indexed_s"} of the fragments indexed now."""
     import ray.data
 
     from actors.hosting import ModelSpec
     from actors.indexer import FragmentIndexer
     from flows.cluster import actor_resources, torch_threads
     from whence.index.projection import PROJECTIONS_FILE
-    from whence.index.shards import finished_shards
 
-    done = finished_shards(state.location, [f.index for f in fragments])
     pending = [f.index for f in fragments if f.index not in done]
     built = {"sequences": 0, "tokens": 0, "indexed_s": 0.0}
     if done:
