@@ -17,7 +17,7 @@ import numpy as np
 from actors.hosting import ModelSpec, host_model, maybe_fail
 from whence.index.build import GradientCompressor, check_model_matches_factors
 from whence.index.projection import Projections
-from whence.index.shards import STORAGE_DTYPES, write_shard
+from whence.index.shards import write_shard
 from whence.model import model_fingerprint
 from whence.storage import Location
 from whence.text import TrainingSequence
@@ -42,7 +42,7 @@ class FragmentIndexer:
         for fragment in batch["fragment"].tolist():
             tick = time.monotonic()
             counted = _Counted(self.read_fragment(int(fragment)))
-            shard = self.compressor.shard(int(fragment), counted, self.batch_size, STORAGE_DTYPES[self.storage_dtype])
+            shard = self.compressor.shard(int(fragment), counted, self.batch_size, self.storage_dtype)
             write_shard(self.index_dir, shard, self.storage_dtype)
             fragments.append(int(fragment))
             sequences.append(shard.num_sequences)

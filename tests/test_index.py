@@ -166,12 +166,12 @@ def test_rows_are_rounded_to_the_storage_dtype_as_made_and_an_overflow_is_an_err
     model, layers, factors, sequences = fitted
     compressor = GradientCompressor(model, tokenizer, layers, build_projections(factors, "lowrank", 4))
     wide = compressor.shard(0, sequences, 4)
-    narrow = compressor.shard(0, sequences, 4, torch.float16)
+    narrow = compressor.shard(0, sequences, 4, "float16")
     assert narrow.gradients.dtype == torch.float16
     torch.testing.assert_close(narrow.gradients, wide.gradients.to(torch.float16), rtol=0, atol=0)
     compressor.compress = lambda batch: torch.full((len(batch["input_ids"]), compressor.projections.width), 1e6)
     with pytest.raises(WhenceError, match="fragment 7: compressed gradients overflow"):
-        compressor.shard(7, sequences, 4, torch.float16)
+        compressor.shard(7, sequences, 4, "float16")
     with pytest.raises(WhenceError, match="fragment 7: compressed gradients overflow float16"):
         write_shard(tmp_path, compressor.shard(7, sequences, 4), "float16")
 

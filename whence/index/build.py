@@ -15,9 +15,8 @@ from itertools import islice
 import numpy as np
 import torch
 
-from whence.errors import WhenceError
 from whence.index.projection import Projections
-from whence.index.shards import Shard
+from whence.index.shards import STORAGE_DTYPES, Shard, check_storable
 from whence.model import TrackedLayer
 from whence.task import LanguageModelingTask
 from whence.text import TrainingSequence, collate_sequences, pad_id_of
@@ -44,22 +43,18 @@ class GradientCompressor:
         return self.projections.compress(captures).cpu()
 
     def shard(self, fragment: int, sequences: Iterable[TrainingSequence], batch_size: int = 8,
-              storage_dtype: torch.dtype | None = None) -> Shard:
+              storage_dtype: str | None = None) -> Shard:
         """Every sequence's row, in order, as fragment `fragment`'s shard; each batch's rows rounded to
         `storage_dtype` as they are made (when given), so a fragment's rows are held once, in the dtype they are
         stored in: a float16 lowrank fragment of 6,000 sequences is 2 GB, its float32 rows twice that."""
         iterator = iter(sequences)
         rows, doc_ids, chunks = [], [], []
         dtype = torch.float64 if next(self.model.parameters()).dtype == torch.float64 else torch.float32
-        dtype = storage_dtype or dtype
+        dtype = STORAGE_DTYPES[storage_dtype] if storage_dtype else dtype
         while group := list(islice(iterator, batch_size)):
-            made = self.compress(collate_sequences(group, self.pad_id))  # (B, width) float32 / float64
+            made = self.compress(collate_sequences(group, self.pad_id)).to(dtype)  # (B, width)
             if storage_dtype is not None:
-                made = made.to(storage_dtype)
-                if not bool(torch.isfinite(made).all()):
-                    raise WhenceError(f"fragment {fragment}: compressed gradients overflow {storage_dtype} (a "
-                                      f"sequence of {group[0].doc_id} or after it); build the index with --dtype "
-                                      "bfloat16 or float32")
+                check_storable(fragment, made, storage_dtype, f" (a sequence of {group[0].doc_id} or after it)")
             rows.append(made)
             doc_ids += [s.doc_id for s in group]
             chunks += [s.chunk for s in group]

@@ -55,16 +55,22 @@ def shard_path(index_dir: str | Path | Location, fragment: int) -> Location:
     return Location.of(index_dir) / SHARDS_DIR / f"shard-{fragment:06d}.safetensors"
 
 
+def check_storable(fragment: int, rows: torch.Tensor, storage_dtype: str, where: str = "") -> None:
+    """WhenceError naming the fragment (and `where` in it) unless every one of `rows`, already rounded to
+    `storage_dtype`, is finite: float16 overflows above 65504. Checked a block of rows at a time: the mask of a
+    whole shard would be half its float16 size."""
+    if not all(bool(torch.isfinite(rows[start : start + 4096]).all()) for start in range(0, len(rows), 4096)):
+        raise WhenceError(f"fragment {fragment}: compressed gradients overflow {storage_dtype}{where}; "
+                          "build the index with --dtype bfloat16 or float32")
+
+
 def write_shard(index_dir: str | Path | Location, shard: Shard, storage_dtype: str) -> Location:
     """Write `shard` in `storage_dtype` atomically (whence.storage), then its checksum; a value the dtype cannot
     hold (float16 overflows above 65504) is a WhenceError naming the fragment."""
     from safetensors.torch import save_file
 
     stored = shard.gradients.to(STORAGE_DTYPES[storage_dtype]).contiguous()  # no copy when made in this dtype
-    # Checked a block of rows at a time: the (N, width) mask of a whole shard would be half its float16 size.
-    if not all(bool(torch.isfinite(stored[start : start + 4096]).all()) for start in range(0, len(stored), 4096)):
-        raise WhenceError(f"fragment {shard.fragment}: compressed gradients overflow {storage_dtype}; "
-                          "build the index with --dtype bfloat16 or float32")
+    check_storable(shard.fragment, stored, storage_dtype)
     path = shard_path(index_dir, shard.fragment)
     metadata = {"fragment": str(shard.fragment), "sequences": str(shard.num_sequences),
                 "doc_ids.json": json.dumps(list(shard.doc_ids)),
