@@ -104,6 +104,7 @@ def test_the_lowrank_rows_are_each_gradients_truncated_svd(fitted, tokenizer):
     triplets, as torch.linalg.svd of the dense gradient gives them), and the index scores <P(grad f(q)), L R>."""
     model, layers, factors, sequences = fitted
     rank = 3
+    assert build_projections(factors, "lowrank").dim == DEFAULT_DIMS["lowrank"] == 20, "the kind's default"
     projections = build_projections(factors, "lowrank", rank)
     rows = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, 4).gradients  # (N, width)
     train = per_sequence_gradients(model, tokenizer, layers, sequences,

@@ -76,11 +76,10 @@ def index_scores(setup: ScoringSetup, factors: Factors, queries: Sequence[Query]
     """(Q, N) scores of an in-memory gradient index of the setup's sequences (projection `kind`, the default
     dimension and seed), queries preconditioned by EK-FAC in the compressed space, as `whence query` scores."""
     from whence.index import GradientCompressor, build_projections, score_shard
-    from whence.index.projection import DEFAULT_DIMS
     from whence.queries import query_gradients
     from whence.text import iter_sequences
 
-    projections = build_projections(factors, kind, DEFAULT_DIMS[kind])
+    projections = build_projections(factors, kind)  # the kind's default dimension
     compressor = GradientCompressor(setup.model, setup.tokenizer, setup.layers, projections)
     shard = compressor.shard(0, iter_sequences(setup.tokenizer, setup.documents, setup.seq_len), setup.batch_size)
     gradients = query_gradients(setup.model, setup.tokenizer, setup.layers, list(queries))

@@ -317,12 +317,13 @@ class Projections:
         return cls(metadata["kind"], int(metadata["dim"]), int(metadata["seed"]), layers)
 
 
-def build_projections(factors: Factors, kind: str = DEFAULT_KIND, dim: int = DEFAULT_DIM, seed: int = 0
+def build_projections(factors: Factors, kind: str = DEFAULT_KIND, dim: int | None = None, seed: int = 0
                       ) -> Projections:
     """Per-layer projections keeping k = min(dim, d) dimensions on each side, or for lowrank factors of rank
-    min(dim, d_out, d_in) (whence.index.projection doc)."""
+    min(dim, d_out, d_in) (whence.index.projection doc); dim None: the kind's DEFAULT_DIMS."""
     if kind not in KINDS:
         raise SettingsError(f"projection must be one of {', '.join(KINDS)}, got {kind!r}", "projection")
+    dim = DEFAULT_DIMS[kind] if dim is None else dim
     if dim < 1:
         raise SettingsError(f"dim must be a positive integer, got {dim}", "dim")
     layers = []
