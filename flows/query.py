@@ -26,6 +26,7 @@ from flows.cluster import ClusterSettings, surface_user_errors
 from flows.options import positive_int
 from whence.config import ScoreConfig, help_for
 from whence.errors import SettingsError
+from whence.index.search import SEARCH_MODES
 from whence.queries import METHODS
 from whence.redact import redact_uri
 from whence.settings import setting
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-token", action="store_true", help=help_for(ScoreConfig, "per_token"))
     parser.add_argument("--rescore", type=int, default=0, metavar="N",
                         help=help_for(QuerySettings, "rescore"))
-    parser.add_argument("--search-dtype", default="float32", choices=["float32", "bfloat16"],
+    parser.add_argument("--search-dtype", default="auto", choices=SEARCH_MODES,
                         help=help_for(QuerySettings, "search_dtype"))
     parser.add_argument("--query-rank", default=32, metavar="R|full",
                         help="--rescore and --per-token: rank of the full preconditioned queries they score with")
@@ -87,14 +88,16 @@ class QuerySettings:
                                   "fingerprint must match the index's)", None)
     rescore: int = setting("0: rank by the index's scores. N: score the pooled top N of every query exactly with "
                            "the model (full EK-FAC, --query-rank), and rank those", 0)
-    search_dtype: str = setting("dtype of the search's products: float32 (float64 for a float64 model), or bfloat16 (several times faster on CPUs "
-                                "with bfloat16 instructions and on GPUs; scores within about 0.5%)", "float32")
+    search_dtype: str = setting("dtype of the search's products: auto = bfloat16 where the device has it in hardware (GPUs, "
+                                "CPUs with AVX512-BF16 or AMX; several times faster, scores within about 0.5%), else "
+                                "float32 (float64 for a float64 model); float32 for the stored rows' exact score",
+                                "auto")
 
     def __post_init__(self):
         if self.rescore < 0:
             raise SettingsError(f"rescore must be >= 0, got {self.rescore}", "rescore")
-        if self.search_dtype not in ("float32", "bfloat16"):
-            raise SettingsError(f"search dtype must be float32 or bfloat16, got {self.search_dtype!r}",
+        if self.search_dtype not in SEARCH_MODES:
+            raise SettingsError(f"search dtype must be one of {', '.join(SEARCH_MODES)}, got {self.search_dtype!r}",
                                 "search_dtype")
 
 
@@ -132,7 +135,7 @@ def query_index(index_dir: str, queries_path: str, out: str, config: ScoreConfig
     tick = time.monotonic()
     shortlist = None if config.top_k is None or not inputs.rescore else max(inputs.rescore, config.top_k)
     topk, scored = _search(index, [q.id for q in queries], prepared, shortlist if inputs.rescore else config.top_k,
-                           keys, cluster, None if inputs.search_dtype == "float32" else inputs.search_dtype)
+                           keys, cluster, inputs.search_dtype)
     timings["search_s"] = time.monotonic() - tick
     if needs_model:
         from flows.query_model import ModelScorer
@@ -216,7 +219,7 @@ def _candidate_keys(state, corpus: IndexedCorpus, queries, config: ScoreConfig, 
 
 
 def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, cluster: ClusterSettings,
-            compute: str | None = None):
+            compute: str = "auto"):
     """(merged TopK, sequences scored): in process, or one Ray task per shard with more than one worker."""
     from whence.index.shards import shard_path, shard_sequences
     from whence.topk import TopK

@@ -142,6 +142,25 @@ def test_a_bfloat16_search_ranks_as_the_float32_one(fitted, tokenizer):
         score_shard(shard, prepared, projections.layout, compute="int8")
 
 
+def test_auto_searches_in_bfloat16_only_where_the_hardware_has_it(fitted, tokenizer, monkeypatch):
+    """`whence query`'s default --search-dtype auto: float64 query rows keep float64 (the exact score); float32
+    rows take bfloat16 on a device that multiplies it natively, float32 on one that does not."""
+    from whence.index import search
+
+    model, layers, factors, sequences = fitted
+    projections = build_projections(factors, "lowrank", 4)
+    shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, 4)
+    prepared = projections.prepare(query_gradients(model, tokenizer, layers, QUERIES), factors)
+    exact = score_shard(shard, prepared, projections.layout).scores
+    np.testing.assert_array_equal(score_shard(shard, prepared, projections.layout, compute="auto").scores, exact)
+    rows = prepared.float()
+    by_dtype = {c: score_shard(shard, rows, projections.layout, compute=c).scores for c in ("float32", "bfloat16")}
+    for native in (True, False):
+        monkeypatch.setattr(search, "native_bfloat16", lambda device, native=native: native)
+        np.testing.assert_array_equal(score_shard(shard, rows, projections.layout, compute="auto").scores,
+                                      by_dtype["bfloat16" if native else "float32"])
+
+
 def test_random_projections_are_seeded_and_unbiased():
     first, again, other = (random_projection(40, 8, seed, "layer/input") for seed in (1, 1, 2))
     torch.testing.assert_close(first, again, rtol=0, atol=0)

@@ -35,6 +35,9 @@ from whence.topk import TopK
 MANIFEST_FILE = "manifest.json"
 ROW_BLOCK = 4096  # shard rows widened to the compute dtype at a time, one layer block at a time
 SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# What a search's `compute` takes: a dtype of SEARCH_DTYPES, or "auto" (search_dtype: bfloat16 where the device
+# multiplies it natively, else float32; float64 for float64 query rows).
+SEARCH_MODES = ("auto", *SEARCH_DTYPES)
 CACHE_BYTES = 4 << 30  # an opened Index keeps the shards it has read up to this many bytes of rows
 
 
@@ -61,25 +64,53 @@ def search_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bfloat16, or a CPU
+    with AVX512-BF16 or AMX-BF16 instructions (read from /proc/cpuinfo's flags; False where there is none).
+    Elsewhere oneDNN emulates bfloat16 products, which then buy rounding and no speed."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def search_dtype(compute: str | None, query_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The products' dtype for `compute` (SEARCH_MODES; None: exact, float32, or float64 for float64 query
+    rows). "auto": float64 for float64 query rows (as the tests' models), bfloat16 where `device` has it in
+    hardware (native_bfloat16), float32 otherwise."""
+    if compute is not None and compute not in SEARCH_MODES:
+        raise SettingsError(f"search dtype must be one of {', '.join(SEARCH_MODES)}, got {compute!r}", "search_dtype")
+    if compute is None or compute == "auto":
+        if query_dtype == torch.float64:
+            return torch.float64
+        return torch.bfloat16 if compute == "auto" and native_bfloat16(device) else torch.float32
+    return SEARCH_DTYPES[compute]
+
+
 def score_shard(shard: Shard, prepared: torch.Tensor, layout: Sequence[BlockLayout],
                 keys: set[tuple[str, int]] | None = None, device: torch.device | str | None = None,
                 compute: str | None = None) -> ShardScores:
     """Scores of every row of `shard` (only those whose (doc_id, chunk) is in `keys`, when given) against the
     prepared query rows (Q, query width); `layout`: Projections.layout, where each layer's blocks lie. On
     `device` (default search_device()): each ROW_BLOCK of a layer's rows goes there widened, the scores come back.
-    `compute`: the products' dtype, SEARCH_DTYPES (default float32, float64 for float64 query rows as in the
-    tests); bfloat16 rounds rows and queries to 8 bits of mantissa (a relative error of about 0.5% in a score)
-    and runs several times faster on CPUs with bfloat16 instructions and on GPUs."""
+    `compute`: the products' dtype, SEARCH_MODES (search_dtype; default None: float32, float64 for float64 query
+    rows as in the tests, the exact score of the stored rows); bfloat16 rounds rows and queries to 8 bits of
+    mantissa (a relative error of about 0.5% in a score) and runs several times faster on CPUs with bfloat16
+    instructions and on GPUs; "auto" takes it where the device has it."""
     rows = np.arange(shard.num_sequences)
     gradients = shard.gradients  # (N, width) in the storage dtype
     if keys is not None:
         rows = np.asarray([i for i, key in enumerate(zip(shard.doc_ids, shard.chunks.tolist())) if key in keys],
                           dtype=np.int64)
         gradients = gradients[torch.from_numpy(rows)]
-    if compute is not None and compute not in SEARCH_DTYPES:
-        raise SettingsError(f"search dtype must be one of {', '.join(SEARCH_DTYPES)}, got {compute!r}", "search_dtype")
-    compute = SEARCH_DTYPES[compute] if compute else torch.float64 if prepared.dtype == torch.float64 else torch.float32
     device = search_device() if device is None else torch.device(device)
+    compute = search_dtype(compute, prepared.dtype, device)
     queries = prepared.to(device, compute)
     layer_scores = np.zeros((len(rows), queries.shape[0], len(layout)), dtype=np.float64)  # (N, Q, L)
     # Each layer's query block made contiguous once: a column slice of the (Q, width) rows is strided, and a
@@ -194,15 +225,19 @@ class Index:
         return shard
 
     def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic") -> torch.Tensor:
-        """(Q, query width) float64 query rows: the queries' gradients projected and preconditioned by `method`."""
+        """(Q, query width) query rows: the queries' gradients projected and preconditioned by `method` (in
+        float64), then held in the model's precision: float64 for a float64 model, else float32. The search's
+        default products follow them (search_dtype): float64 rows of a float32 model would make every search
+        product float64, twice the time of float32 for nothing the float32 stored rows could use."""
         from whence.queries import query_gradients
 
         hosted = self.hosted
         gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
-        return self.projections.prepare(gradients, self.factors, method, damping)
+        rows = self.projections.prepare(gradients, self.factors, method, damping)  # (Q, width) float64
+        return rows if hosted.model.dtype == torch.float64 else rows.float()
 
     def search(self, query_ids: list[str], prepared: torch.Tensor, top_k: int | None,
-               keys: set[tuple[str, int]] | None = None, compute: str | None = None) -> TopK:
+               keys: set[tuple[str, int]] | None = None, compute: str | None = "auto") -> TopK:
         """Per-query top-k over every shard, in this process (products in `compute`, score_shard)."""
         merged = TopK.empty(query_ids, top_k, len(self.layer_names))
         for fragment in self.fragments:
@@ -211,10 +246,11 @@ class Index:
         return merged
 
     def query(self, queries, top_k: int | None = 10, method: str = "ekfac", damping: float | str = "heuristic",
-              compute: str | None = None):
+              compute: str | None = "auto"):
         """A whence.api.ScoreTable of the sequences in any query's top-k (every sequence with top_k=None),
         with their scores for every query; `table.top(query_id, k)` as for `whence.score`. `compute`: the
-        search's dtype (score_shard; "bfloat16" is faster, within about 0.5% of float32's scores)."""
+        search's dtype (score_shard, search_dtype: "auto" is bfloat16 where the hardware has it, within about
+        0.5% of float32's scores and several times faster; None or "float32" for the stored rows' exact score)."""
         from whence.api import ScoreTable
         from whence.text import Query
 
