@@ -5,9 +5,10 @@ For queries Q and a shard of N sequences, layer l's scores are
     S_l = G~[:, block_l] @ X~[:, block_l]^T        (N, w_l) x (w_l, Q) -> (N, Q),   w_l = k_out * k_in
 with G~ the stored rows and X~ the prepared query rows (whence.index.projection; for the lowrank kind each
 stored block is first expanded to its (d_out, d_in) rank-r gradient, whence.index.projection.BlockLayout);
-the total is their sum over layers, so per-layer scores sum to the total as in `whence score`. Shard rows are widened from their storage
-dtype to float32 ROW_BLOCK rows and one layer at a time (float64 when the query rows are float64, as in the tests), and the
-per-layer scores are accumulated in float64. Shards are scored on the process's GPU when it has one
+the total is their sum over layers, so per-layer scores sum to the total as in `whence score`. Shard rows are
+widened from their storage dtype to the search's dtype ROW_BLOCK rows and one layer at a time (search_dtype:
+float32, float64 when the query rows are float64 as in the tests, or bfloat16 with "auto" on hardware that has
+it), and the per-layer scores are accumulated in float64. Shards are scored on the process's GPU when it has one
 (search_device; `whence query` reserves a GPU share for each search task on a cluster with GPUs).
 
 `Index.open(path)` loads the model and factors the index was built with (or others given, which must be the
@@ -17,6 +18,7 @@ whence.api.ScoreTable as `whence.score` does, and can be called in a loop (shard
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -70,8 +72,12 @@ def native_bfloat16(device: torch.device) -> bool:
     Elsewhere oneDNN emulates bfloat16 products, which then buy rounding and no speed."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_has_bfloat16()
+
+
+@functools.cache
+def _cpu_has_bfloat16() -> bool:
+    """/proc/cpuinfo's flags name AVX512-BF16 or AMX-BF16; read once a process (score_shard asks every shard)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
