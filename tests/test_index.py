@@ -161,6 +161,19 @@ def test_auto_searches_in_bfloat16_only_where_the_hardware_has_it(fitted, tokeni
                                       by_dtype["bfloat16" if native else "float32"])
 
 
+@pytest.mark.parametrize("kind", ["eigen", "random", "lowrank"])
+def test_float32_query_rows_are_the_float64_ones_rounded(fitted, tokenizer, kind):
+    """Index.prepare of a float32 model preconditions in float32 (half the time of float64): its rows are
+    float32 and agree with the float64 preparation to float32's precision, far inside the index's error."""
+    model, layers, factors, _ = fitted
+    projections = build_projections(factors, kind, 4)
+    gradients = query_gradients(model, tokenizer, layers, QUERIES)
+    wide = projections.prepare(gradients, factors)
+    narrow = projections.prepare(gradients, factors, dtype=torch.float32)
+    assert wide.dtype == torch.float64 and narrow.dtype == torch.float32
+    torch.testing.assert_close(narrow.double(), wide, rtol=0, atol=1e-5 * float(wide.abs().max()))
+
+
 def test_random_projections_are_seeded_and_unbiased():
     first, again, other = (random_projection(40, 8, seed, "layer/input") for seed in (1, 1, 2))
     torch.testing.assert_close(first, again, rtol=0, atol=0)

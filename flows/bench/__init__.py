@@ -22,6 +22,9 @@ the weights. The measurements:
        tiny model: the same driver costs measured in `whence score` itself, the scan's sequences/s from one .jsonl
        file's byte-range fragments over one .jsonl.gz, and the driver's and the largest scoring actor's peak
        memory on the corpus 4x over 1x (--only scale; flows.bench.scale)   (Ray)
+   12. the gradient index against `whence score` on the pipeline fixture (--only index; flows.bench.index), and
+       over the whole bundled corpus with the bundled model and 8 new queries, about an hour (run only when
+       named: --only index_bundled; flows.bench.index_bundled)   (Ray)
 
 Layout of this package (beside the flows it measures; nothing in whence/ imports it):
     configs.py    BenchConfig, the named CONFIGS (tiny, medium), the queries about the demo corpus
@@ -34,6 +37,7 @@ Layout of this package (beside the flows it measures; nothing in whence/ imports
     memory.py     measurement 9, `whence fit` in subprocesses; real_model.py: SmolLM2-135M from its GGUF file
     reduce.py     measurement 10, in process
     scale.py      measurement 11, a multi-node Ray cluster started in this process
+    index.py      measurement 12 on the fixture; index_bundled.py: over the whole bundled corpus
     measure.py    the measurements by name (--only) and Results
     table.py      the targets, the printed table and the JSON written by --out
 """
@@ -44,7 +48,7 @@ import argparse
 import time
 from pathlib import Path
 
-from flows.bench.measure import MEASURE, MEASUREMENTS, PIPELINE_MEASUREMENTS, Results
+from flows.bench.measure import MEASURE, MEASUREMENTS, NAMED_ONLY, PIPELINE_MEASUREMENTS, Results
 from flows.bench.table import TARGET_CONFIG, TARGETS, format_table, write_results
 
 __all__ = ["MEASUREMENTS", "PIPELINE_MEASUREMENTS", "TARGETS", "TARGET_CONFIG", "add_arguments", "run"]
@@ -82,7 +86,8 @@ def chosen_measurements(args: argparse.Namespace, config) -> tuple[list[str], li
     """(to run, skipped): --only's names, else every measurement but the Ray ones of a config without them."""
     from whence.errors import WhenceError
 
-    selected = MEASUREMENTS if args.only is None else tuple(n.strip() for n in args.only.split(","))
+    everything = tuple(name for name in MEASUREMENTS if name not in NAMED_ONLY)
+    selected = everything if args.only is None else tuple(n.strip() for n in args.only.split(","))
     unknown = sorted(set(selected) - set(MEASUREMENTS))
     if unknown:
         raise WhenceError(f"unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(MEASUREMENTS)}")

@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MEASUREMENTS = ("fitting", "scoring", "lissa", "refine", "tfidf", "reduce", "pipeline", "score_memory", "workers",
-                "shards", "memory", "index", "scale")
-PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory", "index", "scale")  # need Ray
+                "shards", "memory", "index", "index_bundled", "scale")
+PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory", "index", "index_bundled",
+                         "scale")  # need Ray
+# Run only when named in --only, whatever the config: about an hour on two cores.
+NAMED_ONLY = ("index_bundled",)
 
 
 @dataclass
@@ -111,6 +114,14 @@ def measure_index(bench, results: Results) -> None:
     results.add("index", *index_speed(bench))
 
 
+def measure_index_bundled(bench, results: Results) -> None:
+    """`whence index` and `whence query` against `whence score` over the whole bundled corpus, 8 new queries, the
+    bundled model (flows.bench.index_bundled)."""
+    from flows.bench.index_bundled import bundled_index_speed
+
+    results.add("index_bundled", *bundled_index_speed(bench))
+
+
 def measure_scale(bench, results: Results) -> None:
     """`whence score` on a 3-node Ray cluster and 200,000 sequences (flows.bench.scale): the driver's bytes and
     CPU per sequence with the scorers' top-k against every score, reads of one file against many fragments, and
@@ -127,8 +138,10 @@ MEASURE = {
     "refine": measure_refine,
     "tfidf": measure_tfidf,
     "reduce": measure_reduce,
-    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS if name not in ("memory", "index", "scale")},
+    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS
+       if name not in ("memory", "index", "index_bundled", "scale")},
     "memory": measure_fit_memory,
     "index": measure_index,
+    "index_bundled": measure_index_bundled,
     "scale": measure_scale,
 }

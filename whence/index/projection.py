@@ -255,9 +255,10 @@ class Projections:
         return torch.cat(blocks, dim=1)
 
     def prepare(self, gradients: dict[str, torch.Tensor], factors: Factors, method: str = "ekfac",
-                damping: float | str = "heuristic") -> torch.Tensor:
-        """(Q, query width) float64 query rows X~_q from grad_l f(q) (name -> (Q, d_out, d_in)), for `method`
-        (as wide as the stored rows, except for lowrank: each layer's d_out * d_in)."""
+                damping: float | str = "heuristic", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(Q, query width) query rows X~_q from grad_l f(q) (name -> (Q, d_out, d_in)), for `method` (as wide as
+        the stored rows, except for lowrank: each layer's d_out * d_in), computed in `dtype` (Factors.precondition:
+        float32 halves the time and is far inside the index's compression error)."""
         from whence.queries import factors_for_method
 
         allowed = RANDOM_METHODS if self.kind in ("random", "lowrank") else EIGEN_METHODS
@@ -267,16 +268,16 @@ class Projections:
         preconditioner = factors_for_method(factors, method)
         blocks = []
         for layer in self.layers:
-            g = gradients[layer.name].to("cpu", torch.float64)  # the factors and projections live on the CPU
+            g = gradients[layer.name].to("cpu", dtype)  # the factors and projections live on the CPU
             if self.kind == "lowrank":  # X = P(grad f(q)) itself: (Q, d_out * d_in)
-                blocks.append(preconditioner.precondition(layer.name, g, damping).flatten(1))
+                blocks.append(preconditioner.precondition(layer.name, g, damping, dtype).flatten(1))
                 continue
             if self.kind == "random":
-                blocks.append(layer.keep(layer.project(preconditioner.precondition(layer.name, g, damping))))
+                blocks.append(layer.keep(layer.project(preconditioner.precondition(layer.name, g, damping, dtype))))
                 continue
             rotated = layer.project(g)  # (Q, k_out, k_in): P_S^T G P_A, a block of Q_S^T G Q_A
             if method != "identity":
-                eigenvalues = preconditioner.eigenvalues[layer.name].to(torch.float64)  # (d_out, d_in)
+                eigenvalues = preconditioner.eigenvalues[layer.name].to(dtype)  # (d_out, d_in)
                 kept = eigenvalues[layer.output_index][:, layer.input_index]  # (k_out, k_in)
                 # The damping is the full layer's (0.1 x mean of all of Lambda), as `whence score` uses.
                 rotated = rotated / (kept + preconditioner.damping(layer.name, damping))

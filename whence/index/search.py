@@ -231,16 +231,17 @@ class Index:
         return shard
 
     def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic") -> torch.Tensor:
-        """(Q, query width) query rows: the queries' gradients projected and preconditioned by `method` (in
-        float64), then held in the model's precision: float64 for a float64 model, else float32. The search's
-        default products follow them (search_dtype): float64 rows of a float32 model would make every search
-        product float64, twice the time of float32 for nothing the float32 stored rows could use."""
+        """(Q, query width) query rows: the queries' gradients projected and preconditioned by `method` in the
+        model's precision, float64 for a float64 model, else float32. The search's default products follow them
+        (search_dtype): float64 rows of a float32 model would make every search product float64, twice the time
+        of float32 for nothing the stored rows (float16 by default) could use; and preconditioning a float32
+        model's queries in float64 doubled the preparation, most of a query's time on a small corpus."""
         from whence.queries import query_gradients
 
         hosted = self.hosted
         gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
-        rows = self.projections.prepare(gradients, self.factors, method, damping)  # (Q, width) float64
-        return rows if hosted.model.dtype == torch.float64 else rows.float()
+        dtype = torch.float64 if hosted.model.dtype == torch.float64 else torch.float32
+        return self.projections.prepare(gradients, self.factors, method, damping, dtype)  # (Q, width)
 
     def search(self, query_ids: list[str], prepared: torch.Tensor, top_k: int | None,
                keys: set[tuple[str, int]] | None = None, compute: str | None = "auto") -> TopK:
