@@ -5,10 +5,11 @@ queries by matrix products (whence.index).
     scan         bad rows and duplicates, as `whence score` finds them (flows.scan_cache), so the index holds
                  exactly the sequences `whence score --tfidf-candidates 0` scores
     index        Ray Data streams the pending fragments (one row each) through FragmentIndexer actors; each
-                 reads its fragment, compresses its sequences' gradients and writes the fragment's shard
+                 reads its fragment, compresses its sequences' gradients and writes the fragment's shard in
+                 parts of at most --part-size sequences as they fill (whence.index.shards), then its record
     manifest     model and factors fingerprints, projection kind, seed and dimensions, the layers' blocks
-Finished shards (verified against their checksums) survive an interruption; rerunning with the same arguments
-indexes only the rest, and other arguments are refused unless --overwrite (flows.run_state). Pipeline-sharded
+Finished shards (verified against their checksums) survive an interruption, and so do the finished parts of an
+unfinished fragment; rerunning with the same arguments indexes only the rest, and other arguments are refused unless --overwrite (flows.run_state). Pipeline-sharded
 models (--shards N > 1) are refused: each worker holds a whole model replica.
 """
 
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=help_for(IndexConfig, "projection"))
     index.add_argument("--seed", type=int, default=0, help=help_for(IndexConfig, "seed"))
     index.add_argument("--seq-len", type=positive_int, default=None, help=help_for(IndexConfig, "seq_len"))
+    index.add_argument("--part-size", type=positive_int, default=None, metavar="N",
+                       help=help_for(IndexConfig, "part_size"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +92,7 @@ def build_index(model: str, factors_dir: str, corpus, out: str, config: IndexCon
     from flows.score import _factors_manifest
     from whence.corpus import CorpusSource, list_fragments
     from whence.fingerprints import corpus_fingerprint, factors_fingerprint
-    from whence.index.shards import finished_shards
+    from whence.index.shards import finished_shards, fragment_parts, part_rows
     from whence.model import check_finite_checkpoint, check_model_source
     from whence.redact import redact_uri
     from whence.text import check_window
@@ -121,10 +124,14 @@ def build_index(model: str, factors_dir: str, corpus, out: str, config: IndexCon
     # Verified once (a checksum read of every finished shard): both the room check and the build use it.
     done = finished_shards(state.location, [f.index for f in fragments])
     _check_room(state, projections, config, counts, done)
+    rows_per_part = part_rows(projections.width, config.dtype, config.part_size)
     built = _index_fragments(state, fragments, FragmentReader({f.index: f for f in fragments}, settings, skip),
-                             factors_manifest, cluster, done)
-    summary = _summary(state, fragments, projections, config, tally, started, built)
-    state.write_json("manifest.json", _manifest(state, factors_manifest, projections, summary))
+                             factors_manifest, cluster, done, rows_per_part)
+    # The records say each fragment's parts (the fragments done before were verified above, the others were
+    # written just now): reading them is enough, no second checksum pass over the shards.
+    parts = {f.index: found for f in fragments if (found := fragment_parts(state.location, f.index)) is not None}
+    summary = _summary(fragments, projections, config, tally, started, built, parts)
+    state.write_json("manifest.json", _manifest(state, factors_manifest, projections, summary, parts, rows_per_part))
     state.finish(summary)
     return summary
 
@@ -185,7 +192,7 @@ def _check_room(state, projections, config: IndexConfig, counts: dict[int, int],
 
 
 def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest: dict,
-                     cluster: ClusterSettings, done: dict) -> dict:
+                     cluster: ClusterSettings, done: dict, rows_per_part: int) -> dict:
     """Stream the fragments without a verified shard (those not in `done`, whence.index.shards.finished_shards)
     through the indexer actors. Returns {"sequences", "tokens", "indexed_s"} of the fragments indexed now."""
     import ray.data
@@ -205,7 +212,8 @@ def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest:
     resources = actor_resources(cluster.workers)
     constructor = {"spec": ModelSpec(arguments["model"], arguments["modules"], cluster.dtype),
                    "projections_path": state.location / PROJECTIONS_FILE, "factors_manifest": factors_manifest,
-                   "read_fragment": reader, "index_dir": state.location, "storage_dtype": arguments["dtype"],
+                   "read_fragment": reader, "index_dir": state.location, "rows_per_part": rows_per_part,
+                   "storage_dtype": arguments["dtype"],
                    "batch_size": arguments["batch_size"], "num_threads": torch_threads(resources.get("num_cpus", 1))}
     dataset = ray.data.from_items([{"fragment": index} for index in pending], override_num_blocks=len(pending))
     tick = time.monotonic()
@@ -223,10 +231,14 @@ def _index_fragments(state, fragments, reader: FragmentReader, factors_manifest:
     return built
 
 
-def _summary(state, fragments, projections, config: IndexConfig, tally, started: float, built: dict) -> dict:
-    from whence.index.shards import STORAGE_DTYPES, shard_path, shard_sequences
+def _summary(fragments, projections, config: IndexConfig, tally, started: float, built: dict, parts: dict) -> dict:
+    from whence.errors import WhenceError
+    from whence.index.shards import STORAGE_DTYPES
 
-    sequences = sum(shard_sequences(shard_path(state.location, f.index)) for f in fragments)
+    missing = [f.index for f in fragments if f.index not in parts]
+    if missing:  # every actor returned, so a fragment without a verified shard is a fault, not a resume
+        raise WhenceError(f"fragments {missing[:8]} have no complete shard after indexing; rerun the same command")
+    sequences = sum(rows for f in fragments for _, rows in parts[f.index])
     item = STORAGE_DTYPES[config.dtype].itemsize
     return {"sequences": sequences, "fragments": len(fragments), "documents": tally.documents,
             "bad_rows": tally.total_bad, "bytes_per_sequence": projections.width * item,
@@ -235,10 +247,9 @@ def _summary(state, fragments, projections, config: IndexConfig, tally, started:
             "seconds": time.monotonic() - started}
 
 
-def _manifest(state, factors_manifest: dict, projections, summary: dict) -> dict:
+def _manifest(state, factors_manifest: dict, projections, summary: dict, parts: dict, rows_per_part: int) -> dict:
     from flows.provenance import versions
     from flows.score_checks import fisher_sequences
-    from whence.index.shards import shard_fragments
     from whence.results import FISHER_SEQUENCES
 
     arguments = state.arguments
@@ -251,7 +262,9 @@ def _manifest(state, factors_manifest: dict, projections, summary: dict) -> dict
     return {
         "command": "index", "arguments": arguments, "layers": layers, "width": projections.width,
         "projection": {"kind": projections.kind, "dim": projections.dim, "seed": projections.seed},
-        "dtype": arguments["dtype"], "shards": shard_fragments(state.location),
+        "dtype": arguments["dtype"], "part_size": rows_per_part,
+        # fragment -> [[part file, rows], ...]: what `whence query` reads, without listing the directory
+        "shards": {str(fragment): [list(part) for part in parts[fragment]] for fragment in sorted(parts)},
         "model": {"path": arguments["model"], "fingerprint": fingerprint},
         "factors": {"path": arguments["factors"], "fingerprint": arguments["factors_fingerprint"],
                     "strategy": factors_manifest.get("strategy")},

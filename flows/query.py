@@ -220,12 +220,10 @@ def _candidate_keys(state, corpus: IndexedCorpus, queries, config: ScoreConfig, 
 
 def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, cluster: ClusterSettings,
             compute: str = "auto"):
-    """(merged TopK, sequences scored): in process, or one Ray task per shard with more than one worker."""
-    from whence.index.shards import shard_path, shard_sequences
+    """(merged TopK, sequences scored): in process, or one Ray task per shard part with more than one worker."""
     from whence.topk import TopK
 
-    fragments = index.fragments
-    scored = len(keys) if keys is not None else sum(shard_sequences(shard_path(index.path, f)) for f in fragments)
+    scored = len(keys) if keys is not None else sum(part.sequences for part in index.parts)
     if cluster.workers <= 1:
         return index.search(query_ids, prepared, top_k, keys, compute), scored
     import ray
@@ -238,10 +236,10 @@ def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, clus
     gpus = {"num_gpus": gpu_share(cluster.workers)} if cluster_gpus() >= 1 else {}
     task = ray.remote(score_shard_file).options(num_cpus=1, max_retries=2, **gpus)
     rows, key_ref = ray.put(prepared.numpy()), ray.put(keys)
-    pending = [task.remote(shard_path(index.path, f), rows, index.projections.layout, query_ids, top_k,
-                           key_ref, compute) for f in fragments]
+    pending = [task.remote(part.path, rows, index.projections.layout, query_ids, top_k, key_ref, compute)
+               for part in index.parts]
     merged = TopK.empty(query_ids, top_k, len(index.layer_names))
-    # At most `workers` shards in flight: each task reads one shard into memory.
+    # At most `workers` parts in flight: each task reads one part into memory.
     while pending:
         running, pending = pending[: cluster.workers], pending[cluster.workers :]
         for part in ray.get(running):

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from flows.bench import PIPELINE_MEASUREMENTS, TARGETS
+from flows.bench.measure import NAMED_ONLY
 from flows.cli import main
 
 EXPECTED_FIGURES = {
@@ -38,14 +39,28 @@ def test_tiny_bench_writes_finite_ratios(tmp_path, capsys):
     assert "scoring_q32_rank32" in printed and "figure (ratio)" in printed
 
 
+def test_the_hour_long_measurements_run_only_when_named():
+    import argparse
+
+    from flows.bench import chosen_config, chosen_measurements
+
+    for config in ("tiny", "medium"):
+        args = argparse.Namespace(config=config, only=None, repeats=None)
+        selected, _ = chosen_measurements(args, chosen_config(args))
+        assert not set(NAMED_ONLY) & set(selected)
+    args = argparse.Namespace(config="tiny", only="index_bundled", repeats=None)
+    assert chosen_measurements(args, chosen_config(args)) == (["index_bundled"], [])
+
+
 @pytest.mark.slow
 def test_pipeline_measurements_write_finite_ratios(tmp_path, ray_cluster):
     """Measurements 5-8 run `whence score` and sharded workers (Ray) several times: minutes, whatever the
     model size."""
     out = tmp_path / "pipeline.json"
     # Measurements 5-8 (the memory measurement fits six models in subprocesses: it is run by hand, not here; the
-    # scale one, 200,000 sequences on its own cluster, has tests/test_bench_scale.py at a small size).
-    measurements = [name for name in PIPELINE_MEASUREMENTS if name not in ("memory", "scale")]
+    # scale one, 200,000 sequences on its own cluster, has tests/test_bench_scale.py at a small size; the index
+    # over the whole bundled corpus, NAMED_ONLY, takes an hour).
+    measurements = [name for name in PIPELINE_MEASUREMENTS if name not in ("memory", "scale", *NAMED_ONLY)]
     assert main(["bench", "--config", "tiny", "--only", ",".join(measurements), "--repeats", "1",
                  "--out", str(out)]) == 0
     body = json.loads(out.read_text())

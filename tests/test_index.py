@@ -192,6 +192,47 @@ def test_the_batch_size_does_not_change_the_rows(fitted, tokenizer, kind):
     torch.testing.assert_close(one, five, **FLOAT64)
 
 
+def test_parts_cut_the_rows_in_order_whatever_the_batch_size(fitted, tokenizer):
+    model, layers, factors, sequences = fitted
+    compressor = GradientCompressor(model, tokenizer, layers, build_projections(factors, "lowrank", 4))
+    whole = compressor.shard(0, sequences, 4)
+    for batch_size, rows_per_part in ((4, 3), (2, 4), (5, 1)):
+        parts = list(compressor.parts(0, sequences, batch_size, rows_per_part=rows_per_part))
+        assert [p.num_sequences for p in parts[:-1]] == [rows_per_part] * (len(parts) - 1)
+        assert 1 <= parts[-1].num_sequences <= rows_per_part
+        assert [d for p in parts for d in p.doc_ids] == whole.doc_ids
+        torch.testing.assert_close(torch.cat([p.gradients for p in parts]), whole.gradients, **FLOAT64)
+    assert [p.num_sequences for p in compressor.parts(0, [], 4, rows_per_part=3)] == [0]
+    assert list(compressor.parts(0, [], 4, rows_per_part=3, empty_part=False)) == []
+
+
+def test_a_damaged_part_is_redone_with_the_parts_after_it(fitted, tokenizer, tmp_path):
+    from whence.index.shards import (
+        finished_parts,
+        finished_shards,
+        part_path,
+        record_path,
+        write_part,
+        write_record,
+    )
+
+    model, layers, factors, sequences = fitted
+    compressor = GradientCompressor(model, tokenizer, layers, build_projections(factors, "lowrank", 4))
+    parts = list(compressor.parts(5, sequences, 4, "float32", rows_per_part=2))
+    assert len(parts) >= 3
+    for i, part in enumerate(parts):
+        write_part(tmp_path, part, i, "float32")
+    write_record(tmp_path, 5, [p.num_sequences for p in parts])
+    assert finished_shards(tmp_path, [5])[5] == [(part_path(tmp_path, 5, i).name, p.num_sequences)
+                                                for i, p in enumerate(parts)]
+    damaged = part_path(tmp_path, 5, 1).local
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"\0" * 8)
+    assert finished_shards(tmp_path, [5]) == {}, "a fragment with a damaged part is not finished"
+    assert not record_path(tmp_path, 5).exists()
+    assert [part_path(tmp_path, 5, i).exists() for i in range(len(parts))] == [True] + [False] * (len(parts) - 1)
+    assert finished_parts(tmp_path, 5) == [parts[0].num_sequences], "indexing resumes after part 0"
+
+
 def test_rows_are_rounded_to_the_storage_dtype_as_made_and_an_overflow_is_an_error(fitted, tokenizer, tmp_path):
     from whence.errors import WhenceError
     from whence.index import write_shard
@@ -227,13 +268,14 @@ def write_factors(space, directory, seed=0):
     return str(directory)
 
 
-def build(space, out, workers=1, overwrite=False, **config):
+def build(space, out, workers=1, overwrite=False, actor_env=None, **config):
     from flows.cluster import ClusterSettings
     from flows.index import build_index
     from whence.index.config import IndexConfig
 
     return build_index(space["model"], space["factors"], [space["corpus"]], str(out),
-                       IndexConfig(**{**INDEX_CONFIG, **config}), ClusterSettings(workers=workers, dtype="float64"),
+                       IndexConfig(**{**INDEX_CONFIG, **config}),
+                       ClusterSettings(workers=workers, dtype="float64", actor_env=actor_env or {}),
                        overwrite=overwrite)
 
 
@@ -303,6 +345,108 @@ def test_an_interrupted_build_resumes_and_other_arguments_are_refused(indexed, t
     assert summary["sequences"] == build(indexed, indexed["root"] / "index-1")["sequences"]
     with pytest.raises(RunStateError, match="other arguments.*dim"):
         build(indexed, out, dim=4)
+
+
+def fragment_rows(index_dir):
+    """fragment -> (doc ids, chunks, rows) of its whole shard, its parts concatenated in order."""
+    import json
+
+    from whence.index import read_shard
+
+    rows = {}
+    for record in sorted((index_dir / "shards").glob("shard-*.json")):
+        parts = [read_shard(index_dir / "shards" / p["file"]) for p in json.loads(record.read_text())["parts"]]
+        rows[parts[0].fragment] = ([d for p in parts for d in p.doc_ids], [int(c) for p in parts for c in p.chunks],
+                                   torch.cat([p.gradients for p in parts]))
+    return rows
+
+
+def test_a_fragment_written_in_parts_holds_the_same_rows_and_answers_the_same(indexed, tmp_path):
+    """--part-size 3: each fragment's shard in several part files (an actor holds one part at a time), the
+    same rows in the same order as one file a fragment, and the same top-k (in process and over Ray tasks)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    whole, parted = indexed["root"] / "index-1", tmp_path / "parted"
+    build(indexed, parted, part_size=3)
+    manifest = json.loads((parted / "manifest.json").read_text())
+    assert manifest["part_size"] == 3
+    assert sum(len(parts) for parts in manifest["shards"].values()) > 3, "some fragment took several parts"
+    assert all(rows <= 3 for parts in manifest["shards"].values() for _, rows in parts)
+    expected, found = fragment_rows(whole), fragment_rows(parted)
+    assert expected.keys() == found.keys()
+    for fragment, (doc_ids, chunks, rows) in expected.items():
+        assert found[fragment][:2] == (doc_ids, chunks)
+        assert torch.equal(found[fragment][2], rows)
+    for workers in (1, 2):
+        run_query(whole, indexed, tmp_path / f"w{workers}", workers=workers)
+        run_query(parted, indexed, tmp_path / f"p{workers}", workers=workers)
+        assert pq.read_table(tmp_path / f"p{workers}" / "topk.parquet").equals(
+            pq.read_table(tmp_path / f"w{workers}" / "topk.parquet"))
+
+
+def test_a_fragment_interrupted_between_parts_resumes_after_them(indexed, tmp_path):
+    """A build stopped inside a fragment keeps that fragment's finished parts (not rewritten) and redoes the
+    rest; an indexing actor killed after a part costs its fragment's unfinished parts, never a result."""
+    import json
+    import shutil
+
+    reference = tmp_path / "reference"
+    build(indexed, reference, part_size=3)
+    expected = fragment_rows(reference)
+    out = tmp_path / "interrupted"
+    shutil.copytree(reference, out)
+    record = max((out / "shards").glob("shard-*.json"), key=lambda p: len(json.loads(p.read_text())["parts"]))
+    parts = [out / "shards" / p["file"] for p in json.loads(record.read_text())["parts"]]
+    assert len(parts) >= 3
+    # Stopped after the fragment's first two parts: the rest, its record and the manifest missing.
+    for path in parts[2:]:
+        path.unlink()
+        path.with_name(path.name + ".sha256").unlink()
+    record.unlink()
+    (out / "manifest.json").unlink()
+    run_file = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run_file, "status": "running"}))
+    kept = [p.stat().st_mtime_ns for p in parts[:2]]
+    summary = build(indexed, out, part_size=3)
+    assert [p.stat().st_mtime_ns for p in parts[:2]] == kept, "finished parts are not redone"
+    fragment = json.loads(record.read_text())["fragment"]
+    assert summary["sequences_indexed_now"] == len(expected[fragment][0]) - 6, "only the missing parts' rows"
+    assert all(p.exists() for p in parts) and record.exists()
+    assert json.loads((out / "manifest.json").read_text())["shards"] == \
+        json.loads((reference / "manifest.json").read_text())["shards"]
+    for fragment, (doc_ids, chunks, rows) in fragment_rows(out).items():
+        assert (doc_ids, chunks) == expected[fragment][:2] and torch.equal(rows, expected[fragment][2])
+    marker = tmp_path / "died-once"
+    killed = tmp_path / "killed"
+    build(indexed, killed, part_size=3, actor_env={"WHENCE_FAULT_AFTER_BATCHES": f"2:{marker}"})
+    assert marker.exists(), "the fault was injected"
+    for fragment, (doc_ids, chunks, rows) in fragment_rows(killed).items():
+        assert (doc_ids, chunks) == expected[fragment][:2] and torch.equal(rows, expected[fragment][2])
+
+
+def test_an_index_written_before_parts_is_read_as_one_part_a_fragment(indexed, tmp_path):
+    """Indexes built before shards had parts: shards/shard-NNNNNN.safetensors, no records, a manifest listing
+    the fragments only. `whence query` reads them as they were."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(indexed["root"] / "index-1", legacy)
+    for record in (legacy / "shards").glob("shard-*.json"):
+        (part,) = json.loads(record.read_text())["parts"]
+        old = record.with_suffix(".safetensors")
+        (legacy / "shards" / part["file"]).rename(old)
+        (legacy / "shards" / (part["file"] + ".sha256")).rename(old.with_name(old.name + ".sha256"))
+        record.unlink()
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    (legacy / "manifest.json").write_text(json.dumps({**manifest, "shards": sorted(map(int, manifest["shards"]))}))
+    run_query(indexed["root"] / "index-1", indexed, tmp_path / "now")
+    run_query(legacy, indexed, tmp_path / "then", workers=2)
+    assert pq.read_table(tmp_path / "then" / "topk.parquet").equals(pq.read_table(tmp_path / "now" / "topk.parquet"))
 
 
 def test_a_query_with_other_factors_or_another_model_is_an_error(indexed, tmp_path, capsys):

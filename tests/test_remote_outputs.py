@@ -119,8 +119,8 @@ def test_an_index_on_s3_built_from_factors_on_s3_answers_as_exact_scoring(s3, fi
     Factors.load(fitted_workspace["factors"]).save(factors, manifest=read_manifest(fitted_workspace["factors"]))
     build_index(fitted_workspace["model"], factors, [fitted_workspace["corpus"]], out,
                 IndexConfig(dim=10_000, dtype="float32", batch_size=4), ClusterSettings(workers=1, dtype="float64"))
-    assert [child.name for child in (Location.of(out) / SHARDS_DIR).children()][:2] == [
-        "shard-000000.safetensors", "shard-000000.safetensors.sha256"]
+    assert [child.name for child in (Location.of(out) / SHARDS_DIR).children()][:3] == [
+        "shard-000000-0000.safetensors", "shard-000000-0000.safetensors.sha256", "shard-000000.json"]
     with pytest.raises(SettingsError, match="credentials were redacted"):  # never written, so given again
         whence.Index.open(out, dtype="float64")
     index = whence.Index.open(out, factors=factors, dtype="float64")

@@ -3,8 +3,9 @@ answered by matrix products instead of a pass of the model over the corpus (`whe
 
     projection.py  the Kronecker-structured projections (EK-FAC eigenbasis truncation, seeded random), each
                    sequence's own low-rank factors (lowrank), and the query side that preconditions to match
-    build.py       a batch of sequences -> compressed rows (GradientCompressor), a fragment -> its shard
-    shards.py      the index directory: one safetensors shard per corpus fragment, checksums, resume
+    build.py       a batch of sequences -> compressed rows (GradientCompressor), a fragment -> its shard's parts
+    shards.py      the index directory: each corpus fragment's shard in safetensors part files, their records,
+                   checksums, resume
     search.py      scoring shards by matrix products; Index.open(path).query(queries, top_k=10)
 
 Pure torch: no Ray (actors/indexer.py and flows/index.py, flows/query.py run it at corpus scale).

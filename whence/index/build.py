@@ -9,7 +9,7 @@ many workers built the index.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import islice
 
 import numpy as np
@@ -44,13 +44,22 @@ class GradientCompressor:
 
     def shard(self, fragment: int, sequences: Iterable[TrainingSequence], batch_size: int = 8,
               storage_dtype: str | None = None) -> Shard:
-        """Every sequence's row, in order, as fragment `fragment`'s shard; each batch's rows rounded to
-        `storage_dtype` as they are made (when given), so a fragment's rows are held once, in the dtype they are
-        stored in: a float16 lowrank fragment of 6,000 sequences is 2 GB, its float32 rows twice that."""
+        """Every sequence's row, in order, as fragment `fragment`'s shard in one piece (`parts` with no limit)."""
+        return next(self.parts(fragment, sequences, batch_size, storage_dtype))
+
+    def parts(self, fragment: int, sequences: Iterable[TrainingSequence], batch_size: int = 8,
+              storage_dtype: str | None = None, rows_per_part: int | None = None,
+              empty_part: bool = True) -> Iterator[Shard]:
+        """Fragment `fragment`'s rows in order, as Shards of `rows_per_part` rows (the last one fewer; None: one
+        Shard of every row; one empty Shard when there are no sequences, unless not `empty_part`). Each batch's rows are rounded to
+        `storage_dtype` as they are made (when given), and a part is handed on as soon as it is full, so a caller
+        that writes each part holds one part's rows, in the dtype they are stored in, however long the fragment:
+        a float16 lowrank part of 256 MiB is about 800 sequences of the bundled model."""
         iterator = iter(sequences)
-        rows, doc_ids, chunks = [], [], []
         dtype = torch.float64 if next(self.model.parameters()).dtype == torch.float64 else torch.float32
         dtype = STORAGE_DTYPES[storage_dtype] if storage_dtype else dtype
+        limit = rows_per_part or float("inf")
+        rows, doc_ids, chunks, held, handed = [], [], [], 0, 0
         while group := list(islice(iterator, batch_size)):
             made = self.compress(collate_sequences(group, self.pad_id)).to(dtype)  # (B, width)
             if storage_dtype is not None:
@@ -58,8 +67,16 @@ class GradientCompressor:
             rows.append(made)
             doc_ids += [s.doc_id for s in group]
             chunks += [s.chunk for s in group]
-        gradients = torch.cat(rows) if rows else torch.zeros(0, self.projections.width, dtype=dtype)
-        return Shard(fragment, gradients, doc_ids, np.asarray(chunks, dtype=np.int64))
+            held += len(group)
+            while held >= limit:  # a full part: hand it on and keep the batch's rest
+                gradients = torch.cat(rows)
+                yield Shard(fragment, gradients[:limit], doc_ids[:limit], np.asarray(chunks[:limit], dtype=np.int64))
+                handed += 1
+                rows, doc_ids, chunks = [gradients[limit:].clone()], doc_ids[limit:], chunks[limit:]
+                held -= limit
+        if held or (not handed and empty_part):
+            gradients = torch.cat(rows) if rows else torch.zeros(0, self.projections.width, dtype=dtype)
+            yield Shard(fragment, gradients, doc_ids, np.asarray(chunks, dtype=np.int64))
 
 
 def check_model_matches_factors(model_fingerprint: str, layers: list[TrackedLayer], factors_manifest: dict) -> None:

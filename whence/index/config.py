@@ -28,6 +28,10 @@ class IndexConfig:
                          DEFAULT_STORAGE_DTYPE)
     batch_size: int = setting("sequences per forward/backward pass", 8)
     seq_len: int | None = setting("tokens per training sequence (None: as the factors were fitted)", None)
+    part_size: int | None = setting("most sequences one shard file holds: a larger fragment is written in parts as "
+                                    "it is indexed, so an indexing actor holds one part's rows at a time and an "
+                                    "interrupted fragment resumes after its finished parts (default: as many as "
+                                    "fit in 256 MiB)", None)
 
     def __post_init__(self):
         if self.dim is None and self.projection in DEFAULT_DIMS:
@@ -36,7 +40,9 @@ class IndexConfig:
                   (self.projection in KINDS, "projection", f"must be one of {', '.join(KINDS)}, got {self.projection!r}"),
                   (self.dtype in STORAGE_DTYPES, "dtype", f"must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}"),
                   (self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}"),
-                  (self.seq_len is None or self.seq_len >= 2, "seq_len", f"must be at least 2, got {self.seq_len}")]
+                  (self.seq_len is None or self.seq_len >= 2, "seq_len", f"must be at least 2, got {self.seq_len}"),
+                  (self.part_size is None or self.part_size >= 1, "part_size",
+                   f"must be positive, got {self.part_size}")]
         for ok, name, message in checks:
             if not ok:
                 raise SettingsError(f"{name} {message}", name)

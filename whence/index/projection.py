@@ -92,8 +92,12 @@ DEFAULT_DIMS = {"eigen": DEFAULT_DIM, "lambda": DEFAULT_DIM, "random": DEFAULT_D
 # bring the kept rank-r part within a fraction of a percent of the exact truncated SVD for these spectra.
 OVERSAMPLE = 8
 POWER_ITERATIONS = 2
-# Stored rows expanded to (d_out, d_in) rank-r gradients at a time in a lowrank search: n x d_out x d_in floats.
-LOWRANK_ROWS = 128
+# Bytes of the dense (n, d_out * d_in) rank-r gradients a lowrank search expands at a time. The product that
+# follows does Q multiply-adds per value it reads, so with few queries it is bound by memory, not arithmetic: a
+# block that stays in cache is read back at cache speed (`python -m flows.bench.lowrank_blocks`: on this
+# project's 2-core AMD EPYC, AVX2, the bundled model's layers, 8 queries, float32, one thread, 128 rows a block
+# took 2.3 times as long as 8 to 32 rows, 3 to 12 MiB).
+LOWRANK_BLOCK_BYTES = 4 << 20
 PROJECTIONS_FILE = "projections.safetensors"
 # Methods whose preconditioner is diagonal in the fitted eigenbasis: the eigen kind applies them exactly.
 EIGEN_METHODS = ("ekfac", "kfac", "identity")
@@ -118,9 +122,9 @@ class BlockLayout:
         """(n, Q) scores from this layer's stored blocks (n, w) and query blocks (Q, w_q), in their dtype."""
         if not self.rank:
             return stored @ queries.T
-        parts = []
-        for start in range(0, stored.shape[0], LOWRANK_ROWS):
-            rows = stored[start : start + LOWRANK_ROWS]
+        parts, step = [], max(1, LOWRANK_BLOCK_BYTES // (self.d_out * self.d_in * stored.element_size()))
+        for start in range(0, stored.shape[0], step):
+            rows = stored[start : start + step]
             left = rows[:, : self.rank * self.d_out].view(-1, self.rank, self.d_out)  # (n, r, d_out): L^T
             right = rows[:, self.rank * self.d_out :].view(-1, self.rank, self.d_in)  # (n, r, d_in): R
             dense = torch.bmm(left.transpose(1, 2), right).flatten(1)  # (n, d_out * d_in): L R, row-major

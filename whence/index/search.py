@@ -30,7 +30,7 @@ import torch
 
 from whence.errors import FactorsMismatchError, SettingsError, WhenceError
 from whence.index.projection import PROJECTIONS_FILE, BlockLayout, Projections
-from whence.index.shards import Shard, read_shard, shard_path
+from whence.index.shards import IndexPart, Shard, index_parts, read_shard
 from whence.storage import Location
 from whence.topk import TopK
 
@@ -183,7 +183,7 @@ class Index:
     projections: Projections
     hosted: object  # whence.queries.HostedModel
     factors: object  # whence.factors.Factors
-    shards: dict[int, Shard] = field(default_factory=dict)
+    shards: dict[Location, Shard] = field(default_factory=dict)  # part file -> its rows, as kept
     cache_bytes: int = CACHE_BYTES
 
     @classmethod
@@ -215,19 +215,20 @@ class Index:
     def layer_names(self) -> list[str]:
         return self.projections.layer_names
 
-    @property
-    def fragments(self) -> list[int]:
-        return [int(f) for f in self.manifest["shards"]]
+    @functools.cached_property
+    def parts(self) -> list[IndexPart]:
+        """Every shard part file, in fragment and part order (whence.index.shards.index_parts)."""
+        return index_parts(self.path, self.manifest)
 
-    def shard(self, fragment: int) -> Shard:
-        """Fragment `fragment`'s shard: kept once read while the kept shards stay within `cache_bytes`, read
-        again on each use beyond that (a whole-corpus index can exceed the memory of the process that asks)."""
-        if fragment in self.shards:
-            return self.shards[fragment]
-        shard = read_shard(shard_path(self.path, fragment))
+    def shard(self, part: IndexPart) -> Shard:
+        """Part `part`'s rows: kept once read while the kept parts stay within `cache_bytes`, read again on
+        each use beyond that (a whole-corpus index can exceed the memory of the process that asks)."""
+        if part.path in self.shards:
+            return self.shards[part.path]
+        shard = read_shard(part.path)
         kept = sum(s.gradients.nbytes for s in self.shards.values())
         if kept + shard.gradients.nbytes <= self.cache_bytes:
-            self.shards[fragment] = shard
+            self.shards[part.path] = shard
         return shard
 
     def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic") -> torch.Tensor:
@@ -247,8 +248,8 @@ class Index:
                keys: set[tuple[str, int]] | None = None, compute: str | None = "auto") -> TopK:
         """Per-query top-k over every shard, in this process (products in `compute`, score_shard)."""
         merged = TopK.empty(query_ids, top_k, len(self.layer_names))
-        for fragment in self.fragments:
-            merged.merge(score_shard(self.shard(fragment), prepared, self.projections.layout, keys, compute=compute)
+        for part in self.parts:
+            merged.merge(score_shard(self.shard(part), prepared, self.projections.layout, keys, compute=compute)
                          .topk(query_ids, top_k))
         return merged
 
@@ -265,7 +266,7 @@ class Index:
         query_ids = [q.id for q in queries]
         prepared = self.prepare(queries, method, damping)
         layout = self.projections.layout
-        parts = [score_shard(self.shard(f), prepared, layout, compute=compute) for f in self.fragments]
+        parts = [score_shard(self.shard(part), prepared, layout, compute=compute) for part in self.parts]
         if top_k is not None:
             merged = TopK.empty(query_ids, top_k, len(self.layer_names))
             for part in parts:
