@@ -52,7 +52,6 @@ class FragmentIndexer:
         return {"fragment": np.asarray(fragments, dtype=np.int64), "sequences": np.asarray(sequences, np.int64),
                 "tokens": np.asarray(tokens, dtype=np.int64), "seconds": np.asarray(seconds, dtype=np.float64)}
 
-
     def index_fragment(self, fragment: int) -> tuple[int, int]:
         """Write `fragment`'s parts after its verified leading ones (whence.index.shards.finished_parts: the
         sequences they hold are read and skipped, not recomputed), then its record. Returns the (sequences,

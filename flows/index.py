@@ -9,8 +9,9 @@ queries by matrix products (whence.index).
                  parts of at most --part-size sequences as they fill (whence.index.shards), then its record
     manifest     model and factors fingerprints, projection kind, seed and dimensions, the layers' blocks
 Finished shards (verified against their checksums) survive an interruption, and so do the finished parts of an
-unfinished fragment; rerunning with the same arguments indexes only the rest, and other arguments are refused unless --overwrite (flows.run_state). Pipeline-sharded
-models (--shards N > 1) are refused: each worker holds a whole model replica.
+unfinished fragment; rerunning with the same arguments indexes only the rest, and other arguments are refused
+unless --overwrite (flows.run_state). Pipeline-sharded models (--shards N > 1) are refused: each worker holds a
+whole model replica.
 """
 
 from __future__ import annotations

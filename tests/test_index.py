@@ -361,15 +361,22 @@ def fragment_rows(index_dir):
     return rows
 
 
-def test_a_fragment_written_in_parts_holds_the_same_rows_and_answers_the_same(indexed, tmp_path):
+@pytest.fixture(scope="module")
+def parted(indexed):
+    """The workspace's index built with --part-size 3: several part files a fragment."""
+    out = indexed["root"] / "index-parted"
+    build(indexed, out, part_size=3)
+    return out
+
+
+def test_a_fragment_written_in_parts_holds_the_same_rows_and_answers_the_same(indexed, parted, tmp_path):
     """--part-size 3: each fragment's shard in several part files (an actor holds one part at a time), the
     same rows in the same order as one file a fragment, and the same top-k (in process and over Ray tasks)."""
     import json
 
     import pyarrow.parquet as pq
 
-    whole, parted = indexed["root"] / "index-1", tmp_path / "parted"
-    build(indexed, parted, part_size=3)
+    whole = indexed["root"] / "index-1"
     manifest = json.loads((parted / "manifest.json").read_text())
     assert manifest["part_size"] == 3
     assert sum(len(parts) for parts in manifest["shards"].values()) > 3, "some fragment took several parts"
@@ -379,21 +386,20 @@ def test_a_fragment_written_in_parts_holds_the_same_rows_and_answers_the_same(in
     for fragment, (doc_ids, chunks, rows) in expected.items():
         assert found[fragment][:2] == (doc_ids, chunks)
         assert torch.equal(found[fragment][2], rows)
-    for workers in (1, 2):
-        run_query(whole, indexed, tmp_path / f"w{workers}", workers=workers)
+    run_query(whole, indexed, tmp_path / "whole")
+    for workers in (1, 2):  # in process, and one Ray task a part
         run_query(parted, indexed, tmp_path / f"p{workers}", workers=workers)
         assert pq.read_table(tmp_path / f"p{workers}" / "topk.parquet").equals(
-            pq.read_table(tmp_path / f"w{workers}" / "topk.parquet"))
+            pq.read_table(tmp_path / "whole" / "topk.parquet"))
 
 
-def test_a_fragment_interrupted_between_parts_resumes_after_them(indexed, tmp_path):
+def test_a_fragment_interrupted_between_parts_resumes_after_them(indexed, parted, tmp_path):
     """A build stopped inside a fragment keeps that fragment's finished parts (not rewritten) and redoes the
     rest; an indexing actor killed after a part costs its fragment's unfinished parts, never a result."""
     import json
     import shutil
 
-    reference = tmp_path / "reference"
-    build(indexed, reference, part_size=3)
+    reference = parted
     expected = fragment_rows(reference)
     out = tmp_path / "interrupted"
     shutil.copytree(reference, out)
