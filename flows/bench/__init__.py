@@ -23,7 +23,7 @@ the weights. The measurements:
        file's byte-range fragments over one .jsonl.gz, and the driver's and the largest scoring actor's peak
        memory on the corpus 4x over 1x (--only scale; flows.bench.scale)   (Ray)
    12. the gradient index against `whence score` on the pipeline fixture (--only index; flows.bench.index), and
-       over the whole bundled corpus with the bundled model and 8 new queries, about an hour (run only when
+       over the whole bundled corpus with the bundled model and 8 new queries, about 40 minutes (run only when
        named: --only index_bundled; flows.bench.index_bundled)   (Ray)
 
 Layout of this package (beside the flows it measures; nothing in whence/ imports it):

@@ -98,7 +98,8 @@ def agreement(exact: np.ndarray, approx: np.ndarray, columns: list[int], pool: i
 
 def compare_results(reference: str, other: str) -> dict[str, tuple[float, float]]:
     """query id -> (Spearman over the sequences both scored, top-10 overlap) of `other`'s topk.parquet against
-    `reference`'s (NaN Spearman when `other` kept too few sequences to rank)."""
+    `reference`'s, for every query of `reference` (NaN Spearman when `other` kept too few sequences to rank; a
+    query whose sequences `other` shares none of has overlap 0)."""
     import pyarrow.parquet as pq
     from scipy.stats import spearmanr
 
@@ -106,7 +107,8 @@ def compare_results(reference: str, other: str) -> dict[str, tuple[float, float]
               for d in (reference, other)]
     joined = tables[0].merge(tables[1], on=["query_id", "doc_id", "chunk"], suffixes=("_ref", "_other"))
     out = {}
-    for query_id, rows in joined.groupby("query_id", sort=False):
+    for query_id in tables[0]["query_id"].unique():
+        rows = joined[joined.query_id == query_id]
         tops = [set(map(tuple, t[(t.query_id == query_id) & (t["rank"] <= TOP)][["doc_id", "chunk"]].to_numpy()))
                 for t in tables]
         rho = spearmanr(rows["score_ref"], rows["score_other"]).statistic if len(rows) > 2 * TOP else float("nan")

@@ -35,6 +35,7 @@ WORKERS = 2  # one actor a core on this machine, for every run compared
 
 
 def bundled_index_speed(bench=None) -> tuple[dict, dict]:
+    from flows.bench.index_agreement import compare_results
     from flows.cluster import ClusterSettings
     from flows.fit import fit_corpus
     from flows.index import build_index
@@ -64,7 +65,7 @@ def bundled_index_speed(bench=None) -> tuple[dict, dict]:
         tick = time.perf_counter()
         answered = query_index(str(root / "index"), str(queries), str(root / "query"), config, cluster)
         query_s = time.perf_counter() - tick
-        overlap = _top10_overlap(root / "score", root / "query")
+        overlap = {q: top10 for q, (_, top10) in compare_results(str(root / "score"), str(root / "query")).items()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     score_rate = scored["sequences_scored"] / score_s
@@ -82,22 +83,6 @@ def bundled_index_speed(bench=None) -> tuple[dict, dict]:
           f"{figures['index_bundled_query_vs_score_speedup']:.1f}x faster; top-10 overlap with the score run "
           f"{sum(overlap.values()) / len(overlap):.2f}")
     return figures, details
-
-
-def _top10_overlap(score_dir: Path, query_dir: Path) -> dict[str, float]:
-    """Per query, the share of the score run's top 10 (doc_id, chunk) that the query run's top 10 holds too."""
-    import pyarrow.parquet as pq
-
-    def top(directory: Path) -> dict[str, set]:
-        table = pq.read_table(directory / "topk.parquet", columns=["query_id", "doc_id", "chunk", "rank"]).to_pylist()
-        found: dict[str, set] = {}
-        for row in table:
-            if row["rank"] <= 10:  # rank 1 is the largest score
-                found.setdefault(row["query_id"], set()).add((row["doc_id"], row["chunk"]))
-        return found
-
-    exact, indexed = top(score_dir), top(query_dir)
-    return {query: len(kept & indexed.get(query, set())) / max(len(kept), 1) for query, kept in exact.items()}
 
 
 if __name__ == "__main__":  # the measurement alone, printing its JSON

@@ -11,7 +11,7 @@ MEASUREMENTS = ("fitting", "scoring", "lissa", "refine", "tfidf", "reduce", "pip
                 "shards", "memory", "index", "index_bundled", "scale")
 PIPELINE_MEASUREMENTS = ("pipeline", "score_memory", "workers", "shards", "memory", "index", "index_bundled",
                          "scale")  # need Ray
-# Run only when named in --only, whatever the config: about an hour on two cores.
+# Run only when named in --only, whatever the config: about 40 minutes on two cores.
 NAMED_ONLY = ("index_bundled",)
 
 
@@ -138,8 +138,7 @@ MEASURE = {
     "refine": measure_refine,
     "tfidf": measure_tfidf,
     "reduce": measure_reduce,
-    **{name: measure_pipeline(name) for name in PIPELINE_MEASUREMENTS
-       if name not in ("memory", "index", "index_bundled", "scale")},
+    **{name: measure_pipeline(name) for name in ("pipeline", "score_memory", "workers", "shards")},
     "memory": measure_fit_memory,
     "index": measure_index,
     "index_bundled": measure_index_bundled,

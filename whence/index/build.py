@@ -15,6 +15,7 @@ from itertools import islice
 import numpy as np
 import torch
 
+from whence.factors import compute_dtype
 from whence.index.projection import Projections
 from whence.index.shards import STORAGE_DTYPES, Shard, check_storable
 from whence.model import TrackedLayer
@@ -51,13 +52,12 @@ class GradientCompressor:
               storage_dtype: str | None = None, rows_per_part: int | None = None,
               empty_part: bool = True) -> Iterator[Shard]:
         """Fragment `fragment`'s rows in order, as Shards of `rows_per_part` rows (the last one fewer; None: one
-        Shard of every row; one empty Shard when there are no sequences, unless not `empty_part`). Each batch's rows are rounded to
-        `storage_dtype` as they are made (when given), and a part is handed on as soon as it is full, so a caller
-        that writes each part holds one part's rows, in the dtype they are stored in, however long the fragment:
-        a float16 lowrank part of 256 MiB is about 800 sequences of the bundled model."""
+        Shard of every row; one empty Shard when there are no sequences, unless not `empty_part`). Each batch's
+        rows are rounded to `storage_dtype` as they are made (when given), and a part is handed on as soon as it
+        is full, so a caller that writes each part holds one part's rows, in the dtype they are stored in, however
+        long the fragment: a float16 lowrank part of 256 MiB is about 800 sequences of the bundled model."""
         iterator = iter(sequences)
-        dtype = torch.float64 if next(self.model.parameters()).dtype == torch.float64 else torch.float32
-        dtype = STORAGE_DTYPES[storage_dtype] if storage_dtype else dtype
+        dtype = STORAGE_DTYPES[storage_dtype] if storage_dtype else compute_dtype(next(self.model.parameters()).dtype)
         limit = rows_per_part or float("inf")
         rows, doc_ids, chunks, held, handed = [], [], [], 0, 0
         while group := list(islice(iterator, batch_size)):

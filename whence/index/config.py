@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from whence.errors import SettingsError
 from whence.index.projection import DEFAULT_DIMS, DEFAULT_KIND, KINDS
-from whence.index.shards import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
+from whence.index.shards import DEFAULT_PART_BYTES, DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from whence.settings import setting
 
 
@@ -31,7 +31,7 @@ class IndexConfig:
     part_size: int | None = setting("most sequences one shard file holds: a larger fragment is written in parts as "
                                     "it is indexed, so an indexing actor holds one part's rows at a time and an "
                                     "interrupted fragment resumes after its finished parts (default: as many as "
-                                    "fit in 256 MiB)", None)
+                                    f"fit in {DEFAULT_PART_BYTES >> 20} MiB)", None)
 
     def __post_init__(self):
         if self.dim is None and self.projection in DEFAULT_DIMS:

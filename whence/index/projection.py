@@ -79,7 +79,7 @@ from pathlib import Path
 import torch
 
 from whence.errors import FactorsMismatchError, SettingsError
-from whence.factors import Factors
+from whence.factors import Factors, compute_dtype
 from whence.storage import Location
 
 KINDS = ("eigen", "lambda", "random", "lowrank")
@@ -253,7 +253,7 @@ class Projections:
     def compress(self, captures) -> torch.Tensor:
         """(B, width) stored rows from the tracked layers' captures (whence.tracking.LayerCapture, layer order),
         computed in float32 (float64 for float64 models)."""
-        dtype = torch.float64 if captures[0].activations.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(captures[0].activations.dtype)
         blocks = [layer.compress(c.output_grads.to(dtype), c.activations.to(dtype))
                   for layer, c in zip(self.layers, captures)]
         return torch.cat(blocks, dim=1)

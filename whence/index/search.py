@@ -237,12 +237,13 @@ class Index:
         (search_dtype): float64 rows of a float32 model would make every search product float64, twice the time
         of float32 for nothing the stored rows (float16 by default) could use; and preconditioning a float32
         model's queries in float64 doubled the preparation, most of a query's time on a small corpus."""
+        from whence.factors import compute_dtype
         from whence.queries import query_gradients
 
         hosted = self.hosted
         gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
-        dtype = torch.float64 if hosted.model.dtype == torch.float64 else torch.float32
-        return self.projections.prepare(gradients, self.factors, method, damping, dtype)  # (Q, width)
+        return self.projections.prepare(gradients, self.factors, method, damping,
+                                        compute_dtype(hosted.model.dtype))  # (Q, width)
 
     def search(self, query_ids: list[str], prepared: torch.Tensor, top_k: int | None,
                keys: set[tuple[str, int]] | None = None, compute: str | None = "auto") -> TopK:

@@ -207,7 +207,6 @@ def finished_parts(index_dir: str | Path | Location, fragment: int) -> list[int]
     return kept
 
 
-
 @dataclass(frozen=True)
 class IndexPart:
     """One part file of an index: its fragment, location and row count."""
