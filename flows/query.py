@@ -26,7 +26,7 @@ from flows.cluster import ClusterSettings, surface_user_errors
 from flows.options import positive_int
 from whence.config import ScoreConfig, help_for
 from whence.errors import SettingsError
-from whence.index.search import SEARCH_MODES
+from whence.index.search import SEARCH_MODES, check_search_mode
 from whence.queries import METHODS
 from whence.redact import redact_uri
 from whence.settings import setting
@@ -96,9 +96,7 @@ class QuerySettings:
     def __post_init__(self):
         if self.rescore < 0:
             raise SettingsError(f"rescore must be >= 0, got {self.rescore}", "rescore")
-        if self.search_dtype not in SEARCH_MODES:
-            raise SettingsError(f"search dtype must be one of {', '.join(SEARCH_MODES)}, got {self.search_dtype!r}",
-                                "search_dtype")
+        check_search_mode(self.search_dtype)
 
 
 @surface_user_errors

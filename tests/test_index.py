@@ -140,6 +140,11 @@ def test_a_bfloat16_search_ranks_as_the_float32_one(fitted, tokenizer):
     assert min(spearmanr(narrow[:, q], wide[:, q]).statistic for q in range(len(QUERIES))) > 0.99
     with pytest.raises(SettingsError, match="search dtype"):
         score_shard(shard, prepared, projections.layout, compute="int8")
+    from flows.query import QuerySettings
+
+    with pytest.raises(SettingsError, match="search dtype") as refused:  # `whence query`'s, before any loading
+        QuerySettings(search_dtype="float16")
+    assert refused.value.setting == "search_dtype"
 
 
 def test_auto_searches_in_bfloat16_only_where_the_hardware_has_it(fitted, tokenizer, monkeypatch):

@@ -86,12 +86,17 @@ def _cpu_has_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def check_search_mode(compute: str | None) -> None:
+    """A SettingsError unless `compute` is None or one of SEARCH_MODES (checked before a query loads anything)."""
+    if compute is not None and compute not in SEARCH_MODES:
+        raise SettingsError(f"search dtype must be one of {', '.join(SEARCH_MODES)}, got {compute!r}", "search_dtype")
+
+
 def search_dtype(compute: str | None, query_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The products' dtype for `compute` (SEARCH_MODES; None: exact, float32, or float64 for float64 query
     rows). "auto": float64 for float64 query rows (as the tests' models), bfloat16 where `device` has it in
     hardware (native_bfloat16), float32 otherwise."""
-    if compute is not None and compute not in SEARCH_MODES:
-        raise SettingsError(f"search dtype must be one of {', '.join(SEARCH_MODES)}, got {compute!r}", "search_dtype")
+    check_search_mode(compute)
     if compute is None or compute == "auto":
         if query_dtype == torch.float64:
             return torch.float64
