@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-dtype", default="auto", choices=SEARCH_MODES,
                         help=help_for(QuerySettings, "search_dtype"))
     parser.add_argument("--query-rank", default=32, metavar="R|full",
-                        help="--rescore and --per-token: rank of the full preconditioned queries they score with")
+                        help="rank of each preconditioned query (SVD), as `whence score` takes: a lowrank index's search "
+                             "meets the rank-R factors (faster than the whole matrix for a few queries at a time), "
+                             "--rescore and --per-token score with them; full: the whole matrix")
     parser.add_argument("--workers", type=positive_int, default=1, help="score shards in this many Ray tasks at once")
     parser.add_argument("--model", default=None, metavar="DIR_OR_ID",
                         help="the index's model, if moved (its fingerprint must match the index's)")
@@ -125,7 +127,7 @@ def query_index(index_dir: str, queries_path: str, out: str, config: ScoreConfig
         return state.saved_summary()
     tick = time.monotonic()
     index = Index.open(index_dir, inputs.model, inputs.factors, dtype=cluster.dtype, manifest=manifest)
-    prepared = index.prepare(queries, config.method, config.damping)
+    prepared = index.prepare(queries, config.method, config.damping, config.query_rank)
     timings["prepare_s"] = time.monotonic() - tick
     needs_model = config.per_token or inputs.rescore
     corpus = IndexedCorpus.of(manifest) if config.tfidf_candidates or needs_model else None
@@ -133,7 +135,7 @@ def query_index(index_dir: str, queries_path: str, out: str, config: ScoreConfig
     tick = time.monotonic()
     shortlist = None if config.top_k is None or not inputs.rescore else max(inputs.rescore, config.top_k)
     topk, scored = _search(index, [q.id for q in queries], prepared, shortlist if inputs.rescore else config.top_k,
-                           keys, cluster, inputs.search_dtype)
+                           keys, cluster, inputs.search_dtype, config.query_rank)
     timings["search_s"] = time.monotonic() - tick
     if needs_model:
         from flows.query_model import ModelScorer
@@ -217,13 +219,14 @@ def _candidate_keys(state, corpus: IndexedCorpus, queries, config: ScoreConfig, 
 
 
 def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, cluster: ClusterSettings,
-            compute: str = "auto"):
-    """(merged TopK, sequences scored): in process, or one Ray task per shard part with more than one worker."""
+            compute: str = "auto", query_rank: int | str = "full"):
+    """(merged TopK, sequences scored): in process, or one Ray task per shard part with more than one worker, of
+    query rows prepared at `query_rank` (Index.prepare)."""
     from whence.topk import TopK
 
     scored = len(keys) if keys is not None else sum(part.sequences for part in index.parts)
     if cluster.workers <= 1:
-        return index.search(query_ids, prepared, top_k, keys, compute), scored
+        return index.search(query_ids, prepared, top_k, keys, compute, query_rank), scored
     import ray
 
     from flows.cluster import cluster_gpus, connect, gpu_share
@@ -234,7 +237,8 @@ def _search(index, query_ids: list[str], prepared, top_k: int | None, keys, clus
     gpus = {"num_gpus": gpu_share(cluster.workers)} if cluster_gpus() >= 1 else {}
     task = ray.remote(score_shard_file).options(num_cpus=1, max_retries=2, **gpus)
     rows, key_ref = ray.put(prepared.numpy()), ray.put(keys)
-    pending = [task.remote(part.path, rows, index.projections.layout, query_ids, top_k, key_ref, compute)
+    layout = index.projections.layout(query_rank)
+    pending = [task.remote(part.path, rows, layout, query_ids, top_k, key_ref, compute)
                for part in index.parts]
     merged = TopK.empty(query_ids, top_k, len(index.layer_names))
     # At most `workers` parts in flight: each task reads one part into memory.

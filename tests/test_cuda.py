@@ -81,5 +81,5 @@ def test_index_search_on_cuda_equals_cpu(tokenizer, kind):
         0, iter_sequences(tokenizer, enumerate(TEXTS), 12), 4)
     queries = [Query(q["id"], q["prompt"], q["completion"]) for q in QUERIES]
     prepared = projections.prepare(query_gradients(model, tokenizer, layers, queries), factors)
-    cpu, gpu = (score_shard(shard, prepared, projections.layout, device=d) for d in ("cpu", "cuda"))
+    cpu, gpu = (score_shard(shard, prepared, projections.layout(), device=d) for d in ("cpu", "cuda"))
     np.testing.assert_allclose(gpu.layer_scores, cpu.layer_scores, rtol=1e-9, atol=1e-12 * np.abs(cpu.scores).max())

@@ -45,7 +45,7 @@ def dense_scores(model, tokenizer, layers, factors, sequences, method):
 def index_scores(model, tokenizer, layers, projections, factors, sequences, method, batch_size=3):
     shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, batch_size)
     prepared = projections.prepare(query_gradients(model, tokenizer, layers, QUERIES), factors, method)
-    return score_shard(shard, prepared, projections.layout)
+    return score_shard(shard, prepared, projections.layout())
 
 
 @pytest.mark.parametrize(("kind", "method"), [("eigen", "ekfac"), ("eigen", "identity"), ("eigen", "kfac"),
@@ -111,7 +111,7 @@ def test_the_lowrank_rows_are_each_gradients_truncated_svd(fitted, tokenizer):
                                    objective=LanguageModelingTask().sequence_log_likelihood)
     grads = query_gradients(model, tokenizer, layers, QUERIES)
     expected = 0
-    for layer, block in zip(projections.layers, projections.layout):
+    for layer, block in zip(projections.layers, projections.layout()):
         d_out, d_in = layer.d_out, layer.d_in
         assert (layer.k_out, layer.k_in, layer.width) == (rank, rank, rank * (d_out + d_in))
         stored = rows[:, block.stored[0] : block.stored[1]]
@@ -125,6 +125,38 @@ def test_the_lowrank_rows_are_each_gradients_truncated_svd(fitted, tokenizer):
     torch.testing.assert_close(torch.from_numpy(scored.scores.T), expected, **FLOAT64)
 
 
+def test_a_lowrank_search_at_a_query_rank_scores_the_queries_truncated_svd(fitted, tokenizer):
+    """At query rank s each preconditioned query meets the stored factors as its rank-s SVD factors (what `whence
+    score --query-rank s` takes): the score is <X_q,s, L R> with X_q,s the best rank-s approximation of X_q, and at
+    s >= min(d_out, d_in) it is the whole matrix's score. Query rows and layout of other ranks are refused."""
+    from whence.errors import SettingsError
+    from whence.queries import low_rank
+
+    model, layers, factors, sequences = fitted
+    projections = build_projections(factors, "lowrank", 3)
+    shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, 4)
+    gradients = query_gradients(model, tokenizer, layers, QUERIES)
+    whole = projections.prepare(gradients, factors)
+    full = score_shard(shard, whole, projections.layout()).scores
+    untruncated = projections.prepare(gradients, factors, query_rank=EVERY_DIMENSION)
+    assert untruncated.shape[1] < whole.shape[1] * 2, "factors: s (d_out + d_in) values a layer"
+    np.testing.assert_allclose(score_shard(shard, untruncated, projections.layout(EVERY_DIMENSION)).scores, full,
+                               **FLOAT64)
+    rank = 2
+    truncated = score_shard(shard, projections.prepare(gradients, factors, query_rank=rank), projections.layout(rank))
+    expected = 0
+    for layer, block in zip(projections.layers, projections.layout()):
+        assert layer.query_rank_of(rank) == rank < min(layer.d_out, layer.d_in)
+        left, right = low_rank(factors.precondition(layer.name, gradients[layer.name]), rank)  # (Q, s, d_out), (Q, s, d_in)
+        best = left.transpose(1, 2) @ right  # (Q, d_out, d_in): the rank-s approximation of each query
+        expected = expected + block.scores(shard.gradients[:, slice(*block.stored)], best.flatten(1))
+    np.testing.assert_allclose(truncated.scores, expected.numpy(), **FLOAT64)
+    assert np.abs(truncated.scores - full).max() > 1e-6 * np.abs(full).max(), "rank 2 dropped something"
+    with pytest.raises(SettingsError, match="same query rank") as refused:
+        score_shard(shard, whole, projections.layout(rank))
+    assert refused.value.setting == "query_rank"
+
+
 def test_a_bfloat16_search_ranks_as_the_float32_one(fitted, tokenizer):
     from scipy.stats import spearmanr
 
@@ -133,13 +165,16 @@ def test_a_bfloat16_search_ranks_as_the_float32_one(fitted, tokenizer):
     model, layers, factors, sequences = fitted
     projections = build_projections(factors, "lowrank", 4)
     shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, 4)
-    prepared = projections.prepare(query_gradients(model, tokenizer, layers, QUERIES), factors)
-    wide, narrow = (score_shard(shard, prepared, projections.layout, compute=c).scores for c in ("float32", "bfloat16"))
-    assert not np.array_equal(wide, narrow), "the products ran in bfloat16"
-    np.testing.assert_allclose(narrow, wide, rtol=0, atol=0.02 * np.abs(wide).max())
-    assert min(spearmanr(narrow[:, q], wide[:, q]).statistic for q in range(len(QUERIES))) > 0.99
+    gradients = query_gradients(model, tokenizer, layers, QUERIES)
+    for rank in ("full", 3):  # the whole preconditioned queries, and their factors (summed in float32)
+        prepared = projections.prepare(gradients, factors, query_rank=rank)
+        wide, narrow = (score_shard(shard, prepared, projections.layout(rank), compute=c).scores
+                        for c in ("float32", "bfloat16"))
+        assert not np.array_equal(wide, narrow), "the products ran in bfloat16"
+        np.testing.assert_allclose(narrow, wide, rtol=0, atol=0.02 * np.abs(wide).max())
+        assert min(spearmanr(narrow[:, q], wide[:, q]).statistic for q in range(len(QUERIES))) > 0.99
     with pytest.raises(SettingsError, match="search dtype"):
-        score_shard(shard, prepared, projections.layout, compute="int8")
+        score_shard(shard, prepared, projections.layout(rank), compute="int8")
     from flows.query import QuerySettings
 
     with pytest.raises(SettingsError, match="search dtype") as refused:  # `whence query`'s, before any loading
@@ -156,13 +191,13 @@ def test_auto_searches_in_bfloat16_only_where_the_hardware_has_it(fitted, tokeni
     projections = build_projections(factors, "lowrank", 4)
     shard = GradientCompressor(model, tokenizer, layers, projections).shard(0, sequences, 4)
     prepared = projections.prepare(query_gradients(model, tokenizer, layers, QUERIES), factors)
-    exact = score_shard(shard, prepared, projections.layout).scores
-    np.testing.assert_array_equal(score_shard(shard, prepared, projections.layout, compute="auto").scores, exact)
+    exact = score_shard(shard, prepared, projections.layout()).scores
+    np.testing.assert_array_equal(score_shard(shard, prepared, projections.layout(), compute="auto").scores, exact)
     rows = prepared.float()
-    by_dtype = {c: score_shard(shard, rows, projections.layout, compute=c).scores for c in ("float32", "bfloat16")}
+    by_dtype = {c: score_shard(shard, rows, projections.layout(), compute=c).scores for c in ("float32", "bfloat16")}
     for native in (True, False):
         monkeypatch.setattr(search, "native_bfloat16", lambda device, native=native: native)
-        np.testing.assert_array_equal(score_shard(shard, rows, projections.layout, compute="auto").scores,
+        np.testing.assert_array_equal(score_shard(shard, rows, projections.layout(), compute="auto").scores,
                                       by_dtype["bfloat16" if native else "float32"])
 
 

@@ -75,7 +75,7 @@ def exact_and_compressed(args, queries) -> tuple[np.ndarray, dict, dict, int]:
                 stored = compressed.to(getattr(torch, dtype)).to(torch.float32)
                 approx[(*key, dtype)].append(sum(block.scores(stored[:, slice(*block.stored)],
                                                               rows[key][:, slice(*block.query)])
-                                                 for block in projection.layout).numpy())
+                                                 for block in projection.layout()).numpy())
     sizes = {key: 2 * p.width for key, p in projections.items()}
     exact_scores = np.concatenate(exact)
     return exact_scores, {k: np.concatenate(v) for k, v in approx.items()}, sizes, exact_scores.shape[0]

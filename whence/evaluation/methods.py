@@ -83,5 +83,6 @@ def index_scores(setup: ScoringSetup, factors: Factors, queries: Sequence[Query]
     compressor = GradientCompressor(setup.model, setup.tokenizer, setup.layers, projections)
     shard = compressor.shard(0, iter_sequences(setup.tokenizer, setup.documents, setup.seq_len), setup.batch_size)
     gradients = query_gradients(setup.model, setup.tokenizer, setup.layers, list(queries))
-    prepared = projections.prepare(gradients, factors, "ekfac", setup.damping)  # (Q, query width)
-    return np.ascontiguousarray(score_shard(shard, prepared, projections.layout).scores.T)  # (Q, N)
+    # At the setup's query rank, as `whence query --query-rank` meets the queries.
+    prepared = projections.prepare(gradients, factors, "ekfac", setup.damping, query_rank=setup.query_rank)
+    return np.ascontiguousarray(score_shard(shard, prepared, projections.layout(setup.query_rank)).scores.T)  # (Q, N)

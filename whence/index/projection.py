@@ -110,18 +110,23 @@ RANDOM_METHODS = ("ekfac", "kfac", "diagonal", "identity")
 class BlockLayout:
     """Where one layer's block lies in a stored row and in a prepared query row, and how the two meet: a plain
     dot product (rank 0), or for lowrank the stored (r, d_out) and (r, d_in) factors against the query's
-    (d_out, d_in) matrix. Small and picklable: what a search task needs of the projections."""
+    (d_out, d_in) matrix, given whole (query_rank 0) or as its rank-s factors (query_rank s). Small and
+    picklable: what a search task needs of the projections."""
 
     stored: tuple[int, int]
     query: tuple[int, int]
     rank: int = 0
     d_out: int = 0
     d_in: int = 0
+    query_rank: int = 0
 
     def scores(self, stored: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """(n, Q) scores from this layer's stored blocks (n, w) and query blocks (Q, w_q), in their dtype."""
+        """(n, Q) scores from this layer's stored blocks (n, w) and query blocks (Q, w_q), in their dtype (the
+        factored sums in at least float32)."""
         if not self.rank:
             return stored @ queries.T
+        if self.query_rank:
+            return self._factored_scores(stored, queries)
         parts, step = [], max(1, LOWRANK_BLOCK_BYTES // (self.d_out * self.d_in * stored.element_size()))
         for start in range(0, stored.shape[0], step):
             rows = stored[start : start + step]
@@ -130,6 +135,29 @@ class BlockLayout:
             dense = torch.bmm(left.transpose(1, 2), right).flatten(1)  # (n, d_out * d_in): L R, row-major
             parts.append(dense @ queries.T)
         return torch.cat(parts) if parts else stored.new_zeros(0, queries.shape[0])
+
+    def _factored_scores(self, stored: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """<X_q, L R> with X_q ~= sum_s (sigma_s u_s) v_s^T given by its factors: for stored factors l_r (columns
+        of L) and r_r (rows of R),
+            <X_q, L R> = sum_r l_r^T X_q r_r^T = sum_{r,s} (l_r . sigma_s u_s)(r_r . v_s),
+        two dense products per layer, (n r, d_out) @ (d_out, Q s) and (n r, d_in) @ (d_in, Q s), then their
+        elementwise product summed over r and s: about r Q s (d_out + d_in) multiply-adds a sequence where the
+        expansion takes (r + Q) d_out d_in, and all of it in large GEMMs, not a batch of rank-r ones."""
+        rank, s, count = self.rank, self.query_rank, queries.shape[0]
+        query_left = queries[:, : s * self.d_out].reshape(count * s, self.d_out)  # (Q s, d_out): sigma_s u_s
+        query_right = queries[:, s * self.d_out :].reshape(count * s, self.d_in)  # (Q s, d_in): v_s
+        # Sums over r and s in at least float32: bfloat16 products of 8-bit mantissas are fine one by one, a
+        # bfloat16 running sum of r s = 640 of them is not.
+        total = torch.promote_types(stored.dtype, torch.float32)
+        step = max(1, LOWRANK_BLOCK_BYTES // (rank * count * s * stored.element_size()))
+        parts = []
+        for start in range(0, stored.shape[0], step):
+            rows = stored[start : start + step]
+            left = rows[:, : rank * self.d_out].reshape(-1, self.d_out)  # (n r, d_out): l_r
+            right = rows[:, rank * self.d_out :].reshape(-1, self.d_in)  # (n r, d_in): r_r
+            terms = (left @ query_left.T) * (right @ query_right.T)  # (n r, Q s)
+            parts.append(terms.view(-1, rank, count, s).sum((1, 3), dtype=total))  # (n, Q)
+        return torch.cat(parts) if parts else stored.new_zeros(0, count, dtype=total)
 
 
 @dataclass
@@ -169,10 +197,19 @@ class LayerProjection:
             return self.rank * (self.d_out + self.d_in)
         return self.input.shape[0] * self.output.shape[0] if self.pairs is None else self.pairs.shape[0]
 
-    @property
-    def query_width(self) -> int:
-        """Prepared query values: as many as stored, or d_out * d_in (lowrank)."""
-        return self.d_out * self.d_in if self.rank else self.width
+    def query_rank_of(self, query_rank: int | str = "full") -> int:
+        """s, the rank of this layer's prepared query factors at `query_rank` (an int or "full"): min(query_rank,
+        d_out, d_in) for lowrank, 0 (the query given whole) for "full" and for the fixed projections."""
+        if not self.rank or query_rank == "full":
+            return 0
+        return min(int(query_rank), self.d_out, self.d_in)
+
+    def query_width(self, query_rank: int | str = "full") -> int:
+        """Prepared query values: as many as stored; for lowrank d_out * d_in, or s (d_out + d_in) as factors."""
+        if not self.rank:
+            return self.width
+        s = self.query_rank_of(query_rank)
+        return s * (self.d_out + self.d_in) if s else self.d_out * self.d_in
 
     def keep(self, blocks: torch.Tensor) -> torch.Tensor:
         """(B, width) stored values from (B, k_out, k_in) blocks: all of them, or the kept pairs."""
@@ -205,10 +242,12 @@ class LayerProjection:
         right = vh[:, : self.rank] * root[:, :, None]  # (B, r, d_in): R
         return torch.cat([left.transpose(1, 2).flatten(1), right.flatten(1)], dim=1)
 
-    def layout(self, stored: int, query: int) -> BlockLayout:
-        """This layer's BlockLayout, its blocks starting at `stored` in a stored row and `query` in a query row."""
-        return BlockLayout((stored, stored + self.width), (query, query + self.query_width), self.rank,
-                           self.d_out if self.rank else 0, self.d_in if self.rank else 0)
+    def layout(self, stored: int, query: int, query_rank: int | str = "full") -> BlockLayout:
+        """This layer's BlockLayout, its blocks starting at `stored` in a stored row and `query` in a query row
+        prepared at `query_rank`."""
+        return BlockLayout((stored, stored + self.width), (query, query + self.query_width(query_rank)), self.rank,
+                           self.d_out if self.rank else 0, self.d_in if self.rank else 0,
+                           self.query_rank_of(query_rank))
 
     def project(self, matrices: torch.Tensor) -> torch.Tensor:
         """(Q, k_out, k_in) P_out V P_in^T for V (Q, d_out, d_in), in V's dtype."""
@@ -241,13 +280,13 @@ class Projections:
         """Stored values per sequence."""
         return self.offsets[-1]
 
-    @property
-    def layout(self) -> list[BlockLayout]:
-        """Each layer's blocks in a stored row and a prepared query row (search.score_shard's argument)."""
+    def layout(self, query_rank: int | str = "full") -> list[BlockLayout]:
+        """Each layer's blocks in a stored row and in a query row prepared at `query_rank` (prepare's; the
+        argument of search.score_shard)."""
         blocks, stored, query = [], 0, 0
         for layer in self.layers:
-            blocks.append(layer.layout(stored, query))
-            stored, query = stored + layer.width, query + layer.query_width
+            blocks.append(layer.layout(stored, query, query_rank))
+            stored, query = stored + layer.width, query + layer.query_width(query_rank)
         return blocks
 
     def compress(self, captures) -> torch.Tensor:
@@ -259,11 +298,15 @@ class Projections:
         return torch.cat(blocks, dim=1)
 
     def prepare(self, gradients: dict[str, torch.Tensor], factors: Factors, method: str = "ekfac",
-                damping: float | str = "heuristic", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                damping: float | str = "heuristic", dtype: torch.dtype = torch.float64, query_rank: int | str = "full"
+                ) -> torch.Tensor:
         """(Q, query width) query rows X~_q from grad_l f(q) (name -> (Q, d_out, d_in)), for `method` (as wide as
-        the stored rows, except for lowrank: each layer's d_out * d_in), computed in `dtype` (Factors.precondition:
-        float32 halves the time and is far inside the index's compression error)."""
-        from whence.queries import factors_for_method
+        the stored rows, except for lowrank: each layer's d_out * d_in, or at an integer `query_rank` the rank-s
+        factors of that matrix, s = min(query_rank, d_out, d_in): [(U_s Sigma_s)^T, V_s^T] flattened, s (d_out +
+        d_in) values, the truncated SVD `whence score` takes of its queries), computed in `dtype`
+        (Factors.precondition: float32 halves the time and is far inside the index's compression error).
+        layout(query_rank) says where each layer's block lies."""
+        from whence.queries import factors_for_method, low_rank
 
         allowed = RANDOM_METHODS if self.kind in ("random", "lowrank") else EIGEN_METHODS
         if method not in allowed:
@@ -273,8 +316,13 @@ class Projections:
         blocks = []
         for layer in self.layers:
             g = gradients[layer.name].to("cpu", dtype)  # the factors and projections live on the CPU
-            if self.kind == "lowrank":  # X = P(grad f(q)) itself: (Q, d_out * d_in)
-                blocks.append(preconditioner.precondition(layer.name, g, damping, dtype).flatten(1))
+            if self.kind == "lowrank":  # X = P(grad f(q)) itself, (Q, d_out * d_in), or its rank-s factors
+                preconditioned = preconditioner.precondition(layer.name, g, damping, dtype)  # (Q, d_out, d_in)
+                if layer.query_rank_of(query_rank):
+                    left, right = low_rank(preconditioned, layer.query_rank_of(query_rank))  # (Q, s, d_out), (Q, s, d_in)
+                    blocks.append(torch.cat([left.flatten(1), right.flatten(1)], dim=1))
+                else:
+                    blocks.append(preconditioned.flatten(1))
                 continue
             if self.kind == "random":
                 blocks.append(layer.keep(layer.project(preconditioner.precondition(layer.name, g, damping, dtype))))

@@ -31,6 +31,7 @@ import torch
 from whence.errors import FactorsMismatchError, SettingsError, WhenceError
 from whence.index.projection import PROJECTIONS_FILE, BlockLayout, Projections
 from whence.index.shards import IndexPart, Shard, index_parts, read_shard
+from whence.queries import DEFAULT_QUERY_RANK, parse_rank
 from whence.storage import Location
 from whence.topk import TopK
 
@@ -114,6 +115,11 @@ def score_shard(shard: Shard, prepared: torch.Tensor, layout: Sequence[BlockLayo
     rows as in the tests, the exact score of the stored rows); bfloat16 rounds rows and queries to 8 bits of
     mantissa (a relative error of about 0.5% in a score) and runs several times faster on CPUs with bfloat16
     instructions and on GPUs; "auto" takes it where the device has it."""
+    expected = layout[-1].query[1] if layout else 0
+    if prepared.shape[1] != expected:
+        raise SettingsError(f"the prepared query rows are {prepared.shape[1]:,} values wide where the layout expects "
+                            f"{expected:,}: prepare the queries and take the layout at the same query rank "
+                            "(Projections.prepare and Projections.layout)", "query_rank")
     rows = np.arange(shard.num_sequences)
     gradients = shard.gradients  # (N, width) in the storage dtype
     if keys is not None:
@@ -127,15 +133,47 @@ def score_shard(shard: Shard, prepared: torch.Tensor, layout: Sequence[BlockLayo
     # Each layer's query block made contiguous once: a column slice of the (Q, width) rows is strided, and a
     # product with it is several times slower than with a dense copy.
     layer_queries = [queries[:, slice(*block_layout.query)].contiguous() for block_layout in layout]
+    widen = RowWidener(compute) if device.type == "cpu" else lambda rows: rows.to(device, compute)
     for start in range(0, len(rows), ROW_BLOCK):
         for layer, block_layout in enumerate(layout):
             lo, hi = block_layout.stored
             # One layer's block of ROW_BLOCK rows widened at a time: (n, w_l) temporaries, not (n, width).
-            block = gradients[start : start + ROW_BLOCK, lo:hi].to(device, compute)
+            block = widen(gradients[start : start + ROW_BLOCK, lo:hi])
             part = block_layout.scores(block, layer_queries[layer])  # (n, Q)
             layer_scores[start : start + len(block), :, layer] = part.to("cpu", torch.float64).numpy()
     doc_ids = np.asarray(shard.doc_ids, dtype=object)[rows] if len(rows) else np.empty(0, dtype=object)
     return ShardScores(shard.fragment, doc_ids, shard.chunks[rows], layer_scores.sum(axis=2), layer_scores)
+
+
+class RowWidener:
+    """Widens (n, w) blocks of stored rows to a CPU compute dtype into one buffer kept between calls: a new
+    block of ROW_BLOCK rows is larger than glibc's mmap threshold, so allocating one per call cost a page fault
+    for every 4 KiB written, and float16 -> bfloat16 goes through float32 in cache-sized pieces, which torch's
+    direct conversion does not vectorise (on the bundled index, one thread: 0.24 s a shard's layer of rows by
+    `.to`, 0.06 s this way). The block returned is overwritten by the next call."""
+
+    PIECE_BYTES = 1 << 20  # float32 values converted at a time
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.buffer = torch.empty(0, dtype=dtype)
+        self.piece = torch.empty(0, dtype=torch.float32)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        count, width = rows.shape
+        if self.buffer.numel() < count * width:
+            self.buffer = torch.empty(count * width, dtype=self.dtype)
+        out = self.buffer[: count * width].view(count, width)
+        if rows.dtype == self.dtype or self.dtype != torch.bfloat16:
+            return out.copy_(rows)
+        step = max(1, self.PIECE_BYTES // (4 * width))
+        if self.piece.numel() < step * width:
+            self.piece = torch.empty(step * width, dtype=torch.float32)
+        for start in range(0, count, step):
+            part = rows[start : start + step]
+            piece = self.piece[: part.numel()].view(part.shape)
+            out[start : start + step].copy_(piece.copy_(part))
+        return out
 
 
 def score_shard_file(path: str | Location, prepared: np.ndarray, layout: list[BlockLayout], query_ids: list[str],
@@ -236,9 +274,11 @@ class Index:
             self.shards[part.path] = shard
         return shard
 
-    def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic") -> torch.Tensor:
+    def prepare(self, queries, method: str = "ekfac", damping: float | str = "heuristic",
+                query_rank: int | str = "full") -> torch.Tensor:
         """(Q, query width) query rows: the queries' gradients projected and preconditioned by `method` in the
-        model's precision, float64 for a float64 model, else float32. The search's default products follow them
+        model's precision, float64 for a float64 model, else float32; for a lowrank index at an integer
+        `query_rank` as rank-s factors (Projections.prepare; search with the same query_rank). The search's default products follow them
         (search_dtype): float64 rows of a float32 model would make every search product float64, twice the time
         of float32 for nothing the stored rows (float16 by default) could use; and preconditioning a float32
         model's queries in float64 doubled the preparation, most of a query's time on a small corpus."""
@@ -248,30 +288,36 @@ class Index:
         hosted = self.hosted
         gradients = query_gradients(hosted.model, hosted.tokenizer, hosted.layers, queries, task=hosted.task)
         return self.projections.prepare(gradients, self.factors, method, damping,
-                                        compute_dtype(hosted.model.dtype))  # (Q, width)
+                                        compute_dtype(hosted.model.dtype), query_rank)  # (Q, query width)
 
     def search(self, query_ids: list[str], prepared: torch.Tensor, top_k: int | None,
-               keys: set[tuple[str, int]] | None = None, compute: str | None = "auto") -> TopK:
-        """Per-query top-k over every shard, in this process (products in `compute`, score_shard)."""
+               keys: set[tuple[str, int]] | None = None, compute: str | None = "auto",
+               query_rank: int | str = "full") -> TopK:
+        """Per-query top-k over every shard, in this process (products in `compute`, score_shard), of query rows
+        prepared at `query_rank` (prepare)."""
         merged = TopK.empty(query_ids, top_k, len(self.layer_names))
+        layout = self.projections.layout(query_rank)
         for part in self.parts:
-            merged.merge(score_shard(self.shard(part), prepared, self.projections.layout, keys, compute=compute)
-                         .topk(query_ids, top_k))
+            merged.merge(score_shard(self.shard(part), prepared, layout, keys, compute=compute).topk(query_ids, top_k))
         return merged
 
     def query(self, queries, top_k: int | None = 10, method: str = "ekfac", damping: float | str = "heuristic",
-              compute: str | None = "auto"):
+              compute: str | None = "auto", query_rank: int | str = DEFAULT_QUERY_RANK):
         """A whence.api.ScoreTable of the sequences in any query's top-k (every sequence with top_k=None),
         with their scores for every query; `table.top(query_id, k)` as for `whence.score`. `compute`: the
         search's dtype (score_shard, search_dtype: "auto" is bfloat16 where the hardware has it, within about
-        0.5% of float32's scores and several times faster; None or "float32" for the stored rows' exact score)."""
+        0.5% of float32's scores and several times faster; None or "float32" for the stored rows' exact score).
+        `query_rank`: a lowrank index meets each preconditioned query as its rank-s SVD factors, the
+        approximation `whence.score` makes (default 32; faster than the whole matrix for a few queries at a time),
+        or whole with "full"."""
         from whence.api import ScoreTable
         from whence.text import Query
 
         queries = [q if isinstance(q, Query) else Query(str(q["id"]), q["prompt"], q["completion"]) for q in queries]
         query_ids = [q.id for q in queries]
-        prepared = self.prepare(queries, method, damping)
-        layout = self.projections.layout
+        query_rank = parse_rank(query_rank)
+        prepared = self.prepare(queries, method, damping, query_rank)
+        layout = self.projections.layout(query_rank)
         parts = [score_shard(self.shard(part), prepared, layout, compute=compute) for part in self.parts]
         if top_k is not None:
             merged = TopK.empty(query_ids, top_k, len(self.layer_names))
