@@ -3,12 +3,13 @@ layer and shard.
 
 For queries Q and a shard of N sequences, layer l's scores are
     S_l = G~[:, block_l] @ X~[:, block_l]^T        (N, w_l) x (w_l, Q) -> (N, Q),   w_l = k_out * k_in
-with G~ the stored rows and X~ the prepared query rows (whence.index.projection; for the lowrank kind each
-stored block is first expanded to its (d_out, d_in) rank-r gradient, whence.index.projection.BlockLayout);
-the total is their sum over layers, so per-layer scores sum to the total as in `whence score`. Shard rows are
-widened from their storage dtype to the search's dtype ROW_BLOCK rows and one layer at a time (search_dtype:
-float32, float64 when the query rows are float64 as in the tests, or bfloat16 with "auto" on hardware that has
-it), and the per-layer scores are accumulated in float64. Shards are scored on the process's GPU when it has one
+with G~ the stored rows and X~ the prepared query rows (whence.index.projection; for the lowrank kind the
+stored rank-r factors meet the queries' rank-s factors, or each stored block is expanded to its (d_out, d_in)
+rank-r gradient with whole queries, whence.index.projection.BlockLayout); the total is their sum over layers,
+so per-layer scores sum to the total as in `whence score`. Shard rows are widened from their storage dtype to
+the search's dtype ROW_BLOCK rows and one layer at a time (RowWidener; search_dtype: float32, float64 when the
+query rows are float64 as in the tests, or bfloat16 with "auto" on hardware that has it), and the per-layer
+scores are accumulated in float64. Shards are scored on the process's GPU when it has one
 (search_device; `whence query` reserves a GPU share for each search task on a cluster with GPUs).
 
 `Index.open(path)` loads the model and factors the index was built with (or others given, which must be the
@@ -278,10 +279,11 @@ class Index:
                 query_rank: int | str = "full") -> torch.Tensor:
         """(Q, query width) query rows: the queries' gradients projected and preconditioned by `method` in the
         model's precision, float64 for a float64 model, else float32; for a lowrank index at an integer
-        `query_rank` as rank-s factors (Projections.prepare; search with the same query_rank). The search's default products follow them
-        (search_dtype): float64 rows of a float32 model would make every search product float64, twice the time
-        of float32 for nothing the stored rows (float16 by default) could use; and preconditioning a float32
-        model's queries in float64 doubled the preparation, most of a query's time on a small corpus."""
+        `query_rank` as rank-s factors (Projections.prepare; search with the same query_rank). The search's
+        default products follow them (search_dtype): float64 rows of a float32 model would make every search
+        product float64, twice the time of float32 for nothing the stored rows (float16 by default) could use;
+        and preconditioning a float32 model's queries in float64 doubled the preparation, most of a query's
+        time on a small corpus."""
         from whence.factors import compute_dtype
         from whence.queries import query_gradients
 
