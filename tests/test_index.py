@@ -632,3 +632,11 @@ def test_the_python_api_answers_as_the_command_line(indexed, tmp_path):
             assert [(r["doc_id"], r["chunk"]) for r in rows] == [(r.doc_id, r.chunk) for r in cli.top(query["id"])]
             np.testing.assert_allclose([r["score"] for r in rows], [r.score for r in cli.top(query["id"])],
                                        rtol=1e-12)
+    # A query rank that truncates (2, below every tiny layer's d_in and d_out) reaches the search both ways.
+    run_query(index_dir, indexed, tmp_path / "cli-rank2", top_k=3, query_rank=2)
+    cli, table = load_results(tmp_path / "cli-rank2"), index.query(queries, top_k=3, query_rank=2)
+    whole = index.query(queries, top_k=3, query_rank="full")
+    for query in queries:
+        scores = [r["score"] for r in table.top(query["id"], 3)]
+        np.testing.assert_allclose(scores, [r.score for r in cli.top(query["id"])], rtol=1e-12)
+        assert not np.allclose(scores, [r["score"] for r in whole.top(query["id"], 3)], rtol=1e-9, atol=0)
