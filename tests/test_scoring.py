@@ -72,6 +72,36 @@ def test_rank_32_keeps_the_ranking_of_full_rank(fitted, tokenizer):
         assert spearmanr(scores[32][q].numpy(), scores["full"][q].numpy()).statistic >= MIN_RANK_SPEARMAN
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 12), (3, 12, 40), (2, 20, 20)])
+def test_low_rank_is_the_truncated_svd(shape):
+    """whence.queries.low_rank (from the smaller Gram matrix's eigendecomposition) gives the best rank-r
+    approximation that torch.linalg.svd gives, with orthonormal right factors and left factors U_r S_r, for tall,
+    wide and square matrices of a decaying spectrum, in the input's dtype; a rank-deficient matrix keeps finite
+    factors that reconstruct it."""
+    from whence.queries import low_rank
+
+    generator = torch.Generator().manual_seed(0)
+    u, _, vh = torch.linalg.svd(torch.randn(*shape, generator=generator, dtype=torch.float64), full_matrices=False)
+    sigma = torch.logspace(0, -4, u.shape[-1], dtype=torch.float64).expand(shape[0], -1)  # (Q, k), distinct
+    matrices = u @ torch.diag_embed(sigma) @ vh
+    for rank in (1, 4, 10_000):
+        r = min(rank, *shape[1:])
+        left, right = low_rank(matrices, rank)
+        assert left.shape == (shape[0], r, shape[1]) and right.shape == (shape[0], r, shape[2])
+        best = (u[..., :r] * sigma[:, None, :r]) @ vh[:, :r]  # (Q, d_out, d_in)
+        torch.testing.assert_close(left.mT @ right, best, atol=1e-12, rtol=0)
+        torch.testing.assert_close(right @ right.mT, torch.eye(r, dtype=torch.float64).expand(shape[0], -1, -1),
+                                   atol=1e-8, rtol=0)
+        torch.testing.assert_close(torch.linalg.vector_norm(left, dim=-1), sigma[:, :r], atol=1e-12, rtol=0)
+    left, right = low_rank(matrices.float(), 4)
+    assert left.dtype == right.dtype == torch.float32
+    deficient = torch.randn(2, 30, 3, generator=generator, dtype=torch.float64) @ torch.randn(
+        2, 3, 50, generator=generator, dtype=torch.float64)  # rank 3
+    left, right = low_rank(deficient, 8)
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    torch.testing.assert_close(left.mT @ right, deficient, atol=1e-10, rtol=0)
+
+
 def test_factorised_queries_reconstruct_when_rank_is_large(fitted, tokenizer):
     model, layers, factors, _ = fitted
     grads = query_gradients(model, tokenizer, layers, QUERIES)
