@@ -144,3 +144,27 @@ def test_a_fitting_actor_skips_and_names_non_finite_sequences(tmp_path):
         for kind in ("activation", "gradient"):
             for g, w in zip(getattr(got, kind)[name], getattr(want, kind)[name]):
                 torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_the_finite_check_names_nan_and_inf_and_passes_sums_that_overflow():
+    """check_finite_captures decides from each capture's sum first: a sum of finite values that overflows to inf
+    passes (the exact check decides), and NaN or inf anywhere is named with its layer and batch rows."""
+    from whence.model import TrackedLayer
+    from whence.tracking import LayerCapture, check_finite_captures
+
+    layers = [TrackedLayer(f"layer{i}", torch.nn.Linear(3, 2), 3, 2, False, 0) for i in range(2)]
+
+    def captures():
+        return [LayerCapture(torch.ones(4, 5, 3), torch.ones(4, 5, 2)) for _ in layers]
+
+    huge = captures()
+    huge[1].activations.fill_(3e38)  # finite, but their float32 sum is inf
+    assert torch.isinf(huge[1].activations.sum())
+    check_finite_captures(layers, huge)
+    for bad, where in ((float("nan"), "activations"), (float("inf"), "activations"), (-float("inf"), "output grad")):
+        poisoned = captures()
+        values = poisoned[1].activations if where == "activations" else poisoned[0].output_grads
+        values[2, 1, 0] = bad
+        with pytest.raises(NonFiniteError, match=where) as found:
+            check_finite_captures(layers, poisoned)
+        assert found.value.rows == [2] and found.value.layer == ("layer1" if where == "activations" else "layer0")

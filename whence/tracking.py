@@ -138,6 +138,12 @@ def check_finite_captures(layers: Sequence[TrackedLayer], captures: Sequence[Lay
     activations hold one, else the last whose output gradients do (where the backward pass went wrong)."""
     if not captures:  # a pipeline stage without tracked layers
         return
+    # A tensor's sum is finite only if every value is (inf or NaN anywhere makes it inf or NaN), and one summing
+    # pass costs a fraction of isfinite's mask (measured: the masks were 9% of an index build's time). A sum
+    # can also overflow from finite values; the exact check below then decides.
+    sums = torch.stack([torch.stack([c.activations.sum(), c.output_grads.sum()]) for c in captures])  # (L, 2)
+    if bool(torch.isfinite(sums).all()):
+        return
     finite = torch.stack([torch.stack([torch.isfinite(c.activations).all(), torch.isfinite(c.output_grads).all()])
                           for c in captures])  # (L, 2) on the captures' device: one sync below
     if bool(finite.all()):
