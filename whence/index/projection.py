@@ -87,7 +87,6 @@ import torch
 
 from whence.errors import FactorsMismatchError, SettingsError
 from whence.factors import Factors, compute_dtype
-from whence.queries import low_rank
 from whence.storage import Location
 
 KINDS = ("eigen", "lambda", "random", "lowrank")
@@ -244,12 +243,10 @@ class LayerProjection:
             sketch = times(torch.linalg.qr(times_t(torch.linalg.qr(sketch).Q)).Q)
         basis = torch.linalg.qr(sketch).Q  # (B, d_out, q): orthonormal, spanning dW's leading left space
         small = (s @ basis).transpose(1, 2) @ a  # (B, q, d_in): basis^T dW
-        # Its truncated SVD u_r S_r V_r^T from the (q, q) Gram matrix (whence.queries.low_rank; a third of the
-        # time of torch.linalg.svd for these shapes, in float64 inside): scaled = (u_r S_r)^T, right = V_r^T.
-        scaled, right = low_rank(small, self.rank)  # (B, r, q), (B, r, d_in)
-        root = torch.linalg.vector_norm(scaled, dim=-1).sqrt()  # (B, r): sqrt(S_r), u_r having unit columns
-        left = (basis @ scaled.transpose(1, 2)) / root.clamp_min(torch.finfo(root.dtype).tiny)[:, None, :]  # L
-        right = right * root[:, :, None]  # (B, r, d_in): R = sqrt(S_r) V_r^T
+        u, sigma, vh = torch.linalg.svd(small, full_matrices=False)  # (B, q, q), (B, q), (B, q, d_in)
+        root = sigma[:, : self.rank].sqrt()  # (B, r)
+        left = (basis @ u[:, :, : self.rank]) * root[:, None, :]  # (B, d_out, r): L
+        right = vh[:, : self.rank] * root[:, :, None]  # (B, r, d_in): R
         return torch.cat([left.transpose(1, 2).flatten(1), right.flatten(1)], dim=1)
 
     def layout(self, stored: int, query: int, query_rank: int | str = "full") -> BlockLayout:
@@ -316,7 +313,7 @@ class Projections:
         d_in) values, the truncated SVD `whence score` takes of its queries), computed in `dtype`
         (Factors.precondition: float32 halves the time and is far inside the index's compression error).
         layout(query_rank) says where each layer's block lies."""
-        from whence.queries import factors_for_method
+        from whence.queries import factors_for_method, low_rank
 
         allowed = RANDOM_METHODS if self.kind in ("random", "lowrank") else EIGEN_METHODS
         if method not in allowed:
