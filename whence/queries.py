@@ -210,7 +210,7 @@ def low_rank(matrices: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     condition number, which float64's 16 digits absorb: a kept direction's error is about 1e-16 (sigma_1 /
     sigma_r)^2 relative, so only singular values below 1e-6 sigma_1 lose accuracy, and those carry nothing of
     a score. The product left^T right is the rank-r approximation whatever the singular vectors' signs."""
-    count, d_out, d_in = matrices.shape
+    _, d_out, d_in = matrices.shape
     r = min(rank, d_out, d_in)
     x = matrices.to(torch.float64)
     if d_in <= d_out:

@@ -325,9 +325,8 @@ class Projections:
             g = gradients[layer.name].to("cpu", dtype)  # the factors and projections live on the CPU
             if self.kind == "lowrank":  # X = P(grad f(q)) itself, (Q, d_out * d_in), or its rank-s factors
                 preconditioned = preconditioner.precondition(layer.name, g, damping, dtype)  # (Q, d_out, d_in)
-                if layer.query_rank_of(query_rank):
-                    # (Q, s, d_out) = (U_s Sigma_s)^T and (Q, s, d_in) = V_s^T
-                    left, right = low_rank(preconditioned, layer.query_rank_of(query_rank))
+                if s := layer.query_rank_of(query_rank):
+                    left, right = low_rank(preconditioned, s)  # (Q, s, d_out) = (U_s Sigma_s)^T, (Q, s, d_in) = V_s^T
                     blocks.append(torch.cat([left.flatten(1), right.flatten(1)], dim=1))
                 else:
                     blocks.append(preconditioned.flatten(1))
