@@ -138,7 +138,8 @@ def test_plans_are_balanced_and_deterministic():
     layers = [{"name": f"l{i}", "d_out": d, "d_in": 8} for i, d in enumerate([64, 8, 32, 32, 8])]
     owners = plan_owners(layers, 2)
     assert owners == plan_owners(layers, 2) and owners == [["l0"], ["l1", "l2", "l3", "l4"]]
-    assert layer_sum_bytes(64, 8) == 8 * (64 * 64 + 8 * 8) and layer_sum_bytes(64, 8, 2) == 8 * (2 * 32**2 + 2 * 4**2)
+    assert layer_sum_bytes(64, 8) == 8 * (64 * 65 // 2 + 8 * 9 // 2)
+    assert layer_sum_bytes(64, 8, 2) == 8 * (2 * 32 * 33 // 2 + 2 * 4 * 5 // 2)
     # 19 sequences in corpus order, cut at 9 and 19: a run may start or end inside a fragment.
     assert assign_sequences({0: 5, 1: 9, 2: 4, 3: 1}, 2) == [{0: (0, 5), 1: (0, 4)}, {1: (4, 5), 2: (0, 4), 3: (0, 1)}]
     # One large fragment (a gzip file) is shared out; more workers than sequences leave some idle.

@@ -10,7 +10,17 @@ from tests.tiny import TEXTS, make_model
 from whence import FitConfig, fit
 from whence.api import sequence_batches
 from whence.errors import FactorsMismatchError
-from whence.factors import CovarianceSums, Factors, LambdaSums, load_sums, save_sums
+from whence.factors import (
+    CovarianceSums,
+    Factors,
+    LambdaSums,
+    load_sums,
+    pack_symmetric,
+    packed_dim,
+    save_sums,
+    unpack_symmetric,
+    upper_gram,
+)
 from whence.fitting import FactorFitter, eigendecompose
 from whence.model import find_tracked_layers, model_fingerprint
 from whence.text import iter_sequences
@@ -90,6 +100,22 @@ def test_partial_sums_merge_to_one_pass_and_batching_does_not_matter(tokenizer):
         torch.testing.assert_close(results[0].sums[name], results[1].sums[name], **FLOAT64)
 
 
+def test_packed_sums_hold_the_upper_triangle_and_unpack_to_the_symmetric_gram():
+    generator = torch.Generator().manual_seed(0)
+    for d in (1, 3, 255, 300):  # below and above upper_gram's blocked product
+        x = torch.randn(40, d, dtype=torch.float64, generator=generator)
+        gram = x.T @ x
+        packed = pack_symmetric(upper_gram(x))
+        assert packed.shape == (d * (d + 1) // 2,) and packed_dim(packed.numel()) == d
+        rows, cols = torch.triu_indices(d, d)
+        torch.testing.assert_close(packed, gram[rows, cols], rtol=1e-12, atol=1e-12)
+        full = unpack_symmetric(packed)
+        assert torch.equal(full, full.T), "exactly symmetric"
+        torch.testing.assert_close(full, gram, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="upper triangle"):
+        packed_dim(5)
+
+
 def test_partial_sums_save_and_load_in_the_format_of_earlier_runs(tmp_path):
     from safetensors.torch import save_file
 
@@ -97,7 +123,7 @@ def test_partial_sums_save_and_load_in_the_format_of_earlier_runs(tmp_path):
     # Layer names hold dots; 11 blocks check that block 10 loads after block 9, not after block 1.
     layers = {"model.layers.0.mlp.up_proj": (3, 5), "model.layers.1.mlp.down_proj": (5, 3)}
     covariance = CovarianceSums.zeros(layers, num_blocks=1)
-    covariance.activation["model.layers.0.mlp.up_proj"] = [torch.rand(1, 1, dtype=torch.float64, generator=generator)
+    covariance.activation["model.layers.0.mlp.up_proj"] = [torch.rand(1, dtype=torch.float64, generator=generator)
                                                             for _ in range(11)]
     for blocks in (*covariance.activation.values(), *covariance.gradient.values()):
         for block in blocks:
@@ -105,9 +131,9 @@ def test_partial_sums_save_and_load_in_the_format_of_earlier_runs(tmp_path):
     covariance.tokens, covariance.sequences = 17, 4
     corrections = LambdaSums({n: torch.rand(shape, dtype=torch.float64, generator=generator)
                               for n, shape in layers.items()}, 4)
-    # The files a run of an earlier version left: keys and metadata as they were written then.
-    old = {f"{n}/A/{i}": t for n, blocks in covariance.activation.items() for i, t in enumerate(blocks)}
-    old |= {f"{n}/S/{i}": t for n, blocks in covariance.gradient.items() for i, t in enumerate(blocks)}
+    # The files a run of an earlier version left: keys and metadata as they were written then, blocks square.
+    old = {f"{n}/A/{i}": unpack_symmetric(t) for n, blocks in covariance.activation.items() for i, t in enumerate(blocks)}
+    old |= {f"{n}/S/{i}": unpack_symmetric(t) for n, blocks in covariance.gradient.items() for i, t in enumerate(blocks)}
     save_file(old, str(tmp_path / "old-covariance.safetensors"),
               metadata={"kind": "covariance", "tokens": "17", "sequences": "4"})
     save_file({f"{n}/L": t for n, t in corrections.sums.items()}, str(tmp_path / "old-corrections.safetensors"),

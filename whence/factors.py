@@ -15,7 +15,9 @@ Very large layers: A and S may be split block-diagonally into `num_blocks` block
 block has its own eigenbasis, and the basis of the layer is their direct sum.
 
 Sums are kept unnormalised (float64) with their counts, so partial sums from workers add up exactly to a single
-pass over all data; normalisation happens once, at eigendecomposition. A fit saves each pass's merged sums
+pass over all data; normalisation happens once, at eigendecomposition. A and S are symmetric, so each of their
+blocks is kept packed: its upper triangle row by row, d (d + 1) / 2 values (`pack_symmetric`, `unpack_symmetric`),
+about half the bytes of the square (a 30-block model's sums 1.55 -> 0.78 GB). A fit saves each pass's merged sums
 (`save_sums`, `load_sums`, `sums_exist`: COVARIANCE_SUMS_FILE, CORRECTION_SUMS_FILE) so that an interrupted run
 resumes at the next pass; the finished factors go to one file per layer and MANIFEST_FILE (`Factors.save`,
 `Factors.load`; whence.factor_files: the layout, checksums, and the older single FACTORS_FILE).
@@ -24,6 +26,7 @@ resumes at the next pass; the finished factors go to one file per layer and MANI
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +49,9 @@ FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 # A pass's merged partial sums, saved beside the unfinished factors. Keys f"{layer}/{ACTIVATION_SUM}/{block}" and
-# f"{layer}/{GRADIENT_SUM}/{block}" (CovarianceSums), f"{layer}/{LAMBDA_SUM}" (LambdaSums), all float64; the
-# metadata holds SUMS_KIND (COVARIANCE_KIND or CORRECTION_KIND) and the counts, as decimal strings.
+# f"{layer}/{GRADIENT_SUM}/{block}" (CovarianceSums: packed, see pack_symmetric), f"{layer}/{LAMBDA_SUM}"
+# (LambdaSums), all float64; the metadata holds SUMS_KIND (COVARIANCE_KIND or CORRECTION_KIND) and the counts, as
+# decimal strings.
 COVARIANCE_SUMS_FILE = "covariance.safetensors"
 CORRECTION_SUMS_FILE = "corrections.safetensors"
 ACTIVATION_SUM = "A"
@@ -76,7 +80,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class CovarianceSums:
-    """Unnormalised sums of a a^T and s s^T per layer, as lists of diagonal blocks (float64)."""
+    """Unnormalised sums of a a^T and s s^T per layer, as lists of diagonal blocks, each packed (float64,
+    (d (d + 1) / 2,): see pack_symmetric)."""
 
     activation: dict[str, list[torch.Tensor]]
     gradient: dict[str, list[torch.Tensor]]
@@ -88,7 +93,7 @@ class CovarianceSums:
         """layer_shapes: name -> (d_out, d_in)."""
 
         def blocks(dim):
-            return [torch.zeros(s.stop - s.start, s.stop - s.start, dtype=torch.float64, device=device)
+            return [torch.zeros(packed_size(s.stop - s.start), dtype=torch.float64, device=device)
                     for s in block_slices(dim, num_blocks)]
 
         return cls({n: blocks(d_in) for n, (_, d_in) in layer_shapes.items()},
@@ -118,41 +123,97 @@ class CovarianceSums:
         return CovarianceSums({n: self.activation[n] for n in names}, {n: self.gradient[n] for n in names},
                               self.tokens, self.sequences)
 
+    def matrices(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Layer `name`'s blocks of A's and S's sums as square matrices (unpacked copies)."""
+        return ([unpack_symmetric(b) for b in self.activation[name]],
+                [unpack_symmetric(b) for b in self.gradient[name]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed symmetric matrices: the upper triangle, row by row (row i holds columns i .. d - 1)
+
+
+def packed_size(d: int) -> int:
+    return d * (d + 1) // 2
+
+
+def packed_dim(size: int) -> int:
+    """d of a packed (d (d + 1) / 2,) vector."""
+    d = (math.isqrt(8 * size + 1) - 1) // 2
+    if packed_size(d) != size:
+        raise ValueError(f"{size} values are not the upper triangle of a square matrix")
+    return d
+
+
+_UPPER_INDEX: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def upper_index(d: int, device) -> torch.Tensor:
+    """Flat positions in a (d, d) row-major matrix of its upper triangle, row by row: int64 (d (d + 1) / 2,),
+    kept per size and device (a few distinct block sizes per model: 7.6 MB for d = 1376)."""
+    device = torch.device(device)
+    key = (d, str(device))
+    if key not in _UPPER_INDEX:
+        rows, cols = torch.triu_indices(d, d, device=device)
+        _UPPER_INDEX[key] = rows * d + cols
+    return _UPPER_INDEX[key]
+
+
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a square (d, d) matrix, row by row: (d (d + 1) / 2,), its dtype. Reads only the upper
+    triangle (the lower may hold anything)."""
+    d = matrix.shape[0]
+    return matrix.reshape(-1).index_select(0, upper_index(d, matrix.device))
+
+
+def unpack_upper(packed: torch.Tensor) -> torch.Tensor:
+    """The (d, d) matrix with packed's values in its upper triangle and zeros below: a new tensor, packed's dtype."""
+    d = packed_dim(packed.shape[0])
+    matrix = torch.zeros(d * d, dtype=packed.dtype, device=packed.device)
+    return matrix.index_copy_(0, upper_index(d, packed.device), packed).view(d, d)
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric (d, d) matrix whose upper triangle `packed` holds (pack_symmetric's inverse): exactly
+    symmetric, a new tensor in packed's dtype."""
+    upper = unpack_upper(packed)
+    return upper + upper.triu(1).T
+
 
 def _add_block_gram(blocks: list[torch.Tensor], x: torch.Tensor) -> None:
-    """blocks[k] += x_k^T x_k over all tokens, x (B, T, d) with zero rows at padding."""
+    """blocks[k] += packed x_k^T x_k over all tokens, x (B, T, d) with zero rows at padding."""
     flat = x.reshape(-1, x.shape[-1]).to(compute_dtype(x.dtype))  # (B*T, d)
     start = 0
     for block in blocks:
-        end = start + block.shape[0]
-        part = flat[:, start:end]
+        width = packed_dim(block.shape[0])
+        part = flat[:, start:start + width]
         # The product runs in the capture's precision (float32 on GPU for bfloat16 models); the running sum is
-        # float64 so millions of tokens do not lose the small eigenvalues.
-        block.add_(symmetric_gram(part).to(block.device, torch.float64))
-        start = end
+        # float64 so millions of tokens do not lose the small eigenvalues (add_ widens each float32 value exactly).
+        # Only the upper triangle is formed (upper_gram) and kept: the sum it unpacks to is exactly symmetric.
+        block.add_(pack_symmetric(upper_gram(part)).to(block.device))
+        start += width
 
 
-# Column blocks for symmetric_gram; below SYMMETRIC_GRAM_MIN_DIM one GEMM is as fast.
-SYMMETRIC_GRAM_SPLITS = 4
-SYMMETRIC_GRAM_MIN_DIM = 256
+# Column blocks for upper_gram; below GRAM_MIN_DIM one GEMM is as fast.
+GRAM_SPLITS = 4
+GRAM_MIN_DIM = 256
 
 
-def symmetric_gram(x: torch.Tensor, splits: int = SYMMETRIC_GRAM_SPLITS) -> torch.Tensor:
-    """x^T x (d, d) for x (n, d), exactly symmetric.
+def upper_gram(x: torch.Tensor, splits: int = GRAM_SPLITS) -> torch.Tensor:
+    """x^T x (d, d) for x (n, d), with only its upper triangle (and the diagonal blocks) computed; what lies below
+    the diagonal blocks is undefined.
 
     x^T x is symmetric, so with x's columns cut into `splits` blocks we multiply only the block rows from the
-    diagonal rightwards (one GEMM each, x_i^T x[:, start_i:]) and mirror the rest: 10 of 16 block products for
-    4 splits, about a quarter less time than the full GEMM (measured on (2048, 1376) float32 inputs).
+    diagonal rightwards (one GEMM each, x_i^T x[:, start_i:]): 10 of 16 block products for 4 splits, about a
+    quarter less time than the full GEMM (measured on (2048, 1376) float32 inputs).
     """
     d = x.shape[1]
-    if d < SYMMETRIC_GRAM_MIN_DIM:
+    if d < GRAM_MIN_DIM:
         return x.T @ x
     bounds = [round(i * d / splits) for i in range(splits + 1)]
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        row = x[:, lo:hi].T @ x[:, lo:]  # (hi - lo, d - lo): block row i, diagonal block first
-        out[lo:hi, lo:] = row
-        out[hi:, lo:hi] = row[:, hi - lo:].T
+        out[lo:hi, lo:] = x[:, lo:hi].T @ x[:, lo:]  # (hi - lo, d - lo): block row i, diagonal block first
     return out
 
 
@@ -170,11 +231,13 @@ class LayerBasis:
     gradient_values: torch.Tensor  # (d_out,)
 
 
-def symmetric_eigh(sum_matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecomposition of sum_matrix / count, in float64. Returns (eigenvalues >= 0, eigenvectors)."""
-    matrix = sum_matrix.to(torch.float64) / max(count, 1)
-    matrix = 0.5 * (matrix + matrix.T)  # symmetrise: the float sum of x^T x is symmetric only up to rounding
-    values, vectors = torch.linalg.eigh(matrix)
+def packed_eigh(packed_sum: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a packed sum (see pack_symmetric) / count, in float64: (eigenvalues >= 0,
+    eigenvectors). LAPACK reads only the upper triangle (UPLO="U"), which is all the packed sum holds, so the
+    matrix is neither mirrored nor symmetrised: the square, eigh's own copy of it, the eigenvectors and the
+    workspace are the only (d, d) float64 blocks (whence.memory_estimate.EIGH_COPIES)."""
+    matrix = unpack_upper(packed_sum.to(torch.float64)).div_(max(count, 1))
+    values, vectors = torch.linalg.eigh(matrix, UPLO="U")
     return values.clamp_min(0.0), vectors  # covariances are PSD; tiny negative values are rounding
 
 
@@ -183,7 +246,7 @@ def eigendecompose_layer(covariance: CovarianceSums, name: str, device: torch.de
     """The eigenbases of one layer's A and S blocks, computed on `device` (default: where the sums are; on a
     GPU, cuSOLVER's float64 eigh, which the large blocks of big models need), returned on the CPU."""
     def eigh(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values, vectors = symmetric_eigh(block.to(device) if device is not None else block, covariance.tokens)
+        values, vectors = packed_eigh(block.to(device) if device is not None else block, covariance.tokens)
         return values.cpu(), vectors.cpu()
 
     a = [eigh(block) for block in covariance.activation[name]]
@@ -299,7 +362,9 @@ def load_sums(path: str | Path) -> CovarianceSums | LambdaSums:
     activation, gradient = {}, {}
     for key in sorted(tensors, key=lambda k: (k.rsplit("/", 2)[0], int(k.rsplit("/", 1)[1]))):
         layer, kind, _ = key.rsplit("/", 2)  # layer names hold dots, never slashes
-        (activation if kind == ACTIVATION_SUM else gradient).setdefault(layer, []).append(tensors[key])
+        block = tensors[key]  # packed; a square block is a file written before sums were packed
+        (activation if kind == ACTIVATION_SUM else gradient).setdefault(layer, []).append(
+            pack_symmetric(block) if block.dim() == 2 else block)
     return CovarianceSums(activation, gradient, int(metadata["tokens"]), int(metadata["sequences"]))
 
 

@@ -10,16 +10,16 @@ resumed or repeated fit sums the same partial sums in the same order (fits are b
 
 from __future__ import annotations
 
-from whence.factors import block_slices
+from whence.factors import block_slices, packed_size
 
 FLOAT64_BYTES = 8
 
 
 def layer_sum_bytes(d_out: int, d_in: int, num_blocks: int = 1) -> int:
-    """Bytes of one layer's float64 covariance sums: the blocks of A (d_in) and of S (d_out), squared."""
-    square = sum((s.stop - s.start) ** 2 for s in block_slices(d_in, num_blocks))
-    square += sum((s.stop - s.start) ** 2 for s in block_slices(d_out, num_blocks))
-    return FLOAT64_BYTES * square
+    """Bytes of one layer's float64 covariance sums: the blocks of A (d_in) and of S (d_out), each packed (its upper
+    triangle, d (d + 1) / 2 values: whence.factors.pack_symmetric)."""
+    widths = [s.stop - s.start for d in (d_in, d_out) for s in block_slices(d, num_blocks)]
+    return FLOAT64_BYTES * sum(packed_size(width) for width in widths)
 
 
 def plan_owners(layers: list[dict], owners: int, num_blocks: int = 1) -> list[list[str]]:
