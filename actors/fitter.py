@@ -121,11 +121,13 @@ class FitterActor(LayerOwner):
 
 
 def fetch_bases(names: list[str], bases_refs: list) -> dict:
-    """{name: basis or None} for `names`, from the owners' objects (LayerOwner.load_bases; other layers dropped).
+    """{name: basis or None} for `names`, from the owners' objects (LayerOwner.load_bases; other layers dropped;
+    a pipeline owner answers with a list of its stages' objects: actors.stage_passes.StagePasses.load_bases).
     The bases share the object store's memory: fetched, they take no memory beyond the store's pages."""
     import ray
 
     bases = dict.fromkeys(names)
     for part in ray.get(list(bases_refs)):
-        bases.update({name: basis_from_transfer(arrays) for name, arrays in part.items() if name in bases})
+        for piece in ray.get(part) if isinstance(part, list) else [part]:
+            bases.update({name: basis_from_transfer(arrays) for name, arrays in piece.items() if name in bases})
     return bases

@@ -114,7 +114,7 @@ class ShardedWorker(StagePasses):
         self.stage_layer_names = [[layer["name"] for layer in info["layers"]] for info in self.stage_info]
         self.fingerprint = self.stage_info[0]["fingerprint"]
         self.pad_id = pad_id_of(AutoTokenizer.from_pretrained(self.spec.path))
-        self._setup: list[dict[str, tuple]] = [{} for _ in self.stages]  # replayed on a restarted stage
+        self._setup: list[dict[str, tuple]] = [{} for _ in self.stages]  # slot -> (method, args), replayed on restart
         self._log: dict[str, dict[int, object]] = {COVARIANCE: {}, CORRECTION: {}}  # id -> batch ref since collect
         self._collected: dict[str, CovarianceSums | LambdaSums | None] = {COVARIANCE: None, CORRECTION: None}
         self._states: list[dict] = []  # the stages' last answers to state()
@@ -158,7 +158,7 @@ class ShardedWorker(StagePasses):
 
     def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
         """Bases for the correction pass (None for a layer: the identity basis). Each stage gets its layers'."""
-        self._configure("set_bases", [({n: bases[n] for n in names},) for names in self.stage_layer_names])
+        self._configure("set_bases", [({n: bases[n] for n in names},) for names in self.stage_layer_names], "bases")
 
     def eigendecompose(self, covariance: CovarianceSums) -> dict[str, LayerBasis]:
         """The eigenbases of the layers in `covariance`, each computed by the stage that holds the layer (on
@@ -255,13 +255,15 @@ class ShardedWorker(StagePasses):
             ray.kill(stage, no_restart=True)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _configure(self, method: str, per_stage_args: list[tuple]) -> None:
-        """Call a setup method on every stage and remember it, to replay on a stage that restarts."""
+    def _configure(self, method: str, per_stage_args: list[tuple], slot: str | None = None) -> None:
+        """Call a setup method on every stage and remember it, to replay on a stage that restarts. `slot` (default:
+        the method) names what it sets: a later call for the same slot replaces it (set_bases and fetch_bases both
+        set the bases)."""
         import ray
 
         refs = []
         for k, args in enumerate(per_stage_args):
-            self._setup[k][method] = args
+            self._setup[k][slot or method] = (method, args)
             refs.append(getattr(self.stages[k], method).remote(*args))
         try:
             ray.get(refs)
@@ -343,7 +345,7 @@ class ShardedWorker(StagePasses):
                 self.incarnations[k] = state["incarnation"]
                 self.restarts_seen += 1
                 restarted = True
-                for method, args in self._setup[k].items():
+                for method, args in self._setup[k].values():
                     self._call_when_up(k, method, *args)
         self._states = states
         return restarted

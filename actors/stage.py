@@ -17,7 +17,7 @@ import uuid
 import ray
 import torch
 
-from actors.hosting import ModelSpec, maybe_fail, quiet_model_loading
+from actors.hosting import ModelSpec, map_large_blocks, maybe_fail, quiet_model_loading
 from actors.owner import LayerOwner, release_free_memory
 from whence.factor_owners import CORRECTION, COVARIANCE
 from whence.factors import CovarianceSums, LambdaSums, LayerBasis
@@ -63,6 +63,7 @@ class StageActor(LayerOwner):
     def __init__(self, spec: ModelSpec | str, stage_index: int, num_stages: int, fisher: str = "true",
                  num_blocks: int = 1, num_threads: int | None = None):
         spec = ModelSpec.of(spec)
+        map_large_blocks()  # before the stage's weights and passes: see actors.hosting.MMAP_THRESHOLD_BYTES
         if num_threads:
             torch.set_num_threads(num_threads)
         self.incarnation = uuid.uuid4().hex  # new after every restart: the worker re-sends bases and queries
@@ -144,6 +145,14 @@ class StageActor(LayerOwner):
     # -- state set by the worker -----------------------------------------------------------------------------
     def set_bases(self, bases: dict[str, LayerBasis | None]) -> None:
         self.stage.set_bases(bases)
+
+    def fetch_bases(self, bases_refs: list) -> None:
+        """This stage's layers' bases from the owners' objects (LayerOwner.load_bases, in the compute dtype), shared
+        with the object store's pages: no copy of them in this process (a basis sent as torch tensors is pickled, and
+        was held twice). Other layers' are dropped."""
+        from actors.fitter import fetch_bases
+
+        self.stage.set_bases(fetch_bases(self.stage.layer_names, bases_refs))
 
     def set_queries(self, queries: PreparedQueries, path: str = "auto") -> None:
         self.stage.set_queries(queries, path)

@@ -42,10 +42,9 @@ class StagePasses(LayerOwner):
 
     def correction_pass(self, dataset, names: list[str] | None = None, bases_refs: list = ()) -> dict:
         """Correction sums in the owners' bases (ObjectRefs of {name: basis}; a layer without one: identity), each
-        stage keeping its layers'."""
-        from actors.fitter import fetch_bases
-
-        self.set_bases(fetch_bases(self.layer_names, bases_refs))
+        stage keeping its layers'. Each stage fetches its layers' bases from the object store itself
+        (StageActor.fetch_bases: the store's pages, no copy); they never pass through this process."""
+        self._configure("fetch_bases", [(list(bases_refs),)] * self.num_stages, "bases")
         return self._pass_kept_by_stages(CORRECTION, dataset)
 
     def _pass_kept_by_stages(self, kind: str, dataset) -> dict:
@@ -92,6 +91,15 @@ class StagePasses(LayerOwner):
         refs = [self.stages[k].finish.remote(kind, [n for n in names if n in own], position, parts, job)
                 for k, own in enumerate(map(set, self.stage_layer_names)) if own & set(names)]
         return {name: record for part in ray.get(refs) for name, record in part.items()}
+
+    def load_bases(self, directory, names: list[str], dtype: str | None = None) -> list:
+        """ObjectRefs of the bases of `names` (LayerOwner.load_bases), each read by the stage that owns the layer and
+        put in the object store by it: the bases never pass through this process (its answer holds refs only;
+        actors.fitter.fetch_bases follows them)."""
+        by_stage: dict[int, list[str]] = {}
+        for name in names:
+            by_stage.setdefault(self._stage_of(name), []).append(name)
+        return [self.stages[k].load_bases.remote(directory, own, dtype) for k, own in sorted(by_stage.items())]
 
     def drop_held(self) -> None:
         import ray

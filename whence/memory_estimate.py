@@ -1,7 +1,7 @@
 """How much memory each process of a fit will need at its peak: pure arithmetic over layer shapes and settings.
 
 Bytes per process (flows.memory_check compares them with the cluster's memory before any work). N = B T tokens
-of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's float64 A and S blocks):
+of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's float64 A and S blocks, packed):
 
     driver          DRIVER_BASELINE (Python, torch, Ray, Ray Data's executor: plans, counts and ObjectRefs only)
                     + CHECK_COPIES chunks of a tensor (whence.model.check_finite_checkpoint reads the checkpoint a
@@ -12,8 +12,8 @@ of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's f
       finish        what is left of C + the parts it exports to other owners (object store, C (W - 1) / W)
                     + one reduced layer + eigh's copies of its largest block (normalised, symmetrised,
                     eigenvectors, workspace: 4 x 8 d^2)
-      correction    every layer's bases in the compute dtype (object-store pages, shared by the actors of a node;
-                    BASES_COPIES) + the Lambda sums (float64, d_out d_in per layer) + a batch's step + one layer's rotations
+      correction    every layer's bases in the compute dtype (the object store's pages, which the actor reads in
+                    place) + the Lambda sums (float64, d_out d_in per layer) + a batch's step + one layer's rotations
                     (B, d_out, d_in) and rotated captures (N (d_in + d_out)), compute dtype
       step          the logits (N, V) that the log-likelihood saves and their gradient, model dtype: LOGIT_COPIES N V
                     (with the LM head run a group of sequences at a time, as pipeline stages and checkpointed actors
@@ -25,7 +25,8 @@ of a batch, V the vocabulary, C = sum_l layer_sum_bytes (every tracked layer's f
     pipeline (--shards N): each stage owns its layers' sums and finishes them, as a fitting actor over those
                     layers holding its own blocks' weights (the stages planned as whence.shards.planning plans
                     them, balanced by parameters), whose step is the micro-batches it keeps at once (N - k of B / N sequences on stage k; logits on the
-                    last stage only); the pipeline's worker process holds no sums, only the bases it passes on.
+                    last stage only); the pipeline's worker process holds no sums and no bases (each stage fetches
+                    its layers' from the object store: actors.stage.StageActor.fetch_bases).
 
 The constants are measured on CPU (SmolLM2-135M's layer shapes at 6 and 12 blocks, batch 8 x 256 tokens:
 tests/test_memory_estimate.py checks the step against a measured peak; `whence bench --only memory` prints the
@@ -58,11 +59,12 @@ GRAPH_FACTOR = 2.0
 # The (N, V) logits saved for the backward pass and their gradient (whence.task._LabelLogProbs), and what the
 # vocabulary-sized steps around them leave: measured 953 MiB for 2 x 384 MiB (N = 2048, V = 49,152).
 LOGIT_COPIES = 2.25
-EIGH_COPIES = 4  # a block normalised, symmetrised, its eigenvectors and LAPACK's workspace, float64
-# The correction pass's bases, in the compute dtype: the object store's pages that the owners write and every
-# actor reads (shared on a node) count twice in an actor's resident memory (measured at 6 and 12 blocks: its
-# correction phase exceeds its covariance phase by one more copy of the bases and Lambda than counted once).
-BASES_COPIES = 2
+EIGH_COPIES = 4  # a block unpacked and normalised, eigh's copy of it, its eigenvectors and LAPACK's workspace, float64
+# The correction pass's bases, in the compute dtype, count once in an actor's resident memory: the object store's
+# pages, which the actor reads in place (actors.fitter.fetch_bases; stages too). Measured on the 30-block bench
+# fit: the correction phase exceeds the covariance phase by the bases once, plus Lambda less the sums. (It was
+# twice while glibc's arenas kept the freed copies resident, and stages were sent the bases as pickled tensors.)
+BASES_COPIES = 1
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -220,10 +222,8 @@ def estimate_fit(shape: FitShape) -> MemoryEstimate:
     factors = sum(_basis_bytes(layer, shape.num_blocks, stored) + stored * layer["d_out"] * layer["d_in"]
                   for layer in shape.layers)
     if shape.shards > 1:
-        compute = 8 if shape.model_dtype == "float64" else 4
-        # A pipeline's worker process holds no sums: it passes the bases on to its stages (correction pass).
-        worker = (ACTOR_BASELINE + TOKENIZER_BYTES_PER_TOKEN * shape.vocab_size
-                  + BASES_COPIES * sum(_basis_bytes(lay, shape.num_blocks, compute) for lay in shape.layers))
+        # A pipeline's worker process holds no sums and no bases: its stages fetch theirs from the object store.
+        worker = ACTOR_BASELINE + TOKENIZER_BYTES_PER_TOKEN * shape.vocab_size
         return MemoryEstimate(driver_peak(shape), [worker] * shape.workers, stage_peaks(shape, weights) * shape.workers,
                               factors)
     actors = [owner_peak(shape, [by_name[n] for n in names], weights) for names in owners]
