@@ -45,8 +45,8 @@ def gpu_share(gpus: float, actors: int) -> float:
 # when freed; smaller blocks come from its heap arenas, whose freed pages mostly stay resident. The threshold starts
 # at 128 KiB but rises to the size of every mapped block freed (up to 32 MiB), so after an actor's first batch most
 # of its tensors (activations, captures, one layer's products) come from the arenas, which fragment: on the
-# 30-block bench fit (1 worker, checkpointed) the covariance pass peaked at 4.06 GiB with the moving threshold and
-# 3.35 GiB with it fixed at 128 KiB, in the same time (206 vs 216 s, one run each). mallopt fixes it (and stops
+# 30-block bench fit (1 worker, checkpointed) the covariance pass peaked at 3.79 GiB with the moving threshold and
+# 3.12 GiB with it fixed at 128 KiB, in the same time (206 vs 216 s, one run each). mallopt fixes it (and stops
 # its adjustment) for the rest of the process.
 MMAP_THRESHOLD_BYTES = 128 * 2**10
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
