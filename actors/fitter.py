@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.hosting import ModelSpec, host_model, maybe_fail, pad_id_of, rows_to_batch, sequence_rows_mask
+from actors.hosting import (
+    ModelSpec,
+    host_model,
+    map_large_blocks,
+    maybe_fail,
+    pad_id_of,
+    rows_to_batch,
+    sequence_rows_mask,
+)
 from actors.owner import LayerOwner, basis_from_transfer, release_free_memory
 from whence.errors import NonFiniteError
 from whence.factor_owners import CORRECTION, COVARIANCE
@@ -22,6 +30,7 @@ from whence.shards import ShardedPipeline
 class FitterActor(LayerOwner):
     def __init__(self, spec: ModelSpec, fisher: str, num_blocks: int, seed: int, batch_size: int,
                  num_threads: int | None = None, skip_non_finite: bool = False, checkpointing: bool = False):
+        map_large_blocks()  # before the model and the passes: see actors.hosting.MMAP_THRESHOLD_BYTES
         self.model, self.tokenizer, self.layers = host_model(spec, num_threads)
         self.fisher, self.num_blocks = fisher, num_blocks
         self.checkpointing = checkpointing

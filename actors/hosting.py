@@ -1,5 +1,5 @@
-"""What every actor does first: bound its allocator, pick its device and threads, load the model, find the tracked
-layers."""
+"""What every actor does first: pick its device and threads, load the model, find the tracked layers; and what
+the fitting actors add, an allocator that hands freed tensors back (map_large_blocks)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def gpu_share(gpus: float, actors: int) -> float:
 # of its tensors (activations, captures, one layer's products) come from the arenas, which fragment: on the
 # 30-block bench fit (1 worker, checkpointed) the covariance pass peaked at 3.79 GiB with the moving threshold and
 # 3.12 GiB with it fixed at 128 KiB, in the same time (206 vs 216 s, one run each). mallopt fixes it (and stops
-# its adjustment) for the rest of the process.
+# its adjustment) for the rest of the process. The fitting actors (FitterActor, StageActor) set it, where memory
+# is what limits a fit; scoring and indexing actors keep glibc's default, whose speed their benchmarks measure (each
+# fresh mapping costs page faults at first touch).
 MMAP_THRESHOLD_BYTES = 128 * 2**10
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
@@ -71,8 +73,7 @@ def quiet_model_loading() -> None:
 
 
 def host_model(spec: ModelSpec, num_threads: int | None = None):
-    """(model, tokenizer, layers) on this process's device (and its allocator bounded first: map_large_blocks)."""
-    map_large_blocks()
+    """(model, tokenizer, layers) on this process's device."""
     if num_threads:
         torch.set_num_threads(num_threads)
     quiet_model_loading()
